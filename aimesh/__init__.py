@@ -1,0 +1,1 @@
+"""The aimesh command line and the local supervisor (``aimesh up``)."""

@@ -1,0 +1,235 @@
+"""``aimesh up``: an embedded nats-server and one OS process per service instance, supervised.
+
+- The nats-server (JetStream on, store under ``<data_dir>/nats``) starts first, unless a NATS
+  URL was given.  If it dies it is restarted on the same port with the same store: services
+  reconnect on their own.
+- Each service instance is ``python -m services.<name>`` in its own session (so a terminal's
+  Ctrl-C reaches only the supervisor, which orders the shutdown) and dies with the supervisor
+  (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphans.
+- A crashed instance is restarted after a back-off that doubles per recent crash; a crash
+  loop (``crash_loop_restarts`` crashes within ``crash_loop_window_s``) is logged at CRITICAL
+  on every further crash and shown in the state file, never hidden.
+- Shutdown (SIGTERM or Ctrl-C): every instance gets SIGTERM and drains (up to the services'
+  drain timeout plus a margin), stragglers are killed, then the server stops.  Exit code 0
+  when everything stopped in order, 1 when something had to be killed.
+
+``<data_dir>/mesh.json`` records the NATS URL, so ``aimesh status`` finds the running mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aimesh.restart import RestartPolicy
+from services import SERVICE_NAMES
+from shared.config import UpConfig
+from shared.natsserver import NatsServer
+
+log = logging.getLogger("aimesh.up")
+
+STATE_FILE = "mesh.json"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Slot:
+    """One supervised service instance (restarted in place when it crashes)."""
+
+    service: str
+    index: int
+    policy: RestartPolicy
+    proc: asyncio.subprocess.Process | None = None
+    starts: int = 0
+    crash_loop: bool = False
+    retired: bool = False
+    last_exit: int | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}#{self.index}"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        up: UpConfig,
+        *,
+        nats_url: str | None,
+        child_env: dict[str, str],
+        drain_timeout_s: float,
+    ) -> None:
+        self.up = up
+        self.nats_url = nats_url
+        self.data_dir = Path(up.data_dir)
+        self.child_env = child_env
+        self.drain_timeout_s = drain_timeout_s
+        self.server: NatsServer | None = None
+        self.slots: list[Slot] = []
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._server_task: asyncio.Task[None] | None = None
+
+    # -- running ------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> int:
+        self._stop = stop
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.nats_url is None:
+            self.server = NatsServer(
+                store_dir=self.data_dir / "nats",
+                port=self.up.port,
+                http_port=self.up.http_port,
+                log_file=self.data_dir / "nats-server.log",
+            )
+            await asyncio.to_thread(self.server.start)
+            self.nats_url = self.server.url
+            log.info("nats-server on %s (monitoring %s, store %s)", self.server.url, self.server.monitor_url,
+                     self.server.store_dir)
+            self._server_task = asyncio.create_task(self._watch_server())
+        else:
+            log.info("using NATS at %s (no embedded server)", self.nats_url)
+        self._write_state()
+        for service in SERVICE_NAMES:
+            self.scale(service, getattr(self.up, service))
+        await stop.wait()
+        return await self.shutdown()
+
+    def scale(self, service: str, replicas: int) -> None:
+        """Run ``replicas`` instances of ``service`` (the autoscaler calls this too)."""
+        live = [s for s in self.slots if s.service == service and not s.retired]
+        for index in range(len(live), replicas):
+            slot = Slot(service, index, RestartPolicy(
+                self.up.restart_backoff_s, self.up.restart_backoff_max_s,
+                self.up.crash_loop_restarts, self.up.crash_loop_window_s,
+            ))
+            self.slots.append(slot)
+            slot.task = asyncio.create_task(self._keep_running(slot), name=f"slot-{slot.label}")
+        for slot in live[replicas:]:
+            slot.retired = True  # its drain ends its task's loop
+            if slot.proc is not None and slot.proc.returncode is None:
+                slot.proc.send_signal(signal.SIGTERM)
+
+    async def _keep_running(self, slot: Slot) -> None:
+        while not self._stopping and not slot.retired:
+            slot.starts += 1
+            slot.proc = await self._spawn(slot)
+            code = await slot.proc.wait()
+            slot.last_exit = code
+            if self._stopping or slot.retired:
+                return
+            delay, looping = slot.policy.on_crash(time.monotonic())
+            slot.crash_loop = looping
+            self._write_state()
+            if looping:
+                log.critical(
+                    "CRASH LOOP: %s exited with code %s, %d times in %gs; restarting in %.1fs. Check its log above.",
+                    slot.label, code, len(slot.policy.crashes), slot.policy.loop_window_s, delay,
+                )
+            else:
+                log.error("%s exited with code %s; restarting in %.1fs", slot.label, code, delay)
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+
+    async def _spawn(self, slot: Slot) -> asyncio.subprocess.Process:
+        env = os.environ | self.child_env | {"AIMESH_NATS_URL": self.nats_url or ""}
+        if slot.service == "router" and slot.index > 0:
+            env["AIMESH_ROUTER_PORT"] = "0"  # one listener per port: extra routers take free ones
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"services.{slot.service}",
+            env=env, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        log.info("started %s (pid %d)", slot.label, proc.pid)
+        return proc
+
+    async def _watch_server(self) -> None:
+        server = self.server
+        assert server is not None and server.process is not None
+        policy = RestartPolicy(self.up.restart_backoff_s, self.up.restart_backoff_max_s)
+        while not self._stopping:
+            code = await asyncio.to_thread(server.process.wait)
+            if self._stopping:
+                return
+            delay, _ = policy.on_crash(time.monotonic())
+            log.critical("nats-server exited with code %s; restarting it in %.1fs on the same port", code, delay)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            await asyncio.to_thread(server.start)
+
+    # -- stopping -----------------------------------------------------------------------------
+    async def shutdown(self) -> int:
+        self._stopping = True
+        clean = True
+        live = [s for s in self.slots if s.proc is not None and s.proc.returncode is None]
+        log.info("stopping %d service processes (drain up to %gs)", len(live), self.drain_timeout_s)
+        for slot in live:
+            assert slot.proc is not None
+            slot.proc.send_signal(signal.SIGTERM)
+        waits = [asyncio.create_task(s.proc.wait()) for s in live if s.proc is not None]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=self.drain_timeout_s + 5)
+            if pending:
+                clean = False
+        for slot in live:
+            assert slot.proc is not None
+            if slot.proc.returncode is None:
+                log.error("%s did not stop in time; killing it", slot.label)
+                slot.proc.kill()
+                await slot.proc.wait()
+            elif slot.proc.returncode != 0:
+                clean = False
+                log.error("%s exited with code %s while draining", slot.label, slot.proc.returncode)
+        tasks = [s.task for s in self.slots if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.server is not None:
+            code = await asyncio.to_thread(self.server.stop)
+            log.info("nats-server stopped (code %s)", code)
+            if self._server_task is not None:
+                await asyncio.gather(self._server_task, return_exceptions=True)
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+        log.info("mesh stopped%s", "" if clean else " (some processes did not stop cleanly)")
+        return 0 if clean else 1
+
+    def _write_state(self) -> None:
+        state = {
+            "nats_url": self.nats_url,
+            "monitor_url": self.server.monitor_url if self.server else None,
+            "supervisor_pid": os.getpid(),
+            "prefix": self.child_env.get("AIMESH_PREFIX", "aimesh"),
+            "crash_loops": [s.label for s in self.slots if s.crash_loop],
+        }
+        path = self.data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(path)
+
+
+def read_state(data_dir: str | Path) -> dict[str, object] | None:
+    path = Path(data_dir) / STATE_FILE
+    try:
+        data: dict[str, object] = json.loads(path.read_text())
+        return data
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,1 @@
+"""The ingest service: Shards raw data into versioned datasets in JetStream."""

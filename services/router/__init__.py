@@ -1,0 +1,1 @@
+"""The router: the HTTP gateway (Open Inference Protocol v2, OpenAI-compatible) and A/B splits."""

@@ -1,0 +1,62 @@
+"""Calling actors: a typed request with trace context, a deadline and typed errors.
+
+Used by services that call other services and by the CLI.  An error reply becomes the same
+:class:`~shared.errors.ServiceError` subclass the handler raised; no responders becomes
+:class:`~shared.errors.Unavailable` (the request surely never ran, so it is safe to retry); a
+timeout becomes :class:`~shared.errors.MeshTimeout` (it may have run).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from shared import tracing
+from shared.errors import MeshTimeout, Unavailable
+from shared.names import Header
+from shared.wire import deadline_header, encode, error_in
+
+T = TypeVar("T")
+
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def _decoder(kind: type[T]) -> msgspec.msgpack.Decoder[T]:
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return dec
+
+
+async def request(
+    nc: NatsClient,
+    subject: str,
+    payload: Any,
+    response_type: type[T],
+    *,
+    timeout_s: float = 5.0,
+    template: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> T:
+    """Send ``payload`` to ``subject`` and decode the reply as ``response_type``."""
+    hdrs = dict(headers or {})
+    hdrs[Header.DEADLINE] = deadline_header(timeout_s)
+    body = encode(payload)
+    with tracing.send_span(template or subject, subject, hdrs, request=True) as span:
+        try:
+            reply = await nc.request(subject, body, timeout=timeout_s, headers=hdrs)
+        except NoRespondersError:
+            raise Unavailable(f"no service answers on {subject}: is it running?") from None
+        except (NatsTimeoutError, TimeoutError):
+            raise MeshTimeout(subject, timeout_s) from None
+        err = error_in(reply.headers)
+        if err is not None:
+            tracing.mark_error(span, type(err).__name__, err.description)
+            raise err
+    if response_type is bytes:
+        return reply.data  # type: ignore[return-value]
+    return _decoder(response_type).decode(reply.data)

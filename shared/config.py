@@ -1,0 +1,178 @@
+"""Configuration: defaults, then an optional TOML file, then ``AIMESH_*`` environment variables.
+
+The TOML file is ``$AIMESH_CONFIG`` if set, else ``./aimesh.toml`` if present.  Each settings
+class reads one table of it and one family of variables::
+
+    [mesh]                      # MeshConfig: AIMESH_NATS_URL, AIMESH_PREFIX, ...
+    nats_url = "nats://10.0.0.5:4222"
+    [router]                    # RouterConfig (services/router): AIMESH_ROUTER_PORT, ...
+    port = 8080
+    [up]                        # UpConfig (aimesh up): AIMESH_UP_TRAINER, ...
+    trainer = 2
+
+The standard ``NATS_URL`` variable is honoured when ``AIMESH_NATS_URL`` is not set.  A value
+that does not fit its type raises :class:`ConfigError` naming the setting and its source.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from shared.errors import ConfigError
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class MeshConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What every service and tool needs to join a mesh."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds: str | None = None  # a NATS credentials file (JWT + nkey)
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    prefix: str = "aimesh"
+    instance: str | None = None  # an instance id; generated when unset
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    health_port: int | None = None  # liveness/readiness over HTTP; 0 picks a free port
+    health_host: str = "127.0.0.1"
+    drain_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    js_replicas: int = 1  # JetStream replicas for streams and buckets: 1 locally, 3 on a cluster
+    max_concurrency: int = 64  # default per actor
+    mailbox_size: int = 256  # default per actor
+
+
+def config_path(env: Mapping[str, str] | None = None) -> Path | None:
+    env = os.environ if env is None else env
+    explicit = env.get("AIMESH_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"AIMESH_CONFIG={explicit}: no such file")
+        return path
+    default = Path("aimesh.toml")
+    return default if default.is_file() else None
+
+
+def read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_section(
+    cls: type[S],
+    section: str,
+    *,
+    env_prefix: str,
+    env: Mapping[str, str] | None = None,
+    toml: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> S:
+    """Build ``cls`` from TOML table ``section``, then ``{env_prefix}{FIELD}`` variables, then
+    ``overrides`` (command-line flags), each layer winning over the one before."""
+    env = os.environ if env is None else env
+    toml = read_toml(config_path(env)) if toml is None else toml
+    table = toml.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] in the config file must be a table")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    fields = set(cls.__struct_fields__)
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"[{section}] {key}: unknown setting (known: {', '.join(sorted(fields))})")
+        values[key] = value
+        sources[key] = f"[{section}] {key} in the config file"
+    for field in fields:
+        var = f"{env_prefix}{field.upper()}"
+        if var in env:
+            raw = env[var]
+            values[field] = None if raw == "" else raw
+            sources[field] = var
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+            sources[key] = f"--{key.replace('_', '-')}"
+    try:
+        # strict=False lets "8080" from the environment become an int, "true" a bool.
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, sources)) from exc
+
+
+def _explain(exc: msgspec.ValidationError, sources: Mapping[str, str]) -> str:
+    text = str(exc)
+    # msgspec says "... - at `$.field`"; name the source the user must fix.
+    if "`$." in text:
+        field = text.rsplit("`$.", 1)[1].split("`", 1)[0].split("[", 1)[0].split(".", 1)[0]
+        if field in sources:
+            return f"{sources[field]}: {text.rsplit(' - at ', 1)[0]}"
+    return text
+
+
+def load_mesh_config(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> MeshConfig:
+    env = os.environ if env is None else env
+    if "AIMESH_NATS_URL" not in env and env.get("NATS_URL"):
+        overrides = {"nats_url": env["NATS_URL"], **(overrides or {})}
+    return load_section(MeshConfig, "mesh", env_prefix="AIMESH_", env=env, overrides=overrides)
+
+
+class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The HTTP gateway: table ``[router]``, variables ``AIMESH_ROUTER_*``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0 picks a free port (advertised in discovery metadata as "http")
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The metrics service: table ``[metrics]``, variables ``AIMESH_METRICS_*``."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464  # 0 picks a free port
+    scrape_interval_s: float = 5.0
+
+
+def load_router_config(env: Mapping[str, str] | None = None) -> RouterConfig:
+    return load_section(RouterConfig, "router", env_prefix="AIMESH_ROUTER_", env=env)
+
+
+def load_metrics_config(env: Mapping[str, str] | None = None) -> MetricsConfig:
+    return load_section(MetricsConfig, "metrics", env_prefix="AIMESH_METRICS_", env=env)
+
+
+class UpConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``aimesh up``: table ``[up]``, variables ``AIMESH_UP_*``, flags of the same names."""
+
+    ingest: int = 1
+    trainer: int = 2
+    inference: int = 2
+    router: int = 1
+    metrics: int = 1
+    data_dir: str = ".aimesh"
+    port: int = 4222  # the embedded nats-server's client port; 0 picks a free one
+    http_port: int = 8222  # its monitoring port; 0 picks a free one
+    restart_backoff_s: float = 0.5  # doubled per crash, capped at restart_backoff_max_s
+    restart_backoff_max_s: float = 30.0
+    crash_loop_restarts: int = 5  # this many crashes within crash_loop_window_s is a crash loop
+    crash_loop_window_s: float = 60.0
+
+
+def load_up_config(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> UpConfig:
+    return load_section(UpConfig, "up", env_prefix="AIMESH_UP_", env=env, overrides=overrides)

@@ -1,0 +1,17 @@
+"""Serving an aiohttp application on a host and port (0 picks a free port)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Start ``app``; returns its runner (``await runner.cleanup()`` to stop) and its base URL."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # aiohttp exposes the bound port only here
+    if server is not None and getattr(server, "sockets", None):
+        port = server.sockets[0].getsockname()[1]
+    return runner, f"http://{host}:{port}"

@@ -1,0 +1,168 @@
+"""Actors fed by a JetStream durable pull consumer: at-least-once work that survives a crash.
+
+Ack discipline:
+
+- the actor fetches only as many messages as it has free workers, so unstarted work stays in the
+  stream (where another instance, or this one after a restart, picks it up);
+- a message is acked after its handler returned, never before;
+- while a handler runs longer than a third of ``ack_wait_s`` the actor sends ``in_progress()``
+  so the server does not redeliver work that is still being done;
+- a handler that raises an expected client error (4xx: the message itself is bad, retrying
+  cannot help) or a message that does not decode is dead-lettered at once;
+- any other failure is nak'ed with a back-off and retried, and on its ``max_deliver``-th failure
+  it is dead-lettered;
+- "dead-lettered" means: republished (body and headers intact) to the dead-letter subject
+  ``<prefix>.dlq.<actor>`` with the reason, delivery count and origin in headers, confirmed by
+  JetStream, then ``term()``-ed so the server stops redelivering.  Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from shared.actor import ActorCore, Req
+from shared.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+# Headers on a dead-lettered message.
+DLQ_REASON = "Aimesh-Dlq-Reason"
+DLQ_CODE = "Aimesh-Dlq-Code"
+DLQ_DELIVERIES = "Aimesh-Dlq-Deliveries"
+DLQ_SUBJECT = "Aimesh-Dlq-Subject"
+DLQ_STREAM = "Aimesh-Dlq-Stream"
+DLQ_SEQUENCE = "Aimesh-Dlq-Sequence"
+
+
+class JetStreamActor(ActorCore[Req]):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        stream: str,
+        durable: str,
+        dead_letter_subject: str,
+        max_deliver: int = 5,
+        ack_wait_s: float = 30.0,
+        retry_backoff_s: float = 1.0,
+        fetch_timeout_s: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("mailbox_size", 0)  # the stream is the mailbox
+        super().__init__(**kwargs)
+        self._js = js
+        self.stream = stream
+        self.durable = durable
+        self.dead_letter_subject = dead_letter_subject
+        self.max_deliver = max_deliver
+        self.ack_wait_s = ack_wait_s
+        self.retry_backoff_s = retry_backoff_s
+        self.fetch_timeout_s = fetch_timeout_s
+        self.dead_lettered = 0
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._fetcher: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._slot_free.set()
+
+    async def start(self) -> None:
+        if self._fetcher is not None:
+            return
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=self.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            max_deliver=self.max_deliver,
+            ack_wait=self.ack_wait_s,
+            max_ack_pending=max(self.max_concurrency * 4, 64),
+        )
+        self._sub = await self._js.pull_subscribe(self.subject, durable=self.durable, stream=self.stream, config=config)
+        self._fetcher = asyncio.get_running_loop().create_task(self._fetch_loop(), name=f"fetch-{self.name}")
+
+    async def stop_intake(self) -> None:
+        """Stop fetching; messages already fetched are finished and acked."""
+        self._stopping.set()
+        fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+
+    async def _fetch_loop(self) -> None:
+        assert self._sub is not None
+        while not self._stopping.is_set():
+            free = self.max_concurrency - self._running
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                msgs = await self._sub.fetch(free, timeout=self.fetch_timeout_s)
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a disconnect: nats-py reconnects, we retry after a pause
+                log.warning("%s: fetch failed; retrying", self.name, exc_info=True)
+                await asyncio.sleep(self.fetch_timeout_s)
+                continue
+            for msg in msgs:
+                self._spawn(self._work(msg))
+
+    def _finished_one(self) -> None:
+        super()._finished_one()
+        self._slot_free.set()
+
+    async def _work(self, msg: Msg) -> None:
+        progress = asyncio.get_running_loop().create_task(self._keep_alive(msg))
+        try:
+            _, err = await self._invoke(msg)
+            progress.cancel()
+            if err is None:
+                await msg.ack()
+                return
+            deliveries = msg.metadata.num_delivered or 1
+            if err.code < 500:
+                await self._dead_letter(msg, err, deliveries, "rejected")
+            elif deliveries >= self.max_deliver:
+                await self._dead_letter(msg, err, deliveries, f"failed {deliveries} times (max_deliver)")
+            else:
+                await msg.nak(delay=self.retry_backoff_s * deliveries)
+        except Exception:
+            # Could not ack/nak (connection lost): the server redelivers after ack_wait.
+            log.warning("%s: could not settle a message; it will be redelivered", self.name, exc_info=True)
+        finally:
+            progress.cancel()
+            self._finished_one()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        interval = self.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            await msg.in_progress()
+
+    async def _dead_letter(self, msg: Msg, err: ServiceError, deliveries: int, why: str) -> None:
+        meta = msg.metadata
+        headers = dict(msg.headers or {})
+        headers.update(
+            {
+                DLQ_REASON: f"{why}: {err.description}",
+                DLQ_CODE: str(err.code),
+                DLQ_DELIVERIES: str(deliveries),
+                DLQ_SUBJECT: msg.subject,
+                DLQ_STREAM: meta.stream or self.stream,
+                DLQ_SEQUENCE: str(meta.sequence.stream if meta.sequence else 0),
+            }
+        )
+        headers.pop("Nats-Msg-Id", None)  # the DLQ is not deduplicated against the origin
+        # Confirmed by JetStream before we give up on the original: nothing is lost in between.
+        await self._js.publish(self.dead_letter_subject, msg.data, headers=headers)
+        await msg.term()
+        self.dead_lettered += 1
+        log.warning("%s: message %s dead-lettered to %s: %s", self.name, msg.subject, self.dead_letter_subject, why)

@@ -1,0 +1,179 @@
+"""Every subject, stream, bucket and header name of the mesh, built in one place.
+
+A mesh is identified by its prefix (``aimesh`` by default), so several meshes can share one
+NATS deployment.  Nothing outside this module spells a subject or a stream name: services ask
+a :class:`Names` instance, and tests build one per test with a unique prefix.
+
+Subject *templates* (``aimesh.infer.{model}.{version}``) are what spans are named after: they
+keep span names low-cardinality, as the OpenTelemetry messaging conventions ask.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+# The NATS micro protocol (ADR-32) lives under a fixed prefix shared by every NATS service.
+MICRO_PREFIX: Final = "$SRV"
+MICRO_VERBS: Final = ("PING", "INFO", "STATS")
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class Header:
+    """NATS header names. W3C trace context travels under its own standard names."""
+
+    TRACEPARENT: Final = "traceparent"
+    TRACESTATE: Final = "tracestate"
+    MSG_ID: Final = "Nats-Msg-Id"
+    DEADLINE: Final = "Aimesh-Deadline"  # absolute, milliseconds since the Unix epoch
+    VARIANT: Final = "Aimesh-Variant"
+    # Error replies use the micro protocol's own headers so standard tooling understands them.
+    ERROR: Final = "Nats-Service-Error"
+    ERROR_CODE: Final = "Nats-Service-Error-Code"
+
+
+def check_token(value: str, what: str) -> str:
+    """Validate one subject token (no dots, wildcards or spaces) and return it."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} must be letters, digits, '-' or '_' (no dots or spaces)")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The names of one mesh, derived from its prefix."""
+
+    prefix: str = "aimesh"
+
+    def __post_init__(self) -> None:
+        check_token(self.prefix, "mesh prefix")
+
+    # -- service control -------------------------------------------------------------------
+    def micro_name(self, service: str) -> str:
+        """The service's name in the micro protocol: unique per mesh on a shared NATS."""
+        return f"{self.prefix}-{service}"
+
+    def service_status(self, service: str) -> str:
+        """Every service answers its status here (queue group: one instance answers)."""
+        return f"{self.prefix}.{service}.status"
+
+    def service_status_template(self) -> str:
+        return f"{self.prefix}.{{service}}.status"
+
+    def queue_group(self, service: str) -> str:
+        return f"{self.prefix}-{service}"
+
+    # -- ingest ------------------------------------------------------------------------------
+    @property
+    def ingest_submit(self) -> str:
+        return f"{self.prefix}.ingest.submit"
+
+    def ingest_events(self, job: str) -> str:
+        return f"{self.prefix}.ingest.{job}.events"
+
+    def data_subject(self, dataset: str, version: str, shard: int) -> str:
+        return f"{self.prefix}.data.{dataset}.{version}.{shard}"
+
+    @property
+    def data_stream(self) -> str:
+        return f"{self.prefix.upper()}_DATA"
+
+    # -- training ----------------------------------------------------------------------------
+    @property
+    def train_submit(self) -> str:
+        return f"{self.prefix}.train.submit"
+
+    def train_events(self, job: str) -> str:
+        return f"{self.prefix}.train.{job}.events"
+
+    # -- inference ---------------------------------------------------------------------------
+    def infer(self, model: str, version: str) -> str:
+        return f"{self.prefix}.infer.{model}.{version}"
+
+    def infer_template(self) -> str:
+        return f"{self.prefix}.infer.{{model}}.{{version}}"
+
+    def durable_request(self, model: str, version: str) -> str:
+        return f"{self.prefix}.jobs.{model}.{version}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}.results.{request_id}"
+
+    @property
+    def requests_stream(self) -> str:
+        return f"{self.prefix.upper()}_REQUESTS"
+
+    @property
+    def results_stream(self) -> str:
+        return f"{self.prefix.upper()}_RESULTS"
+
+    # -- experiments, metrics, scaling -------------------------------------------------------
+    def feedback(self, model: str) -> str:
+        return f"{self.prefix}.feedback.{model}"
+
+    def metrics(self, service: str, instance: str) -> str:
+        return f"{self.prefix}.metrics.{service}.{instance}"
+
+    def scale(self, pool: str) -> str:
+        return f"{self.prefix}.scale.{pool}"
+
+    def dead_letter(self, actor: str) -> str:
+        """Where a JetStream actor moves a message it gave up on, with the reason in headers."""
+        return f"{self.prefix}.dlq.{actor}"
+
+    @property
+    def dead_letter_stream(self) -> str:
+        return f"{self.prefix.upper()}_DLQ"
+
+    # -- buckets -----------------------------------------------------------------------------
+    @property
+    def datasets_bucket(self) -> str:
+        return f"{self.prefix}-datasets"
+
+    @property
+    def trainers_bucket(self) -> str:
+        return f"{self.prefix}-trainers"
+
+    @property
+    def jobs_bucket(self) -> str:
+        return f"{self.prefix}-jobs"
+
+    @property
+    def artifacts_bucket(self) -> str:
+        return f"{self.prefix}-artifacts"
+
+    @property
+    def registry_bucket(self) -> str:
+        return f"{self.prefix}-registry"
+
+    @property
+    def experiments_bucket(self) -> str:
+        return f"{self.prefix}-experiments"
+
+
+def micro_subjects(name: str, instance_id: str) -> list[tuple[str, str]]:
+    """The ADR-32 discovery subjects one service instance answers: (verb, subject) pairs.
+
+    Each verb is answered on ``$SRV.VERB``, ``$SRV.VERB.<name>`` and ``$SRV.VERB.<name>.<id>``.
+    """
+    out: list[tuple[str, str]] = []
+    for verb in MICRO_VERBS:
+        for subject in (
+            f"{MICRO_PREFIX}.{verb}",
+            f"{MICRO_PREFIX}.{verb}.{name}",
+            f"{MICRO_PREFIX}.{verb}.{name}.{instance_id}",
+        ):
+            out.append((verb, subject))
+    return out
+
+
+def micro_subject(verb: str, name: str | None = None, instance_id: str | None = None) -> str:
+    """The subject a discovery client sends ``verb`` to, optionally narrowed to a service."""
+    parts = [MICRO_PREFIX, verb]
+    if name:
+        parts.append(name)
+        if instance_id:
+            parts.append(instance_id)
+    return ".".join(parts)

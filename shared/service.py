@@ -1,0 +1,378 @@
+"""The service base: one OS process hosting a few actors, with one lifecycle.
+
+::
+
+    CREATED ─start()─▶ STARTING ─▶ READY ─drain()─▶ DRAINING ─▶ STOPPED
+                           └──────────── (error) ──────────────▶ FAILED
+
+``start()`` connects to NATS (retrying until it is reachable), declares the service's streams
+and buckets (:meth:`Service.setup`, idempotent), starts the actors, the discovery responder and
+the health port, and only then reports ready.
+
+``drain()`` shuts down in a fixed order:
+
+1. readiness turns false;
+2. intake stops: :meth:`Service.stop_intake` (e.g. an HTTP listener), then every actor
+   unsubscribes / stops fetching, so new work goes to other instances;
+3. work already accepted is finished, up to ``drain_timeout_s``; what is still running then is
+   cancelled and logged with its count;
+4. :meth:`Service.close_resources` releases the service's own dependencies;
+5. discovery stops, spans are flushed, and the NATS connection drains (pending publishes and
+   acks are flushed) and closes, last.
+
+Both are idempotent.  A service is also an async context manager (start on enter, drain on
+exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from shared import __version__, tracing
+from shared.actor import Actor, ActorCore, Call, Handler, Req
+from shared.config import MeshConfig
+from shared.connect import connect
+from shared.discovery import Discovery, rfc3339
+from shared.health import HealthServer
+from shared.jsactor import JetStreamActor
+from shared.names import Names
+from shared.schemas import ActorStats, ServiceStatus, StatusRequest
+
+log = logging.getLogger(__name__)
+
+
+class ServiceState(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def new_instance_id() -> str:
+    from nats.nuid import NUID
+
+    return NUID().next().decode()
+
+
+class Service:
+    """Subclass, set ``name``, and override :meth:`setup` to add actors."""
+
+    name: ClassVar[str] = "service"
+    version: ClassVar[str] = __version__
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.names = Names(config.prefix)
+        self.instance_id = config.instance or new_instance_id()
+        self.state = ServiceState.CREATED
+        self.started_at = time.time()
+        self._actors: list[ActorCore[Any]] = []
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._discovery: Discovery | None = None
+        self._health: HealthServer | None = None
+        self._lifecycle = asyncio.Lock()
+        self.ready = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    # -- hooks for subclasses ----------------------------------------------------------------
+    async def setup(self) -> None:
+        """Declare streams/buckets and add actors.  Runs once NATS is connected."""
+
+    async def stop_intake(self) -> None:
+        """Stop taking new work from sources other than actors (an HTTP listener, timers)."""
+
+    async def close_resources(self) -> None:
+        """Release the service's own dependencies, after in-flight work finished."""
+
+    def metadata(self) -> dict[str, str]:
+        """Extra key/values for discovery (``aimesh status`` shows them)."""
+        return {}
+
+    # -- accessors -----------------------------------------------------------------------------
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError(f"{self.name}: not connected; call start() first")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state is ServiceState.READY and self._nc is not None and self._nc.is_connected
+
+    @property
+    def health_url(self) -> str | None:
+        return self._health.url if self._health else None
+
+    # -- building actors -------------------------------------------------------------------------
+    def add_actor(
+        self,
+        name: str,
+        subject: str,
+        handler: Handler[Req],
+        request_type: type[Req],
+        *,
+        template: str | None = None,
+        queue_group: str | None = None,
+        max_concurrency: int | None = None,
+        mailbox_size: int | None = None,
+    ) -> Actor[Req]:
+        """A core-NATS actor; by default in the service's queue group, so instances share work."""
+        actor: Actor[Req] = Actor(
+            self.nc,
+            name=name,
+            subject=subject,
+            handler=handler,
+            request_type=request_type,
+            template=template,
+            queue_group=self.names.queue_group(self.name) if queue_group is None else queue_group or None,
+            max_concurrency=max_concurrency or self.config.max_concurrency,
+            mailbox_size=self.config.mailbox_size if mailbox_size is None else mailbox_size,
+        )
+        self._actors.append(actor)
+        return actor
+
+    def add_jetstream_actor(
+        self,
+        name: str,
+        *,
+        stream: str,
+        subject: str,
+        durable: str,
+        handler: Handler[Req],
+        request_type: type[Req],
+        template: str | None = None,
+        max_concurrency: int | None = None,
+        max_deliver: int = 5,
+        ack_wait_s: float = 30.0,
+        retry_backoff_s: float = 1.0,
+    ) -> JetStreamActor[Req]:
+        actor: JetStreamActor[Req] = JetStreamActor(
+            self.js,
+            stream=stream,
+            durable=durable,
+            dead_letter_subject=self.names.dead_letter(name),
+            max_deliver=max_deliver,
+            ack_wait_s=ack_wait_s,
+            retry_backoff_s=retry_backoff_s,
+            name=name,
+            subject=subject,
+            handler=handler,
+            request_type=request_type,
+            template=template,
+            queue_group=durable,
+            max_concurrency=max_concurrency or self.config.max_concurrency,
+        )
+        self._actors.append(actor)
+        return actor
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create the stream, or update it to ``config`` if it exists (idempotent)."""
+        if config.num_replicas is None:
+            config.num_replicas = self.config.js_replicas
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # stream name already in use with a different config
+                raise
+            await self.js.update_stream(config)
+
+    async def ensure_dead_letter_stream(self) -> None:
+        await self.ensure_stream(
+            StreamConfig(
+                name=self.names.dead_letter_stream,
+                subjects=[self.names.dead_letter("*")],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=7 * 24 * 3600,
+            )
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        async with self._lifecycle:
+            if self.state is not ServiceState.CREATED:
+                return
+            self.state = ServiceState.STARTING
+            try:
+                await self._start()
+            except BaseException:
+                self.state = ServiceState.FAILED
+                await self._close_connection()
+                raise
+            self.state = ServiceState.READY
+            self.ready.set()
+            log.info("%s ready (instance %s, %d actors)", self.name, self.instance_id, len(self._actors))
+
+    async def _start(self) -> None:
+        tracing.setup_tracing(self.name, self.instance_id, self.version, self.config.prefix)
+        self._nc = await connect(
+            self.config,
+            f"{self.config.prefix}-{self.name}-{self.instance_id}",
+            error_cb=self._on_nats_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self.add_actor(
+            "status",
+            self.names.service_status(self.name),
+            self._status_handler,
+            StatusRequest,
+            template=self.names.service_status_template(),
+            max_concurrency=4,
+            mailbox_size=64,
+        )
+        await self.setup()
+        if self.config.health_port is not None:
+            self._health = HealthServer(self.config.health_host, self.config.health_port, self._probe)
+            await self._health.start()
+        for actor in self._actors:
+            await actor.start()
+        self._discovery = Discovery(
+            self.nc,
+            name=self.names.micro_name(self.name),
+            instance_id=self.instance_id,
+            version=self.version,
+            description=self.description,
+            metadata=self._discovery_metadata,
+            actors=self.actor_stats,
+        )
+        await self._discovery.start()
+        await self.nc.flush()
+
+    async def drain(self) -> None:
+        async with self._lifecycle:
+            if self.state in (ServiceState.STOPPED, ServiceState.CREATED):
+                self.state = ServiceState.STOPPED
+                self.stopped.set()
+                return
+            self.state = ServiceState.DRAINING
+            self.ready.clear()
+            timeout = self.config.drain_timeout_s
+            log.info("%s draining (up to %gs for in-flight work)", self.name, timeout)
+            try:
+                await self._run_step("stop_intake", self.stop_intake)
+                for actor in self._actors:
+                    await actor.stop_intake()
+                deadline = time.monotonic() + timeout
+                for actor in self._actors:
+                    if not await actor.wait_idle(max(deadline - time.monotonic(), 0)):
+                        cancelled = await actor.cancel()
+                        log.error("%s: drain timed out; cancelled %d unfinished handlers", actor.name, cancelled)
+                await self._run_step("close_resources", self.close_resources)
+                if self._discovery is not None:
+                    await self._discovery.stop()
+                if self._health is not None:
+                    await self._health.stop()
+            finally:
+                await asyncio.to_thread(tracing.shutdown_tracing)
+                await self._close_connection()
+                self.state = ServiceState.STOPPED
+                self.stopped.set()
+                log.info("%s stopped", self.name)
+
+    async def aclose(self) -> None:
+        await self.drain()
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.drain()
+
+    async def _run_step(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception:
+            log.exception("%s: %s failed during drain; continuing", self.name, what)
+
+    async def _close_connection(self) -> None:
+        nc, self._nc = self._nc, None
+        self._js = None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await nc.drain()  # flushes pending publishes and acks
+        except Exception:
+            log.debug("NATS drain failed; closing", exc_info=True)
+            await nc.close()
+
+    # -- status ----------------------------------------------------------------------------------
+    def actor_stats(self) -> list[ActorStats]:
+        return [a.stats() for a in self._actors]
+
+    def status(self) -> ServiceStatus:
+        return ServiceStatus(
+            name=self.name,
+            instance_id=self.instance_id,
+            version=self.version,
+            state=self.state.value,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=rfc3339_from_ts(self.started_at),
+            uptime_s=round(time.time() - self.started_at, 3),
+            actors=self.actor_stats(),
+        )
+
+    async def _status_handler(self, _: StatusRequest, __: Call) -> ServiceStatus:
+        return self.status()
+
+    def _discovery_metadata(self) -> dict[str, str]:
+        meta = {
+            "mesh": self.config.prefix,
+            "service": self.name,
+            "state": self.state.value,
+            "pid": str(os.getpid()),
+            "host": socket.gethostname(),
+        }
+        if self._health is not None:
+            meta["health"] = self._health.url
+        meta.update(self.metadata())
+        return meta
+
+    def _probe(self) -> tuple[bool, bool, str]:
+        alive = self.state is not ServiceState.FAILED
+        state = self.state.value
+        if self.state is ServiceState.READY and not self.is_ready:
+            state = "disconnected from NATS"
+        return alive, self.is_ready, state
+
+    # -- NATS callbacks --------------------------------------------------------------------------
+    async def _on_nats_error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", exc or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        if self.state is ServiceState.READY:
+            log.warning("disconnected from NATS; reconnecting (not ready meanwhile)")
+
+    async def _on_reconnected(self) -> None:
+        url = self._nc.connected_url.netloc if self._nc and self._nc.connected_url else "?"
+        log.info("reconnected to NATS at %s", url)
+
+
+def rfc3339_from_ts(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return rfc3339(datetime.fromtimestamp(ts, UTC))

@@ -1,0 +1,194 @@
+"""OpenTelemetry for the mesh: provider set-up from the standard ``OTEL_*`` variables, W3C trace
+context in NATS headers, and messaging spans named per the OpenTelemetry conventions.
+
+Exporters (the standard variables, nothing of our own):
+
+- ``OTEL_SDK_DISABLED=true``: tracing off; the API's no-op tracer, no context is propagated.
+- ``OTEL_TRACES_EXPORTER``: ``otlp`` / ``console`` / ``none`` (comma-separated for several).
+- ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` set: OTLP over
+  HTTP/protobuf, even when ``OTEL_TRACES_EXPORTER`` is unset.
+- neither: spans are still created (trace ids reach the logs and travel downstream in headers)
+  but exported nowhere.  Unlike the SDK's own default we do not assume a collector on
+  localhost:4318, which on a laptop would only log connection errors.
+- ``OTEL_TRACES_SAMPLER`` / ``_ARG`` choose the sampler as usual (default: parent-based,
+  always on).
+
+Span shape (messaging semantic conventions): a request is a CLIENT span ``send <template>``, a
+publish a PRODUCER span ``send <template>``, handling a message a CONSUMER span
+``process <template>`` whose parent is the context found in the message's headers.  Names use
+the subject *template* (``aimesh.infer.{model}.{version}``) to stay low-cardinality; the
+concrete subject is the ``messaging.destination.name`` attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "aimesh"
+
+# Attribute names from the OpenTelemetry messaging conventions.
+SYSTEM = "messaging.system"
+OPERATION_NAME = "messaging.operation.name"
+OPERATION_TYPE = "messaging.operation.type"
+DESTINATION = "messaging.destination.name"
+DESTINATION_TEMPLATE = "messaging.destination.template"
+CONSUMER_GROUP = "messaging.consumer.group.name"
+BODY_SIZE = "messaging.message.body.size"
+MESSAGE_ID = "messaging.message.id"
+ERROR_TYPE = "error.type"
+
+_provider: Any = None  # the SDK TracerProvider we installed, for flushing at shutdown
+
+
+def tracing_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def setup_tracing(service: str, instance_id: str, version: str, namespace: str) -> None:
+    """Install the global tracer provider for this process (idempotent)."""
+    global _provider
+    if _provider is not None or tracing_disabled():
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    resource = Resource.create(
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME") or service,
+            "service.namespace": namespace,
+            "service.instance.id": instance_id,
+            "service.version": version,
+        }
+    )
+    provider = TracerProvider(resource=resource)
+    for exporter in _exporters_from_env():
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+
+
+def _exporters_from_env() -> list[Any]:
+    names = [n.strip().lower() for n in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
+    if not names and (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
+        names = ["otlp"]
+    exporters: list[Any] = []
+    for name in names:
+        if name == "none":
+            continue
+        if name in ("otlp", "otlp_proto_http"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            exporters.append(ConsoleSpanExporter())
+        else:
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported here (otlp, console, none); ignored", name)
+    return exporters
+
+
+def shutdown_tracing(timeout_s: float = 5.0) -> None:
+    """Flush pending spans and stop exporters (the last step of a service's drain)."""
+    global _provider
+    provider, _provider = _provider, None
+    if provider is not None:
+        provider.force_flush(int(timeout_s * 1000))
+        provider.shutdown()
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def inject(headers: MutableMapping[str, str]) -> None:
+    """Write the current trace context into outgoing NATS headers."""
+    propagate.inject(headers)
+
+
+def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
+    if not headers:
+        return None
+    return propagate.extract(headers)
+
+
+def start_consumer_span(
+    template: str, subject: str, headers: Mapping[str, str] | None, queue_group: str | None, size: int
+) -> Span:
+    """The CONSUMER span for handling one message, child of the context in its headers."""
+    attributes: dict[str, Any] = {
+        SYSTEM: "nats",
+        OPERATION_NAME: "process",
+        OPERATION_TYPE: "process",
+        DESTINATION: subject,
+        DESTINATION_TEMPLATE: template,
+        BODY_SIZE: size,
+    }
+    if queue_group:
+        attributes[CONSUMER_GROUP] = queue_group
+    return tracer().start_span(
+        f"process {template}", context=extract(headers), kind=SpanKind.CONSUMER, attributes=attributes
+    )
+
+
+@contextmanager
+def send_span(template: str, subject: str, headers: MutableMapping[str, str], *, request: bool) -> Iterator[Span]:
+    """A CLIENT (request) or PRODUCER (publish) span around a send; injects its context."""
+    span = tracer().start_span(
+        f"send {template}",
+        kind=SpanKind.CLIENT if request else SpanKind.PRODUCER,
+        attributes={
+            SYSTEM: "nats",
+            OPERATION_NAME: "send",
+            OPERATION_TYPE: "send",
+            DESTINATION: subject,
+            DESTINATION_TEMPLATE: template,
+        },
+    )
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        inject(headers)
+        yield span
+    except BaseException as exc:
+        mark_error(span, type(exc).__name__, str(exc))
+        raise
+    finally:
+        otel_context.detach(token)
+        span.end()
+
+
+def mark_error(span: Span, error_type: str, description: str) -> None:
+    if span.is_recording():
+        span.set_attribute(ERROR_TYPE, error_type)
+        span.set_status(Status(StatusCode.ERROR, description))
+
+
+def activate(span: Span) -> object:
+    """Make ``span`` current; returns a token for :func:`deactivate`."""
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def deactivate(token: object) -> None:
+    otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) of the current span as hex, for log records."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -32,22 +31,11 @@ from pathlib import Path
 from aimesh.restart import RestartPolicy
 from services import SERVICE_NAMES
 from shared.config import UpConfig
-from shared.natsserver import NatsServer
+from shared.natsserver import NatsServer, die_with_parent
 
 log = logging.getLogger("aimesh.up")
 
 STATE_FILE = "mesh.json"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the supervisor dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
 @dataclass
 class Slot:
     """One supervised service instance (restarted in place when it crashes)."""
@@ -97,8 +85,10 @@ class Supervisor:
                 port=self.up.port,
                 http_port=self.up.http_port,
                 log_file=self.data_dir / "nats-server.log",
+                die_with_parent=True,
             )
-            await asyncio.to_thread(self.server.start)
+            # Started from the loop's (main) thread: die_with_parent ties it to this thread.
+            self.server.start()
             self.nats_url = self.server.url
             log.info("nats-server on %s (monitoring %s, store %s)", self.server.url, self.server.monitor_url,
                      self.server.store_dir)
@@ -156,7 +146,7 @@ class Supervisor:
             env["AIMESH_ROUTER_PORT"] = "0"  # one listener per port: extra routers take free ones
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{slot.service}",
-            env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
         log.info("started %s (pid %d)", slot.label, proc.pid)
         return proc
@@ -174,7 +164,7 @@ class Supervisor:
             await asyncio.sleep(delay)
             if self._stopping:
                 return
-            await asyncio.to_thread(server.start)
+            server.start()  # the main thread again, for die_with_parent
 
     # -- stopping -----------------------------------------------------------------------------
     async def shutdown(self) -> int:

@@ -44,7 +44,10 @@ async def request(
 ) -> T:
     """Send ``payload`` to ``subject`` and decode the reply as ``response_type``."""
     hdrs = dict(headers or {})
-    hdrs[Header.DEADLINE] = deadline_header(timeout_s)
+    ours = deadline_header(timeout_s)
+    theirs = hdrs.get(Header.DEADLINE)
+    # Keep an upstream deadline when it is the earlier one: deadlines only shrink downstream.
+    hdrs[Header.DEADLINE] = theirs if theirs and theirs.isdigit() and int(theirs) < int(ours) else ours
     body = encode(payload)
     with tracing.send_span(template or subject, subject, hdrs, request=True) as span:
         try:

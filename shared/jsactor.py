@@ -93,6 +93,15 @@ class JetStreamActor(ActorCore[Req]):
         if fetcher is not None:
             fetcher.cancel()
             await asyncio.gather(fetcher, return_exceptions=True)
+        # Unsubscribe now: a pull response that lands after the cancelled fetch would otherwise
+        # sit unread in the subscription and stall the connection's drain.  Acks of messages
+        # still being worked on go to their own reply subjects and are unaffected.
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                log.debug("%s: unsubscribe failed", self.name, exc_info=True)
 
     async def _fetch_loop(self) -> None:
         assert self._sub is not None

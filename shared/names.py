@@ -55,12 +55,16 @@ class Names:
         """The service's name in the micro protocol: unique per mesh on a shared NATS."""
         return f"{self.prefix}-{service}"
 
+    def endpoint(self, service: str, endpoint: str) -> str:
+        """A service's own request/reply endpoint: ``<prefix>.<service>.<endpoint>``."""
+        return f"{self.prefix}.{service}.{endpoint}"
+
+    def endpoint_template(self, endpoint: str) -> str:
+        return f"{self.prefix}.{{service}}.{endpoint}"
+
     def service_status(self, service: str) -> str:
         """Every service answers its status here (queue group: one instance answers)."""
-        return f"{self.prefix}.{service}.status"
-
-    def service_status_template(self) -> str:
-        return f"{self.prefix}.{{service}}.status"
+        return self.endpoint(service, "status")
 
     def queue_group(self, service: str) -> str:
         return f"{self.prefix}-{service}"

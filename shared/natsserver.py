@@ -8,6 +8,7 @@ is no race between choosing a free port and binding it).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -44,6 +45,9 @@ class NatsServer:
     jetstream: bool = True
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    # Linux: the server gets SIGTERM when the thread that started it dies, so a supervisor
+    # killed with SIGKILL leaves no orphan server.  Start it from a long-lived thread.
+    die_with_parent: bool = False
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
     monitor_url: str = ""
@@ -61,7 +65,10 @@ class NatsServer:
         args += self.extra_args
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
+            )
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # type: ignore[union-attr]
@@ -122,6 +129,17 @@ def _read_ports(path: Path) -> dict[str, list[str]]:
         except (json.JSONDecodeError, OSError):
             time.sleep(0.01)
     raise MeshError(f"unreadable nats-server ports file {path}")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGTERM when its parent thread dies (Linux only)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def pid_alive(pid: int) -> bool:

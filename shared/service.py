@@ -239,7 +239,7 @@ class Service:
             self.names.service_status(self.name),
             self._status_handler,
             StatusRequest,
-            template=self.names.service_status_template(),
+            template=self.names.endpoint_template("status"),
             max_concurrency=4,
             mailbox_size=64,
         )
@@ -286,7 +286,7 @@ class Service:
                 if self._health is not None:
                     await self._health.stop()
             finally:
-                await asyncio.to_thread(tracing.shutdown_tracing)
+                await asyncio.to_thread(tracing.flush_tracing)
                 await self._close_connection()
                 self.state = ServiceState.STOPPED
                 self.stopped.set()

@@ -55,7 +55,7 @@ def tracing_disabled() -> bool:
 
 
 def setup_tracing(service: str, instance_id: str, version: str, namespace: str) -> None:
-    """Install the global tracer provider for this process (idempotent)."""
+    """Install the global tracer provider for this process (once; later calls keep it)."""
     global _provider
     if _provider is not None or tracing_disabled():
         return
@@ -102,13 +102,11 @@ def _exporters_from_env() -> list[Any]:
     return exporters
 
 
-def shutdown_tracing(timeout_s: float = 5.0) -> None:
-    """Flush pending spans and stop exporters (the last step of a service's drain)."""
-    global _provider
-    provider, _provider = _provider, None
-    if provider is not None:
-        provider.force_flush(int(timeout_s * 1000))
-        provider.shutdown()
+def flush_tracing(timeout_s: float = 5.0) -> None:
+    """Export pending spans now (the last step of a service's drain).  The provider itself is
+    shut down by the SDK at interpreter exit."""
+    if _provider is not None:
+        _provider.force_flush(int(timeout_s * 1000))
 
 
 def tracer() -> trace.Tracer:

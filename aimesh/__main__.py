@@ -1,0 +1,3 @@
+from aimesh.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""An echo service: replies with the text it got, after an optional delay.
+
+``python -m tests.apps.echo`` runs it through the same runner as every product service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.actor import Call
+from shared.runner import run_service
+from shared.schemas import Message
+from shared.service import Service
+
+
+class EchoRequest(Message):
+    text: str
+    delay_s: float = 0.0
+
+
+class EchoReply(Message):
+    text: str
+    instance: str
+
+
+class EchoService(Service):
+    name = "echo"
+
+    async def setup(self) -> None:
+        self.add_actor("echo", self.names.endpoint("echo", "echo"), self.echo, EchoRequest,
+                       template=self.names.endpoint_template("echo"))
+
+    async def echo(self, req: EchoRequest, _: Call) -> EchoReply:
+        if req.delay_s:
+            await asyncio.sleep(req.delay_s)
+        return EchoReply(text=req.text, instance=self.instance_id)
+
+
+if __name__ == "__main__":
+    run_service(EchoService)

@@ -1,0 +1,100 @@
+"""Fixtures: a real NATS server for the whole session, and a unique mesh prefix per test.
+
+The server is, in order of preference: ``$NATS_URL``; a testcontainers ``NatsContainer`` when a
+Docker engine answers; else the ``nats-server`` binary from the venv on a free port with a
+temporary store.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from shared.config import MeshConfig
+from shared.names import Names
+from shared.natsserver import NatsServer
+from tests.helpers import ServiceProcess, service_env
+
+NATS_IMAGE = "nats:2.10.22-alpine"
+
+
+def _docker_answers() -> bool:
+    """Whether a Docker engine answers /_ping (unix socket or DOCKER_HOST=tcp://)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        if host.startswith("unix://"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = host[len("unix://"):]
+        elif host.startswith("tcp://"):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            h, _, p = host[len("tcp://"):].partition(":")
+            address = (h, int(p or 2375))
+        else:
+            return False
+        with sock:
+            sock.settimeout(2)
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in sock.recv(256)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("NATS_URL"):
+        yield os.environ["NATS_URL"]
+    elif os.environ.get("AIMESH_TEST_DOCKER", "1") == "1" and _docker_answers():
+        from testcontainers.community.nats import NatsContainer
+
+        with NatsContainer(NATS_IMAGE, jetstream=True) as container:
+            yield container.nats_uri()
+    else:
+        server = NatsServer(store_dir=tmp_path_factory.mktemp("nats"), http_port=None)
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def names() -> Names:
+    return Names(prefix=f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def mesh_config(nats_url: str, names: Names) -> MeshConfig:
+    return MeshConfig(nats_url=nats_url, prefix=names.prefix, drain_timeout_s=5.0)
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def spawn(nats_url: str, names: Names, tmp_path: Path) -> Iterator[object]:
+    """spawn(module or argv, url=None, **env) -> a ServiceProcess on this test's mesh; killed
+    at teardown."""
+    procs: list[ServiceProcess] = []
+
+    def start(target: str | list[str], url: str | None = None, **env: str) -> ServiceProcess:
+        args = ["-m", target] if isinstance(target, str) else target
+        proc = ServiceProcess(args, service_env(url or nats_url, names, **env), tmp_path)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.close()

@@ -1,0 +1,89 @@
+"""Test helpers: service processes, waiting on conditions with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+
+from shared.discovery import discover
+from shared.names import Names
+from shared.schemas import MicroPing
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
+    """Re-run ``check`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def service_env(nats_url: str, names: Names, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMESH_", "OTEL_"))}
+    env.update({"AIMESH_NATS_URL": nats_url, "AIMESH_PREFIX": names.prefix, "PYTHONPATH": str(ROOT)})
+    env.setdefault("OTEL_SDK_DISABLED", "true")
+    env.update(extra)
+    return env
+
+
+class ServiceProcess:
+    """``python <args>`` (e.g. ``-m tests.apps.echo``) as a child process, its output kept for
+    failure messages."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.module = " ".join(args)
+        self.log_path = log_dir / f"proc-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_ready(self, nats_url: str, micro_name: str, timeout_s: float = 20.0) -> MicroPing:
+        nc = await nats.connect(nats_url)
+        try:
+            async def found() -> MicroPing | None:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.module} exited with {self.proc.returncode}:\n{self.output()}")
+                for ping in await discover(nc, "PING", MicroPing, name=micro_name, wait_s=0.3):
+                    if ping.metadata.get("pid") == str(self.pid) and ping.metadata.get("state") == "ready":
+                        return ping
+                return None
+            return await eventually(found, timeout_s, f"{self.module} to be ready")
+        finally:
+            await nc.close()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout_s)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

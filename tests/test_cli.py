@@ -1,0 +1,114 @@
+"""The command line end to end: aimesh up / status / run, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from shared.names import Names
+from shared.natsserver import pid_alive
+from tests.helpers import ROOT, ServiceProcess, eventually, service_env
+
+pytestmark = pytest.mark.slow
+
+AIMESH = [sys.executable, "-m", "aimesh"]
+
+
+def _status(data_dir: Path, names: Names) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [*AIMESH, "status", "--json", "--data-dir", str(data_dir), "--prefix", names.prefix, "--wait", "0.5"],
+        capture_output=True, text=True, cwd=ROOT, env=_clean_env(), timeout=30,
+    )
+    if out.returncode not in (0, 1):
+        raise AssertionError(out.stderr)
+    rows: list[dict[str, Any]] = json.loads(out.stdout) if out.returncode == 0 else []
+    return rows
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMESH_", "OTEL_", "NATS_"))}
+    env.update(PYTHONPATH=str(ROOT), OTEL_SDK_DISABLED="true", **extra)
+    return env
+
+
+async def test_up_status_restart_and_sigterm_leave_nothing_behind(tmp_path: Path, names: Names) -> None:
+    data_dir = tmp_path / "mesh"
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix],
+        cwd=ROOT, env=_clean_env(AIMESH_ROUTER_PORT="0"), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        async def seven() -> list[dict[str, Any]]:
+            if up.poll() is not None:
+                raise AssertionError((tmp_path / "up.log").read_text())
+            rows = await asyncio.to_thread(_status, data_dir, names)
+            return rows if len(rows) == 7 and all(r["state"] == "ready" for r in rows) else []
+
+        rows = await eventually(seven, 60, "seven ready instances")
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["service"]] = counts.get(r["service"], 0) + 1
+        assert counts == {"ingest": 1, "trainer": 2, "inference": 2, "router": 1, "metrics": 1}
+        assert json.loads((data_dir / "mesh.json").read_text())["nats_url"].startswith("nats://")
+        nats_pid = _nats_server_pid(data_dir / "nats")
+
+        # A crashed instance is restarted by the supervisor.
+        victim = next(r for r in rows if r["service"] == "inference")
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+
+        async def replaced() -> list[dict[str, Any]]:
+            rows = await asyncio.to_thread(_status, data_dir, names)
+            inf = [r for r in rows if r["service"] == "inference" and r["state"] == "ready"]
+            return rows if len(inf) == 2 and victim["pid"] not in {r["pid"] for r in inf} else []
+
+        rows = await eventually(replaced, 60, "the killed instance to be replaced")
+
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(up.wait, 60) == 0
+        pids = [int(r["pid"]) for r in rows] + [nats_pid]
+        assert [p for p in pids if pid_alive(p)] == []
+        assert not (data_dir / "mesh.json").exists()
+        text = (tmp_path / "up.log").read_text()
+        assert "exited with code -9; restarting" in text
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
+
+
+def _nats_server_pid(store_dir: Path) -> int:
+    """The embedded nats-server's pid, found by its store directory in the process table."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if "nats-server" in line and str(store_dir) in line:
+            return int(line.split()[0])
+    raise AssertionError(f"no nats-server with store {store_dir} is running")
+
+
+@pytest.mark.parametrize("command", [["-m", "services.router"], ["-m", "aimesh", "run", "router"]])
+async def test_router_runs_in_the_foreground_with_health(
+    command: list[str], spawn: Callable[..., ServiceProcess], nats_url: str, names: Names
+) -> None:
+    router = spawn(command, AIMESH_ROUTER_PORT="0")
+    ping = await router.wait_ready(nats_url, names.micro_name("router"))
+    base = ping.metadata["http"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/v2/health/live") as resp:
+            assert resp.status == 200 and await resp.json() == {"live": True}
+        async with http.get(f"{base}/v2/health/ready") as resp:
+            assert resp.status == 200 and await resp.json() == {"ready": True}
+        async with http.get(f"{base}/v2") as resp:
+            assert (await resp.json())["name"] == "aimesh"
+    router.terminate()
+    assert await asyncio.to_thread(router.wait, 30) == 0, router.output()

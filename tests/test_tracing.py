@@ -1,0 +1,116 @@
+"""One request crossing two service processes is one trace, exported over real OTLP/HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from shared.httpserve import serve_app
+from shared.names import Names
+from tests.apps.echo import EchoReply, EchoRequest
+from tests.helpers import ServiceProcess, eventually
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class SpanRecord:
+    service: str
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, object]
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP trace endpoint that keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.spans: list[SpanRecord] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest()
+        export.ParseFromString(await request.read())
+        for rs in export.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    self.spans.append(
+                        SpanRecord(
+                            service=service,
+                            name=s.name,
+                            kind=s.kind,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_id=s.parent_span_id.hex(),
+                            attributes={
+                                a.key: a.value.string_value or a.value.int_value for a in s.attributes
+                            },
+                        )
+                    )
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+
+@pytest.fixture
+async def otlp() -> AsyncIterator[tuple[OtlpReceiver, str]]:
+    receiver = OtlpReceiver()
+    app = web.Application()
+    app.router.add_post("/v1/traces", receiver.handle)
+    runner, url = await serve_app(app, "127.0.0.1", 0)
+    yield receiver, url
+    await runner.cleanup()
+
+
+# Span kinds in the OTLP protobuf enum.
+KIND_SERVER, KIND_CLIENT, KIND_CONSUMER = 2, 3, 5
+
+
+async def test_request_across_two_services_is_one_trace(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient,
+    otlp: tuple[OtlpReceiver, str],
+) -> None:
+    receiver, url = otlp
+    env = {"OTEL_SDK_DISABLED": "false", "OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    echo = spawn("tests.apps.echo", **env)
+    front = spawn("tests.apps.chain", **env)
+    await asyncio.gather(echo.wait_ready(nats_url, names.micro_name("echo")),
+                         front.wait_ready(nats_url, names.micro_name("front")))
+
+    reply = await nc.request(names.endpoint("front", "hop"), msgspec.msgpack.encode(EchoRequest(text="x")), timeout=10)
+    assert msgspec.msgpack.decode(reply.data, type=EchoReply).text == "front+x"
+
+    async def three_spans() -> list[SpanRecord]:
+        spans = [s for s in receiver.spans if "status" not in s.name]
+        return spans if len(spans) >= 3 else []
+
+    spans = await eventually(three_spans, 15, "spans from both services")
+    front_process = next(s for s in spans if s.service == "front" and s.name.startswith("process"))
+    front_send = next(s for s in spans if s.service == "front" and s.name.startswith("send"))
+    echo_process = next(s for s in spans if s.service == "echo" and s.name.startswith("process"))
+
+    assert len({front_process.trace_id, front_send.trace_id, echo_process.trace_id}) == 1
+    assert front_send.parent_id == front_process.span_id
+    assert echo_process.parent_id == front_send.span_id
+    assert (front_process.kind, front_send.kind, echo_process.kind) == (KIND_CONSUMER, KIND_CLIENT, KIND_CONSUMER)
+    # Low-cardinality names from subject templates; the concrete subject is an attribute.
+    assert front_process.name == f"process {names.prefix}.{{service}}.hop"
+    assert echo_process.name == f"process {names.prefix}.{{service}}.echo"
+    assert echo_process.attributes["messaging.system"] == "nats"
+    assert echo_process.attributes["messaging.destination.name"] == names.endpoint("echo", "echo")
+
+    for proc in (front, echo):
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 20) == 0

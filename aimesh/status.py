@@ -10,7 +10,9 @@ from shared.discovery import discover
 from shared.schemas import MicroInfo, MicroStats
 
 
-async def gather_status(url: str, prefix: str, *, service: str | None = None, wait_s: float = 0.5) -> list[dict[str, Any]]:
+async def gather_status(
+    url: str, prefix: str, *, service: str | None = None, wait_s: float = 0.5
+) -> list[dict[str, Any]]:
     """One row per instance of mesh ``prefix``: identity, endpoints and their counters."""
     try:
         nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)

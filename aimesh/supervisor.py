@@ -36,6 +36,8 @@ from shared.natsserver import NatsServer, die_with_parent
 log = logging.getLogger("aimesh.up")
 
 STATE_FILE = "mesh.json"
+
+
 @dataclass
 class Slot:
     """One supervised service instance (restarted in place when it crashes)."""
@@ -90,8 +92,12 @@ class Supervisor:
             # Started from the loop's (main) thread: die_with_parent ties it to this thread.
             self.server.start()
             self.nats_url = self.server.url
-            log.info("nats-server on %s (monitoring %s, store %s)", self.server.url, self.server.monitor_url,
-                     self.server.store_dir)
+            log.info(
+                "nats-server on %s (monitoring %s, store %s)",
+                self.server.url,
+                self.server.monitor_url,
+                self.server.store_dir,
+            )
             self._server_task = asyncio.create_task(self._watch_server())
         else:
             log.info("using NATS at %s (no embedded server)", self.nats_url)
@@ -105,10 +111,16 @@ class Supervisor:
         """Run ``replicas`` instances of ``service`` (the autoscaler calls this too)."""
         live = [s for s in self.slots if s.service == service and not s.retired]
         for index in range(len(live), replicas):
-            slot = Slot(service, index, RestartPolicy(
-                self.up.restart_backoff_s, self.up.restart_backoff_max_s,
-                self.up.crash_loop_restarts, self.up.crash_loop_window_s,
-            ))
+            slot = Slot(
+                service,
+                index,
+                RestartPolicy(
+                    self.up.restart_backoff_s,
+                    self.up.restart_backoff_max_s,
+                    self.up.crash_loop_restarts,
+                    self.up.crash_loop_window_s,
+                ),
+            )
             self.slots.append(slot)
             slot.task = asyncio.create_task(self._keep_running(slot), name=f"slot-{slot.label}")
         for slot in live[replicas:]:
@@ -130,7 +142,11 @@ class Supervisor:
             if looping:
                 log.critical(
                     "CRASH LOOP: %s exited with code %s, %d times in %gs; restarting in %.1fs. Check its log above.",
-                    slot.label, code, len(slot.policy.crashes), slot.policy.loop_window_s, delay,
+                    slot.label,
+                    code,
+                    len(slot.policy.crashes),
+                    slot.policy.loop_window_s,
+                    delay,
                 )
             else:
                 log.error("%s exited with code %s; restarting in %.1fs", slot.label, code, delay)
@@ -145,8 +161,12 @@ class Supervisor:
         if slot.service == "router" and slot.index > 0:
             env["AIMESH_ROUTER_PORT"] = "0"  # one listener per port: extra routers take free ones
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{slot.service}",
-            env=env, start_new_session=True, preexec_fn=die_with_parent,
+            sys.executable,
+            "-m",
+            f"services.{slot.service}",
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.info("started %s (pid %d)", slot.label, proc.pid)
         return proc

@@ -165,10 +165,10 @@ class ActorCore(Generic[Req]):
                 log.debug("%s: %s", self.name, err)
             return None, err
         except Exception as exc:
-            err = InternalError(f"{self.name}: internal error ({type(exc).__name__}); see the service log")
-            self._count_error(err, span)
+            failure = InternalError(f"{self.name}: internal error ({type(exc).__name__}); see the service log")
+            self._count_error(failure, span)
             log.exception("%s: handler failed", self.name)
-            return None, err
+            return None, failure
         finally:
             elapsed = time.perf_counter_ns() - t0
             self.processing_ns += elapsed
@@ -219,7 +219,7 @@ class Actor(ActorCore[Req]):
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
-                await sub.drain()
+                await sub.drain()  # type: ignore[no-untyped-call]
             except Exception:  # the connection may already be closing
                 log.debug("%s: unsubscribe failed", self.name, exc_info=True)
 

@@ -122,9 +122,7 @@ def _explain(exc: msgspec.ValidationError, sources: Mapping[str, str]) -> str:
     return text
 
 
-def load_mesh_config(
-    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
-) -> MeshConfig:
+def load_mesh_config(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> MeshConfig:
     env = os.environ if env is None else env
     if "AIMESH_NATS_URL" not in env and env.get("NATS_URL"):
         overrides = {"nats_url": env["NATS_URL"], **(overrides or {})}
@@ -172,7 +170,5 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True):
     crash_loop_window_s: float = 60.0
 
 
-def load_up_config(
-    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
-) -> UpConfig:
+def load_up_config(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> UpConfig:
     return load_section(UpConfig, "up", env_prefix="AIMESH_UP_", env=env, overrides=overrides)

@@ -17,7 +17,7 @@ _BOUNDS_NS = tuple(int(b * 1e9) for b in LATENCY_BOUNDS_S)
 
 
 class LatencyHistogram:
-    __slots__ = ("counts", "count", "sum_ns")
+    __slots__ = ("count", "counts", "sum_ns")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(_BOUNDS_NS) + 1)  # the last bucket is +Inf

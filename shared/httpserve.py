@@ -11,7 +11,7 @@ async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.App
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server  # aiohttp exposes the bound port only here
-    if server is not None and getattr(server, "sockets", None):
-        port = server.sockets[0].getsockname()[1]
+    sockets = getattr(site._server, "sockets", None)  # aiohttp exposes the bound port only here
+    if sockets:
+        port = sockets[0].getsockname()[1]
     return runner, f"http://{host}:{port}"

@@ -32,7 +32,9 @@ class _ContextFilter(logging.Filter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        line = f"{ts} {record.levelname:<7} {record.service}[{record.instance[:8]}] {record.name}: {record.getMessage()}"  # type: ignore[attr-defined]
+        line = (
+            f"{ts} {record.levelname:<7} {record.service}[{record.instance[:8]}] {record.name}: {record.getMessage()}"  # type: ignore[attr-defined]
+        )
         if record.trace_id:  # type: ignore[attr-defined]
             line += f" trace_id={record.trace_id} span_id={record.span_id}"  # type: ignore[attr-defined]
         if record.exc_info:

@@ -8,6 +8,7 @@ is no race between choosing a free port and binding it).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -66,7 +67,10 @@ class NatsServer:
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         finally:
@@ -76,7 +80,9 @@ class NatsServer:
         deadline = time.monotonic() + timeout_s
         while not ports_file.is_file():
             if self.process.poll() is not None:
-                raise MeshError(f"nats-server exited with code {self.process.returncode}; see {self.log_file or 'its log'}")
+                raise MeshError(
+                    f"nats-server exited with code {self.process.returncode}; see {self.log_file or 'its log'}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise MeshError(f"nats-server did not start within {timeout_s:g}s")
@@ -136,10 +142,8 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent() -> None:
     """For ``preexec_fn``: the child gets SIGTERM when its parent thread dies (Linux only)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def pid_alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ so ``nats micro`` and every client library's service API read them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -22,11 +22,11 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
 # -- service control ---------------------------------------------------------------------------
 
 
-class StatusRequest(Message):
+class StatusRequest(Message, frozen=True, kw_only=True):
     """Ask one instance of a service for its status (the reply is a ServiceStatus)."""
 
 
-class ActorStats(Message):
+class ActorStats(Message, frozen=True, kw_only=True):
     name: str
     subject: str
     queue_group: str | None
@@ -41,7 +41,7 @@ class ActorStats(Message):
     last_error: str = ""
 
 
-class ServiceStatus(Message):
+class ServiceStatus(Message, frozen=True, kw_only=True):
     name: str
     instance_id: str
     version: str
@@ -56,7 +56,7 @@ class ServiceStatus(Message):
 # -- tensors -----------------------------------------------------------------------------------
 
 
-class Tensor(Message):
+class Tensor(Message, frozen=True, kw_only=True):
     """A dense tensor: dtype name (numpy spelling), shape, little-endian C-order bytes."""
 
     dtype: str
@@ -91,7 +91,7 @@ class MicroEndpointStats(msgspec.Struct, kw_only=True):
 
 
 class MicroPing(msgspec.Struct, kw_only=True):
-    type: Literal["io.nats.micro.v1.ping_response"] = PING_TYPE
+    type: str = PING_TYPE
     name: str
     id: str
     version: str
@@ -99,7 +99,7 @@ class MicroPing(msgspec.Struct, kw_only=True):
 
 
 class MicroInfo(msgspec.Struct, kw_only=True):
-    type: Literal["io.nats.micro.v1.info_response"] = INFO_TYPE
+    type: str = INFO_TYPE
     name: str
     id: str
     version: str
@@ -109,7 +109,7 @@ class MicroInfo(msgspec.Struct, kw_only=True):
 
 
 class MicroStats(msgspec.Struct, kw_only=True):
-    type: Literal["io.nats.micro.v1.stats_response"] = STATS_TYPE
+    type: str = STATS_TYPE
     name: str
     id: str
     version: str

@@ -315,9 +315,13 @@ class Service:
             return
         try:
             await nc.drain()  # flushes pending publishes and acks
-        except Exception:
-            log.debug("NATS drain failed; closing", exc_info=True)
-            await nc.close()
+        except Exception as exc:
+            # NATS is gone too (the whole mesh is stopping): nothing left to flush to.
+            log.warning("NATS drain failed (%s); closing the connection", exc or type(exc).__name__)
+            try:
+                await nc.close()
+            except Exception:
+                log.debug("NATS close failed", exc_info=True)
 
     # -- status ----------------------------------------------------------------------------------
     def actor_stats(self) -> list[ActorStats]:

@@ -32,10 +32,10 @@ def _docker_answers() -> bool:
     try:
         if host.startswith("unix://"):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address: Any = host[len("unix://"):]
+            address: Any = host[len("unix://") :]
         elif host.startswith("tcp://"):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            h, _, p = host[len("tcp://"):].partition(":")
+            h, _, p = host[len("tcp://") :].partition(":")
             address = (h, int(p or 2375))
         else:
             return False

@@ -50,8 +50,9 @@ class ServiceProcess:
         self.module = " ".join(args)
         self.log_path = log_dir / f"proc-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, *args], env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     @property
     def pid(self) -> int:
@@ -64,6 +65,7 @@ class ServiceProcess:
     async def wait_ready(self, nats_url: str, micro_name: str, timeout_s: float = 20.0) -> MicroPing:
         nc = await nats.connect(nats_url)
         try:
+
             async def found() -> MicroPing | None:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"{self.module} exited with {self.proc.returncode}:\n{self.output()}")
@@ -71,6 +73,7 @@ class ServiceProcess:
                     if ping.metadata.get("pid") == str(self.pid) and ping.metadata.get("state") == "ready":
                         return ping
                 return None
+
             return await eventually(found, timeout_s, f"{self.module} to be ready")
         finally:
             await nc.close()

@@ -36,8 +36,12 @@ class GatedService(Service):
 
     async def setup(self) -> None:
         self.actor = self.add_actor(
-            "echo", self.names.endpoint("gated", "echo"), self.echo, EchoRequest,
-            max_concurrency=self._limits[0], mailbox_size=self._limits[1],
+            "echo",
+            self.names.endpoint("gated", "echo"),
+            self.echo,
+            EchoRequest,
+            max_concurrency=self._limits[0],
+            mailbox_size=self._limits[1],
         )
 
     async def echo(self, req: EchoRequest, _: Call) -> EchoReply:
@@ -66,10 +70,7 @@ class GatedService(Service):
 
 
 def _fire(nc: NatsClient, svc: GatedService, texts: list[str]) -> list[asyncio.Task[Any]]:
-    return [
-        asyncio.create_task(request(nc, svc.subject, EchoRequest(text=t), EchoReply, timeout_s=10))
-        for t in texts
-    ]
+    return [asyncio.create_task(request(nc, svc.subject, EchoRequest(text=t), EchoReply, timeout_s=10)) for t in texts]
 
 
 async def test_request_reply_through_an_actor(mesh_config: MeshConfig, nc: NatsClient) -> None:
@@ -141,8 +142,7 @@ async def test_full_mailbox_answers_overloaded_with_the_numbers(mesh_config: Mes
 async def test_expired_deadline_is_refused_without_running(mesh_config: MeshConfig, nc: NatsClient) -> None:
     async with GatedService(mesh_config) as svc:
         with pytest.raises(DeadlineExceeded, match="deadline passed"):
-            await request(nc, svc.subject, EchoRequest(text="late"), EchoReply,
-                          headers={Header.DEADLINE: "1000"})
+            await request(nc, svc.subject, EchoRequest(text="late"), EchoReply, headers={Header.DEADLINE: "1000"})
         assert svc.max_running == 0
 
 

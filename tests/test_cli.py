@@ -17,7 +17,7 @@ import pytest
 
 from shared.names import Names
 from shared.natsserver import pid_alive
-from tests.helpers import ROOT, ServiceProcess, eventually, service_env
+from tests.helpers import ROOT, ServiceProcess, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,11 @@ AIMESH = [sys.executable, "-m", "aimesh"]
 def _status(data_dir: Path, names: Names) -> list[dict[str, Any]]:
     out = subprocess.run(
         [*AIMESH, "status", "--json", "--data-dir", str(data_dir), "--prefix", names.prefix, "--wait", "0.5"],
-        capture_output=True, text=True, cwd=ROOT, env=_clean_env(), timeout=30,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_clean_env(),
+        timeout=30,
     )
     if out.returncode not in (0, 1):
         raise AssertionError(out.stderr)
@@ -46,9 +50,13 @@ async def test_up_status_restart_and_sigterm_leave_nothing_behind(tmp_path: Path
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen(
         [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix],
-        cwd=ROOT, env=_clean_env(AIMESH_ROUTER_PORT="0"), stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=_clean_env(AIMESH_ROUTER_PORT="0"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
+
         async def seven() -> list[dict[str, Any]]:
             if up.poll() is not None:
                 raise AssertionError((tmp_path / "up.log").read_text())
@@ -112,3 +120,47 @@ async def test_router_runs_in_the_foreground_with_health(
             assert (await resp.json())["name"] == "aimesh"
     router.terminate()
     assert await asyncio.to_thread(router.wait, 30) == 0, router.output()
+
+
+async def test_a_killed_supervisor_leaves_no_orphans(tmp_path: Path, names: Names) -> None:
+    data_dir = tmp_path / "mesh"
+    up = subprocess.Popen(
+        [
+            *AIMESH,
+            "up",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            "--prefix",
+            names.prefix,
+            "--trainer",
+            "1",
+            "--inference",
+            "1",
+        ],
+        cwd=ROOT,
+        env=_clean_env(AIMESH_ROUTER_PORT="0"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        async def five() -> list[dict[str, Any]]:
+            rows = await asyncio.to_thread(_status, data_dir, names)
+            return rows if len(rows) == 5 else []
+
+        rows = await eventually(five, 60, "five instances")
+        pids = [int(r["pid"]) for r in rows] + [_nats_server_pid(data_dir / "nats")]
+        up.kill()
+        up.wait()
+
+        async def all_gone() -> bool:
+            return not any(pid_alive(p) for p in pids)
+
+        await eventually(all_gone, 30, "every child of the killed supervisor to exit")
+    finally:
+        if up.poll() is None:
+            up.kill()

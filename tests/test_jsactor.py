@@ -35,11 +35,19 @@ class WorkService(Service):
 
     async def setup(self) -> None:
         await self.ensure_dead_letter_stream()
-        await self.ensure_stream(StreamConfig(name=self.stream, subjects=[self.subject],
-                                              retention=RetentionPolicy.WORK_QUEUE))
+        await self.ensure_stream(
+            StreamConfig(name=self.stream, subjects=[self.subject], retention=RetentionPolicy.WORK_QUEUE)
+        )
         self.actor = self.add_jetstream_actor(
-            "items", stream=self.stream, subject=self.subject, durable="items", handler=self.handle,
-            request_type=EchoRequest, max_deliver=3, ack_wait_s=self.ack_wait_s, retry_backoff_s=0.05,
+            "items",
+            stream=self.stream,
+            subject=self.subject,
+            durable="items",
+            handler=self.handle,
+            request_type=EchoRequest,
+            max_deliver=3,
+            ack_wait_s=self.ack_wait_s,
+            retry_backoff_s=0.05,
             max_concurrency=4,
         )
 

@@ -55,13 +55,12 @@ class OtlpReceiver:
                             trace_id=s.trace_id.hex(),
                             span_id=s.span_id.hex(),
                             parent_id=s.parent_span_id.hex(),
-                            attributes={
-                                a.key: a.value.string_value or a.value.int_value for a in s.attributes
-                            },
+                            attributes={a.key: a.value.string_value or a.value.int_value for a in s.attributes},
                         )
                     )
-        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
-                            content_type="application/x-protobuf")
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf"
+        )
 
 
 @pytest.fixture
@@ -79,15 +78,19 @@ KIND_SERVER, KIND_CLIENT, KIND_CONSUMER = 2, 3, 5
 
 
 async def test_request_across_two_services_is_one_trace(
-    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient,
+    spawn: Callable[..., ServiceProcess],
+    nats_url: str,
+    names: Names,
+    nc: NatsClient,
     otlp: tuple[OtlpReceiver, str],
 ) -> None:
     receiver, url = otlp
     env = {"OTEL_SDK_DISABLED": "false", "OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     echo = spawn("tests.apps.echo", **env)
     front = spawn("tests.apps.chain", **env)
-    await asyncio.gather(echo.wait_ready(nats_url, names.micro_name("echo")),
-                         front.wait_ready(nats_url, names.micro_name("front")))
+    await asyncio.gather(
+        echo.wait_ready(nats_url, names.micro_name("echo")), front.wait_ready(nats_url, names.micro_name("front"))
+    )
 
     reply = await nc.request(names.endpoint("front", "hop"), msgspec.msgpack.encode(EchoRequest(text="x")), timeout=10)
     assert msgspec.msgpack.decode(reply.data, type=EchoReply).text == "front+x"

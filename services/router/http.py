@@ -11,7 +11,8 @@ SERVER_NAME = "aimesh"
 
 
 class GatewayState(Protocol):
-    version: str
+    @property
+    def version(self) -> str: ...
 
     @property
     def is_ready(self) -> bool: ...

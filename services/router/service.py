@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.router.http import build_app
-from shared.httpserve import serve_app
 from shared.config import RouterConfig, load_router_config
+from shared.httpserve import serve_app
 from shared.service import Service
 
 

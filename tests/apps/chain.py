@@ -13,12 +13,18 @@ class FrontService(Service):
     name = "front"
 
     async def setup(self) -> None:
-        self.add_actor("hop", self.names.endpoint("front", "hop"), self.hop, EchoRequest,
-                       template=self.names.endpoint_template("hop"))
+        self.add_actor(
+            "hop",
+            self.names.endpoint("front", "hop"),
+            self.hop,
+            EchoRequest,
+            template=self.names.endpoint_template("hop"),
+        )
 
     async def hop(self, req: EchoRequest, _: Call) -> EchoReply:
-        reply = await request(self.nc, self.names.endpoint("echo", "echo"), req, EchoReply,
-                              template=self.names.endpoint_template("echo"))
+        reply = await request(
+            self.nc, self.names.endpoint("echo", "echo"), req, EchoReply, template=self.names.endpoint_template("echo")
+        )
         return EchoReply(text=f"front+{reply.text}", instance=reply.instance)
 
 

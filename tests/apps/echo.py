@@ -13,12 +13,12 @@ from shared.schemas import Message
 from shared.service import Service
 
 
-class EchoRequest(Message):
+class EchoRequest(Message, frozen=True, kw_only=True):
     text: str
     delay_s: float = 0.0
 
 
-class EchoReply(Message):
+class EchoReply(Message, frozen=True, kw_only=True):
     text: str
     instance: str
 
@@ -27,8 +27,13 @@ class EchoService(Service):
     name = "echo"
 
     async def setup(self) -> None:
-        self.add_actor("echo", self.names.endpoint("echo", "echo"), self.echo, EchoRequest,
-                       template=self.names.endpoint_template("echo"))
+        self.add_actor(
+            "echo",
+            self.names.endpoint("echo", "echo"),
+            self.echo,
+            EchoRequest,
+            template=self.names.endpoint_template("echo"),
+        )
 
     async def echo(self, req: EchoRequest, _: Call) -> EchoReply:
         if req.delay_s:

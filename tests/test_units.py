@@ -1,0 +1,53 @@
+"""Pure logic: names, restart policy, histogram, error codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from aimesh.restart import RestartPolicy
+from shared.errors import DeadlineExceeded, Overloaded, ServiceError, error_from_code
+from shared.histogram import LatencyHistogram
+from shared.names import Names, micro_subjects
+
+
+def test_names_are_built_from_the_prefix() -> None:
+    names = Names("mesh2")
+    assert names.infer("digits", "3") == "mesh2.infer.digits.3"
+    assert names.data_stream == "MESH2_DATA"
+    assert names.micro_name("router") == "mesh2-router"
+    with pytest.raises(ValueError, match="no dots"):
+        Names("a.b")
+
+
+def test_micro_subjects_cover_all_verbs_and_scopes() -> None:
+    subjects = {s for _, s in micro_subjects("aimesh-router", "ID1")}
+    assert "$SRV.PING" in subjects and "$SRV.STATS.aimesh-router" in subjects
+    assert "$SRV.INFO.aimesh-router.ID1" in subjects and len(subjects) == 9
+
+
+def test_restart_backoff_doubles_and_detects_a_crash_loop() -> None:
+    policy = RestartPolicy(backoff_s=0.5, backoff_max_s=4, loop_restarts=4, loop_window_s=60)
+    delays = [policy.on_crash(float(t)) for t in range(6)]
+    assert [d for d, _ in delays] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert [loop for _, loop in delays] == [False, False, False, True, True, True]
+    # Crashes outside the window are forgotten: an occasional crash restarts quickly.
+    assert policy.on_crash(1000.0) == (0.5, False)
+
+
+def test_histogram_quantiles_are_bucket_upper_bounds() -> None:
+    h = LatencyHistogram()
+    for _ in range(90):
+        h.observe_ns(200_000)  # 0.2 ms
+    for _ in range(10):
+        h.observe_ns(40_000_000)  # 40 ms
+    assert h.quantile_s(0.5) == 0.00025
+    assert h.quantile_s(0.99) == 0.05
+    assert h.cumulative()[-1] == 100
+
+
+def test_error_codes_round_trip() -> None:
+    assert isinstance(error_from_code(429, "busy"), Overloaded)
+    assert isinstance(error_from_code(504, "late"), TimeoutError)
+    assert isinstance(error_from_code(504, "late"), DeadlineExceeded)
+    odd = error_from_code(418, "teapot")
+    assert type(odd) is ServiceError and odd.code == 418

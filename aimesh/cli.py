@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from services import SERVICE_NAMES
-from shared.config import load_mesh_config, load_up_config
+from shared.config import config_path, load_mesh_config, load_up_config, read_toml
 from shared.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -75,6 +75,11 @@ def _mesh_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 # -- up -----------------------------------------------------------------------------------------
+def mesh_toml_table() -> dict[str, object]:
+    table = read_toml(config_path()).get("mesh", {})
+    return table if isinstance(table, dict) else {}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
@@ -92,6 +97,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     nats_url = args.nats_url or os.environ.get("AIMESH_NATS_URL") or os.environ.get("NATS_URL")
     setup_logging("up", "supervisor", fmt=args.log_format or mesh.log_format, level=mesh.log_level)
     child_env.setdefault("AIMESH_PREFIX", mesh.prefix)
+    if "AIMESH_TRACE_SAMPLE_RATIO" not in os.environ and "trace_sample_ratio" not in mesh_toml_table():
+        child_env["AIMESH_TRACE_SAMPLE_RATIO"] = "1.0"  # a laptop mesh shows every trace
 
     async def run() -> int:
         stop = asyncio.Event()

@@ -83,6 +83,7 @@ class ActorCore(Generic[Req]):
         self.name = name
         self.subject = subject
         self.template = template or subject
+        self._span_name = f"process {self.template}"
         self.queue_group = queue_group
         self.max_concurrency = max_concurrency
         self.mailbox_size = mailbox_size
@@ -145,7 +146,7 @@ class ActorCore(Generic[Req]):
         headers = msg.headers
         span = token = None
         if self._traced:
-            span = tracing.start_consumer_span(self.template, msg.subject, headers, self.queue_group, len(msg.data))
+            span = tracing.start_consumer_span(self._span_name, self.template, msg.subject, headers, self.queue_group)
             token = tracing.activate(span)
         try:
             deadline = deadline_ms(headers) if headers else None

@@ -48,6 +48,10 @@ class MeshConfig(msgspec.Struct, frozen=True, kw_only=True):
     js_replicas: int = 1  # JetStream replicas for streams and buckets: 1 locally, 3 on a cluster
     max_concurrency: int = 64  # default per actor
     mailbox_size: int = 256  # default per actor
+    # Share of root traces recorded when OTEL_TRACES_SAMPLER is unset (parent-based: a message
+    # that carries a trace context always follows its caller's sampling decision).  1% keeps
+    # tracing cheap on a hot path; `aimesh up` records every trace for local development.
+    trace_sample_ratio: float = 0.01
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path | None:

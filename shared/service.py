@@ -226,7 +226,9 @@ class Service:
             log.info("%s ready (instance %s, %d actors)", self.name, self.instance_id, len(self._actors))
 
     async def _start(self) -> None:
-        tracing.setup_tracing(self.name, self.instance_id, self.version, self.config.prefix)
+        tracing.setup_tracing(
+            self.name, self.instance_id, self.version, self.config.prefix, self.config.trace_sample_ratio
+        )
         self._nc = await connect(
             self.config,
             f"{self.config.prefix}-{self.name}-{self.instance_id}",

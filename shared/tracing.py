@@ -43,7 +43,6 @@ OPERATION_TYPE = "messaging.operation.type"
 DESTINATION = "messaging.destination.name"
 DESTINATION_TEMPLATE = "messaging.destination.template"
 CONSUMER_GROUP = "messaging.consumer.group.name"
-BODY_SIZE = "messaging.message.body.size"
 MESSAGE_ID = "messaging.message.id"
 ERROR_TYPE = "error.type"
 
@@ -54,8 +53,12 @@ def tracing_disabled() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
-def setup_tracing(service: str, instance_id: str, version: str, namespace: str) -> None:
-    """Install the global tracer provider for this process (once; later calls keep it)."""
+def setup_tracing(service: str, instance_id: str, version: str, namespace: str, sample_ratio: float = 1.0) -> None:
+    """Install the global tracer provider for this process (once; later calls keep it).
+
+    ``sample_ratio`` is the share of *root* traces recorded when ``OTEL_TRACES_SAMPLER`` is not
+    set; a message whose headers carry a trace context follows its caller's decision.
+    """
     global _provider
     if _provider is not None or tracing_disabled():
         return
@@ -70,7 +73,12 @@ def setup_tracing(service: str, instance_id: str, version: str, namespace: str) 
             "service.version": version,
         }
     )
-    provider = TracerProvider(resource=resource)
+    sampler = None
+    if not os.environ.get("OTEL_TRACES_SAMPLER"):
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        sampler = ParentBased(TraceIdRatioBased(sample_ratio))
+    provider = TracerProvider(resource=resource, sampler=sampler)
     for exporter in _exporters_from_env():
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -109,8 +117,15 @@ def flush_tracing(timeout_s: float = 5.0) -> None:
         _provider.force_flush(int(timeout_s * 1000))
 
 
+_tracer: trace.Tracer | None = None
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """This process's tracer, looked up once: ``get_tracer`` costs microseconds per call."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(TRACER_NAME)
+    return _tracer
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
@@ -125,22 +140,26 @@ def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
 
 
 def start_consumer_span(
-    template: str, subject: str, headers: Mapping[str, str] | None, queue_group: str | None, size: int
+    name: str, template: str, subject: str, headers: Mapping[str, str] | None, queue_group: str | None
 ) -> Span:
-    """The CONSUMER span for handling one message, child of the context in its headers."""
-    attributes: dict[str, Any] = {
-        SYSTEM: "nats",
-        OPERATION_NAME: "process",
-        OPERATION_TYPE: "process",
-        DESTINATION: subject,
-        DESTINATION_TEMPLATE: template,
-        BODY_SIZE: size,
-    }
-    if queue_group:
-        attributes[CONSUMER_GROUP] = queue_group
-    return tracer().start_span(
-        f"process {template}", context=extract(headers), kind=SpanKind.CONSUMER, attributes=attributes
-    )
+    """The CONSUMER span ``name`` for handling one message, child of the context in its headers.
+
+    Attributes are set only on a recording span: an unsampled message costs no attribute work.
+    """
+    span = tracer().start_span(name, context=extract(headers), kind=SpanKind.CONSUMER)
+    if span.is_recording():
+        span.set_attributes(
+            {
+                SYSTEM: "nats",
+                OPERATION_NAME: "process",
+                OPERATION_TYPE: "process",
+                DESTINATION: subject,
+                DESTINATION_TEMPLATE: template,
+            }
+        )
+        if queue_group:
+            span.set_attribute(CONSUMER_GROUP, queue_group)
+    return span
 
 
 @contextmanager

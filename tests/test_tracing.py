@@ -85,7 +85,12 @@ async def test_request_across_two_services_is_one_trace(
     otlp: tuple[OtlpReceiver, str],
 ) -> None:
     receiver, url = otlp
-    env = {"OTEL_SDK_DISABLED": "false", "OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    env = {
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "AIMESH_TRACE_SAMPLE_RATIO": "1",
+    }
     echo = spawn("tests.apps.echo", **env)
     front = spawn("tests.apps.chain", **env)
     await asyncio.gather(
@@ -117,3 +122,31 @@ async def test_request_across_two_services_is_one_trace(
     for proc in (front, echo):
         proc.terminate()
         assert await asyncio.to_thread(proc.wait, 20) == 0
+
+
+async def test_the_callers_sampling_decision_is_followed(
+    spawn: Callable[..., ServiceProcess],
+    nats_url: str,
+    names: Names,
+    nc: NatsClient,
+    otlp: tuple[OtlpReceiver, str],
+) -> None:
+    # Root sampling off: only a caller that says "sampled" in its traceparent gets spans.
+    receiver, url = otlp
+    echo = spawn(
+        "tests.apps.echo",
+        OTEL_SDK_DISABLED="false",
+        OTEL_EXPORTER_OTLP_ENDPOINT=url,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        AIMESH_TRACE_SAMPLE_RATIO="0",
+    )
+    await echo.wait_ready(nats_url, names.micro_name("echo"))
+    subject = names.endpoint("echo", "echo")
+    body = msgspec.msgpack.encode(EchoRequest(text="x"))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    await nc.request(subject, body, timeout=10)  # a root: not sampled
+    await nc.request(subject, body, timeout=10, headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    echo.terminate()
+    assert await asyncio.to_thread(echo.wait, 20) == 0  # the drain flushes spans
+    spans = [s for s in receiver.spans if s.name.startswith("process") and "echo" in s.name]
+    assert [(s.trace_id, s.parent_id) for s in spans] == [(trace_id, "00f067aa0ba902b7")]

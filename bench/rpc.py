@@ -1,0 +1,207 @@
+"""Request/reply throughput: an aimesh actor against raw nats-py, same server, same run.
+
+    .venv/bin/python bench/rpc.py [--seconds 3] [--rounds 3]
+
+One responder process and one requester process per row, on a fresh embedded nats-server:
+
+- ``raw``: a bare nats-py subscriber that echoes the bytes (the ceiling);
+- ``actor, tracing off``: an aimesh service whose actor decodes, calls the handler and encodes
+  the reply (msgspec), with ``OTEL_SDK_DISABLED=true``;
+- ``actor, tracing default``: the same with tracing at its default setting (SDK on, parent-based
+  always-on sampler, a CONSUMER span per message, no exporter configured);
+- ``actor + aimesh client``: the same responder, called through ``shared.client.request``
+  (CLIENT span, traceparent and deadline headers, typed errors) instead of raw ``nc.request``.
+
+Each figure is the median of ``--rounds`` runs of ``--seconds`` each, after a warm-up; rows for
+one concurrency run back to back, so ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import msgspec  # noqa: E402
+
+from shared.actor import Call  # noqa: E402
+from shared.schemas import Message  # noqa: E402
+from shared.service import Service  # noqa: E402
+
+SUBJECT = "bench.rpc.echo"
+
+
+class Ping(Message, frozen=True, kw_only=True):
+    seq: int
+    payload: bytes
+
+
+class BenchService(Service):
+    name = "bench"
+
+    async def setup(self) -> None:
+        self.add_actor("echo", SUBJECT, self.echo, Ping, queue_group="", max_concurrency=64, mailbox_size=1024)
+
+    async def echo(self, req: Ping, _: Call) -> Ping:
+        return req
+
+
+# -- roles (each runs in its own process) ---------------------------------------------------------
+async def _raw_responder(url: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+
+    async def cb(msg: Any) -> None:
+        await nc.publish(msg.reply, msg.data)
+
+    await nc.subscribe(SUBJECT, cb=cb)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _actor_responder(url: str) -> None:
+    from shared.config import load_mesh_config
+
+    svc = BenchService(load_mesh_config(overrides={"nats_url": url, "prefix": "bench"}))
+    await svc.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _requester(url: str, concurrency: int, seconds: float, client: str) -> dict[str, float]:
+    import nats
+
+    from shared.client import request
+    from shared.tracing import setup_tracing
+
+    if client == "aimesh":
+        setup_tracing("bench-client", "requester", "0", "bench")
+    nc = await nats.connect(url)
+    body = msgspec.msgpack.encode(Ping(seq=0, payload=b"x" * 64))
+    ping = Ping(seq=0, payload=b"x" * 64)
+    latencies: list[float] = []
+    count = 0
+    stop_at = 0.0
+
+    async def worker() -> None:
+        nonlocal count
+        while (t0 := time.perf_counter()) < stop_at:
+            if client == "aimesh":
+                await request(nc, SUBJECT, ping, Ping, timeout_s=5)
+            else:
+                await nc.request(SUBJECT, body, timeout=5)
+            latencies.append(time.perf_counter() - t0)
+            count += 1
+
+    stop_at = time.perf_counter() + 0.5  # warm-up
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    count, latencies = 0, []
+    start = time.perf_counter()
+    stop_at = start + seconds
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    await nc.close()
+    latencies.sort()
+    return {
+        "rps": count / elapsed,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+    }
+
+
+# -- orchestration ----------------------------------------------------------------------------------
+MODES = [
+    # label, responder role, responder tracing disabled?, requester client
+    ("raw nats-py", "raw", True, "raw"),
+    ("actor, tracing off", "actor", True, "raw"),
+    ("actor, tracing default", "actor", False, "raw"),
+    ("actor + aimesh client, tracing default", "actor", False, "aimesh"),
+]
+
+
+def _env(tracing_off: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") or k.startswith("OTEL_TRACES_SAMPLER")}
+    if tracing_off:
+        env["OTEL_SDK_DISABLED"] = "true"
+    return env
+
+
+def _run_mode(url: str, mode: tuple[str, str, bool, str], concurrency: int, seconds: float) -> dict[str, float]:
+    _, role, tracing_off, client = mode
+    responder = subprocess.Popen(
+        [sys.executable, __file__, "--role", role, "--url", url],
+        env=_env(tracing_off),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert responder.stdout is not None
+        assert responder.stdout.readline().strip() == "ready"
+        out = subprocess.run(
+            [sys.executable, __file__, "--role", "requester", "--url", url, "--concurrency", str(concurrency),
+             "--seconds", str(seconds), "--client", client],
+            env=_env(tracing_off), capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        responder.kill()
+        responder.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=["bench", "raw", "actor", "requester"], default="bench")
+    parser.add_argument("--url")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 64])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--client", default="raw")
+    args = parser.parse_args()
+
+    if args.role != "bench":
+        import uvloop
+
+        if args.role == "raw":
+            uvloop.run(_raw_responder(args.url))
+        elif args.role == "actor":
+            uvloop.run(_actor_responder(args.url))
+        else:
+            result = uvloop.run(_requester(args.url, args.concurrency[0], args.seconds, args.client))
+            print(json.dumps(result))
+        return
+
+    from shared.natsserver import NatsServer
+
+    print(f"rpc benchmark: {args.rounds} rounds × {args.seconds:g}s per row, median shown; {os.cpu_count()} cores")
+    with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-")), http_port=None) as server:
+        for concurrency in args.concurrency:
+            rows: dict[str, list[dict[str, float]]] = {m[0]: [] for m in MODES}
+            for _ in range(args.rounds):
+                for mode in MODES:  # interleaved, so drift hits every row alike
+                    rows[mode[0]].append(_run_mode(server.url, mode, concurrency, args.seconds))
+            base = statistics.median(r["rps"] for r in rows[MODES[0][0]])
+            print(f"\nconcurrency {concurrency}")
+            print(f"  {'responder / requester':<42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs raw':>7}")
+            for label, results in rows.items():
+                rps = statistics.median(r["rps"] for r in results)
+                p50 = statistics.median(r["p50_ms"] for r in results)
+                p99 = statistics.median(r["p99_ms"] for r in results)
+                print(f"  {label:<42} {rps:>9,.0f} {p50:>8.3f} {p99:>8.3f} {rps / base:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from services import SERVICE_NAMES
 from shared.config import config_path, load_mesh_config, load_up_config, read_toml
-from shared.errors import ConfigError
+from shared.errors import ConfigError, MeshError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"aimesh {args.command}: {exc}", file=sys.stderr)
         code = EXIT_USAGE
+    except MeshError as exc:
+        print(f"aimesh {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
@@ -97,8 +100,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     nats_url = args.nats_url or os.environ.get("AIMESH_NATS_URL") or os.environ.get("NATS_URL")
     setup_logging("up", "supervisor", fmt=args.log_format or mesh.log_format, level=mesh.log_level)
     child_env.setdefault("AIMESH_PREFIX", mesh.prefix)
-    if "AIMESH_TRACE_SAMPLE_RATIO" not in os.environ and "trace_sample_ratio" not in mesh_toml_table():
+    table = mesh_toml_table()
+    if "AIMESH_TRACE_SAMPLE_RATIO" not in os.environ and "trace_sample_ratio" not in table:
         child_env["AIMESH_TRACE_SAMPLE_RATIO"] = "1.0"  # a laptop mesh shows every trace
+    if "AIMESH_HEALTH_PORT" not in os.environ and "health_port" not in table:
+        child_env["AIMESH_HEALTH_PORT"] = "0"  # each instance probes on a free port (aimesh status shows it)
 
     async def run() -> int:
         stop = asyncio.Event()

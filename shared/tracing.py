@@ -30,7 +30,8 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,14 @@ def setup_tracing(service: str, instance_id: str, version: str, namespace: str, 
         }
     )
     sampler = None
+    id_generator = _PresetIdGenerator()
     if not os.environ.get("OTEL_TRACES_SAMPLER"):
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        sampler = ParentBased(TraceIdRatioBased(sample_ratio))
-    provider = TracerProvider(resource=resource, sampler=sampler)
+        ratio = TraceIdRatioBased(sample_ratio)
+        sampler = ParentBased(ratio)
+        _fast_roots.configure(id_generator, ratio.bound, TraceIdRatioBased.TRACE_ID_LIMIT)
+    provider = TracerProvider(resource=resource, sampler=sampler, id_generator=id_generator)
     for exporter in _exporters_from_env():
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -118,6 +122,52 @@ def flush_tracing(timeout_s: float = 5.0) -> None:
 
 
 _tracer: trace.Tracer | None = None
+_NO_PARENT = otel_context.Context()
+
+
+class _PresetIdGenerator(RandomIdGenerator):
+    """Random ids, except a trace id preset by :class:`_FastRoots`, so that its root-sampling
+    decision and the SDK's ratio sampler judge the same trace id."""
+
+    def __init__(self) -> None:
+        self.preset_trace_id: int | None = None
+
+    def generate_trace_id(self) -> int:
+        preset, self.preset_trace_id = self.preset_trace_id, None
+        return preset if preset is not None else super().generate_trace_id()
+
+
+class _FastRoots:
+    """The unsampled-root decision without the SDK's span machinery.
+
+    Most messages on a hot path arrive without a trace context and, at the default 1% ratio,
+    are not sampled; the SDK spends ~2.5 µs building a non-recording span for each.  This makes
+    the same decision as ``TraceIdRatioBased`` on a fresh trace id in ~0.7 µs, and hands sampled
+    roots to the SDK with that very trace id.  Off when ``OTEL_TRACES_SAMPLER`` is set.
+    """
+
+    def __init__(self) -> None:
+        self.ids: _PresetIdGenerator | None = None
+        self.bound = 0
+        self.mask = 0
+
+    def configure(self, ids: _PresetIdGenerator, bound: int, mask: int) -> None:
+        self.ids, self.bound, self.mask = ids, bound, mask
+
+    def unsampled(self) -> Span | None:
+        """A non-recording root span if this root is not sampled, else None (and the next SDK
+        trace id is preset to the one judged)."""
+        ids = self.ids
+        if ids is None:
+            return None
+        trace_id = ids.generate_trace_id()
+        if trace_id & self.mask < self.bound:
+            ids.preset_trace_id = trace_id
+            return None
+        return NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), False, TraceFlags(TraceFlags.DEFAULT)))
+
+
+_fast_roots = _FastRoots()
 
 
 def tracer() -> trace.Tracer:
@@ -146,7 +196,13 @@ def start_consumer_span(
 
     Attributes are set only on a recording span: an unsampled message costs no attribute work.
     """
-    span = tracer().start_span(name, context=extract(headers), kind=SpanKind.CONSUMER)
+    parent = extract(headers)
+    if parent is None:
+        root = _fast_roots.unsampled()
+        if root is not None:
+            return root
+    # Never a child of whatever span happens to be current: only of the message's context.
+    span = tracer().start_span(name, context=parent or _NO_PARENT, kind=SpanKind.CONSUMER)
     if span.is_recording():
         span.set_attributes(
             {

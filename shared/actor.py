@@ -198,6 +198,7 @@ class ActorCore(Generic[Req]):
             mailbox_size=self.mailbox_size,
             processing_time_ns=self.processing_ns,
             last_error=self.last_error,
+            latency_buckets=self.latency.cumulative(),
         )
 
 

@@ -115,6 +115,7 @@ class Discovery:
                         "overloaded": a.overloaded,
                         "max_concurrency": a.max_concurrency,
                         "mailbox_size": a.mailbox_size,
+                        "latency_buckets": a.latency_buckets,
                     },
                 )
             )

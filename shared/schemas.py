@@ -39,6 +39,8 @@ class ActorStats(Message, frozen=True, kw_only=True):
     mailbox_size: int
     processing_time_ns: int
     last_error: str = ""
+    # Cumulative counts per bound of shared.histogram.LATENCY_BOUNDS_S, then +Inf.
+    latency_buckets: list[int] = []
 
 
 class ServiceStatus(Message, frozen=True, kw_only=True):

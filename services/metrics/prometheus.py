@@ -1,0 +1,72 @@
+"""Prometheus text exposition of the mesh's endpoint statistics (pure: no NATS, no asyncio).
+
+Input: the ``$SRV.STATS`` replies of one mesh.  Output: text format 0.0.4.  Series, labelled by
+``service``, ``instance`` and ``endpoint``:
+
+- ``aimesh_up`` (gauge): 1 for every instance that answered the last scrape;
+- ``aimesh_requests_total``, ``aimesh_errors_total``, ``aimesh_overloaded_total`` (counters);
+- ``aimesh_processing_seconds_total`` (counter): handler time summed;
+- ``aimesh_in_flight``, ``aimesh_queued`` (gauges);
+- ``aimesh_request_duration_seconds`` (histogram, buckets from ``shared.histogram``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.histogram import LATENCY_BOUNDS_S
+from shared.schemas import MicroStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_HELP = {
+    "aimesh_up": ("gauge", "1 when the instance answered the last discovery scrape."),
+    "aimesh_requests_total": ("counter", "Messages handled by an endpoint."),
+    "aimesh_errors_total": ("counter", "Messages answered with an error (overload included)."),
+    "aimesh_overloaded_total": ("counter", "Messages refused because the mailbox was full."),
+    "aimesh_processing_seconds_total": ("counter", "Time spent in handlers."),
+    "aimesh_in_flight": ("gauge", "Handlers running now."),
+    "aimesh_queued": ("gauge", "Messages waiting in the mailbox now."),
+    "aimesh_request_duration_seconds": ("histogram", "Handler latency."),
+}
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items()) + "}"
+
+
+def render(snapshots: Sequence[MicroStats]) -> str:
+    series: dict[str, list[str]] = {name: [] for name in _HELP}
+    for snap in sorted(snapshots, key=lambda s: (s.metadata.get("service", s.name), s.id)):
+        service = snap.metadata.get("service", snap.name)
+        base = {"service": service, "instance": snap.id}
+        series["aimesh_up"].append(f"aimesh_up{_labels(base)} 1")
+        for ep in snap.endpoints:
+            lab = _labels(base | {"endpoint": ep.name})
+            data = ep.data or {}
+            series["aimesh_requests_total"].append(f"aimesh_requests_total{lab} {ep.num_requests}")
+            series["aimesh_errors_total"].append(f"aimesh_errors_total{lab} {ep.num_errors}")
+            series["aimesh_overloaded_total"].append(f"aimesh_overloaded_total{lab} {int(data.get('overloaded', 0))}")
+            series["aimesh_processing_seconds_total"].append(
+                f"aimesh_processing_seconds_total{lab} {ep.processing_time / 1e9:.9f}"
+            )
+            series["aimesh_in_flight"].append(f"aimesh_in_flight{lab} {int(data.get('in_flight', 0))}")
+            series["aimesh_queued"].append(f"aimesh_queued{lab} {int(data.get('queued', 0))}")
+            buckets = data.get("latency_buckets") or []
+            if len(buckets) == len(LATENCY_BOUNDS_S) + 1:
+                hist = series["aimesh_request_duration_seconds"]
+                for bound, count in zip((*LATENCY_BOUNDS_S, "+Inf"), buckets, strict=True):
+                    le = _labels(base | {"endpoint": ep.name, "le": bound if isinstance(bound, str) else repr(bound)})
+                    hist.append(f"aimesh_request_duration_seconds_bucket{le} {count}")
+                hist.append(f"aimesh_request_duration_seconds_count{lab} {buckets[-1]}")
+                hist.append(f"aimesh_request_duration_seconds_sum{lab} {ep.processing_time / 1e9:.9f}")
+    out: list[str] = []
+    for name, (kind, text) in _HELP.items():
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(series[name])
+    return "\n".join(out) + "\n"

@@ -51,7 +51,7 @@ async def test_up_status_restart_and_sigterm_leave_nothing_behind(tmp_path: Path
     up = subprocess.Popen(
         [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix],
         cwd=ROOT,
-        env=_clean_env(AIMESH_ROUTER_PORT="0"),
+        env=_clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -142,7 +142,7 @@ async def test_a_killed_supervisor_leaves_no_orphans(tmp_path: Path, names: Name
             "1",
         ],
         cwd=ROOT,
-        env=_clean_env(AIMESH_ROUTER_PORT="0"),
+        env=_clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

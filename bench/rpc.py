@@ -9,7 +9,9 @@ One responder process and one requester process per row, on a fresh embedded nat
   the reply (msgspec), with ``OTEL_SDK_DISABLED=true``;
 - ``actor, tracing default``: the same with tracing at its default setting (SDK on, parent-based
   always-on sampler, a CONSUMER span per message, no exporter configured);
-- ``actor + aimesh client``: the same responder, called through ``shared.client.request``
+- ``actor, tracing every message``: every message recorded as a span (sample ratio 1, no
+  exporter): the cost of the SDK's span objects themselves;
+- ``actor + aimesh client``: the default-tracing responder, called through ``shared.client.request``
   (CLIENT span, traceparent and deadline headers, typed errors) instead of raw ``nc.request``.
 
 Each figure is the median of ``--rounds`` runs of ``--seconds`` each, after a warm-up; rows for
@@ -124,26 +126,29 @@ async def _requester(url: str, concurrency: int, seconds: float, client: str) ->
 
 # -- orchestration ----------------------------------------------------------------------------------
 MODES = [
-    # label, responder role, responder tracing disabled?, requester client
-    ("raw nats-py", "raw", True, "raw"),
-    ("actor, tracing off", "actor", True, "raw"),
-    ("actor, tracing default", "actor", False, "raw"),
-    ("actor + aimesh client, tracing default", "actor", False, "aimesh"),
+    # label, responder role, tracing setting, requester client
+    ("raw nats-py", "raw", "off", "raw"),
+    ("actor, tracing off", "actor", "off", "raw"),
+    ("actor, tracing default", "actor", "default", "raw"),
+    ("actor, tracing every message", "actor", "all", "raw"),
+    ("actor + aimesh client, tracing default", "actor", "default", "aimesh"),
 ]
 
 
-def _env(tracing_off: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") or k.startswith("OTEL_TRACES_SAMPLER")}
-    if tracing_off:
+def _env(tracing: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "AIMESH_"))}
+    if tracing == "off":
         env["OTEL_SDK_DISABLED"] = "true"
+    elif tracing == "all":
+        env["AIMESH_TRACE_SAMPLE_RATIO"] = "1"
     return env
 
 
-def _run_mode(url: str, mode: tuple[str, str, bool, str], concurrency: int, seconds: float) -> dict[str, float]:
-    _, role, tracing_off, client = mode
+def _run_mode(url: str, mode: tuple[str, str, str, str], concurrency: int, seconds: float) -> dict[str, float]:
+    _, role, tracing, client = mode
     responder = subprocess.Popen(
         [sys.executable, __file__, "--role", role, "--url", url],
-        env=_env(tracing_off),
+        env=_env(tracing),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -153,7 +158,7 @@ def _run_mode(url: str, mode: tuple[str, str, bool, str], concurrency: int, seco
         out = subprocess.run(
             [sys.executable, __file__, "--role", "requester", "--url", url, "--concurrency", str(concurrency),
              "--seconds", str(seconds), "--client", client],
-            env=_env(tracing_off), capture_output=True, text=True, check=True,
+            env=_env(tracing), capture_output=True, text=True, check=True,
         )  # fmt: skip
         result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
         return result

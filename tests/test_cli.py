@@ -164,3 +164,32 @@ async def test_a_killed_supervisor_leaves_no_orphans(tmp_path: Path, names: Name
     finally:
         if up.poll() is None:
             up.kill()
+
+
+async def test_a_crash_loop_is_reported_loudly(tmp_path: Path, names: Names) -> None:
+    # A router that cannot start (its port setting is not a number) exits with code 2 each time.
+    data_dir = tmp_path / "mesh"
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen(
+            [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix,
+             "--ingest", "0", "--trainer", "0", "--inference", "0", "--metrics", "0"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=_clean_env(AIMESH_ROUTER_PORT="eighty", AIMESH_UP_RESTART_BACKOFF_S="0.05",
+                           AIMESH_UP_CRASH_LOOP_RESTARTS="3"),
+        )  # fmt: skip
+        try:
+
+            async def looping() -> bool:
+                state = json.loads((data_dir / "mesh.json").read_text()) if (data_dir / "mesh.json").exists() else {}
+                return state.get("crash_loops") == ["router#0"]
+
+            await eventually(looping, 60, "the crash loop to be recorded")
+            up.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(up.wait, 30) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+    text = log_path.read_text()
+    assert "CRITICAL" in text and "CRASH LOOP: router#0 exited with code 2" in text
+    assert "AIMESH_ROUTER_PORT: Expected `int`" in text  # the service said why

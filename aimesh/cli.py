@@ -1,7 +1,7 @@
 """The ``aimesh`` command.
 
-Exit codes: 0 success; 1 the command ran and failed (or found nothing); 2 bad usage or
-configuration; 3 NATS could not be reached.
+Exit codes: 0 success; 1 the command ran and failed (or found nothing); 2 bad usage, bad
+configuration or a request the mesh refused as invalid; 3 NATS could not be reached.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import os
 import runpy
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from services import SERVICE_NAMES
 from shared.config import config_path, load_mesh_config, load_up_config, read_toml
 from shared.errors import ConfigError, MeshError
+from shared.names import Names
+from shared.schemas import ColumnSpec, IngestRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -27,36 +30,74 @@ def _add_mesh_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", help="the mesh's subject prefix (default: aimesh)")
 
 
+def _add_client_flags(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    _add_mesh_flags(p)
+    p.add_argument("--data-dir", default=None, help="find the local mesh's NATS here (default: .aimesh)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_up_flags(p: argparse.ArgumentParser) -> None:
+    _add_mesh_flags(p)
+    p.add_argument("--data-dir", help="where NATS keeps its store and the mesh its state (default: .aimesh)")
+    p.add_argument("--port", type=int, help="the embedded nats-server's port (default 4222; 0 = a free one)")
+    p.add_argument("--http-port", type=int, help="its monitoring port (default 8222; 0 = a free one)")
+    for name in SERVICE_NAMES:
+        p.add_argument(f"--{name}", type=int, metavar="N", help=f"instances of {name}")
+    p.add_argument("--log-format", choices=["text", "json"], help="service log format")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aimesh", description="A mesh of PyTorch services over NATS.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start an embedded NATS and every service, supervised, until Ctrl-C")
-    _add_mesh_flags(up)
-    up.add_argument("--data-dir", help="where NATS keeps its store and the mesh its state (default: .aimesh)")
-    up.add_argument("--port", type=int, help="the embedded nats-server's port (default 4222; 0 = a free one)")
-    up.add_argument("--http-port", type=int, help="its monitoring port (default 8222; 0 = a free one)")
-    for name in SERVICE_NAMES:
-        up.add_argument(f"--{name}", type=int, metavar="N", help=f"instances of {name}")
-    up.add_argument("--log-format", choices=["text", "json"], help="service log format")
+    _add_up_flags(sub.add_parser("up", help="start an embedded NATS and every service, supervised, until Ctrl-C"))
+
+    demo = sub.add_parser("demo", help="start the mesh like `up` and run the pipeline on built-in data")
+    _add_up_flags(demo)
+    demo.add_argument("--exit", action="store_true", help="stop everything and exit when the demo is done")
 
     run = sub.add_parser("run", help="run one service in the foreground (what a container runs)")
     run.add_argument("service", choices=SERVICE_NAMES)
     _add_mesh_flags(run)
 
     status = sub.add_parser("status", help="list live service instances (NATS micro protocol)")
-    _add_mesh_flags(status)
-    status.add_argument("--data-dir", default=None, help="find the local mesh's NATS here (default: .aimesh)")
+    _add_client_flags(status)
     status.add_argument("--service", choices=SERVICE_NAMES, help="only this service")
     status.add_argument("--wait", type=float, default=0.5, help="seconds to gather replies (default 0.5)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ingest = sub.add_parser("ingest", help="ingest files into a sharded, versioned dataset")
+    ingest.add_argument("paths", nargs="*", help="files or a folder, as the ingest service sees them")
+    ingest.add_argument("--dataset", help="dataset name (letters, digits, - and _)")
+    ingest.add_argument("--format", choices=["csv", "jsonl", "npy", "npz", "text"], help="default: from the extension")
+    ingest.add_argument("--shards", type=int, default=4, help="number of shards (default 4)")
+    ingest.add_argument("--label", help="the label column (stored as y)")
+    ingest.add_argument("--shard-by", help="shard by a hash of this column instead of round-robin")
+    ingest.add_argument("--schema", help='column types, e.g. "a:float32,b:int64,name:str"')
+    ingest.add_argument("--max-reject-ratio", type=float, default=0.01, help="abort above this share (default 0.01)")
+    ingest.add_argument("--seq-len", type=int, default=128, help="text: tokens per sequence (default 128)")
+    ingest.add_argument("--demo", action="store_true", help="ingest the built-in demo sets (digits, pytext)")
+    _add_client_flags(ingest)
+
+    datasets = sub.add_parser("datasets", help="list datasets, or `datasets show NAME[@VERSION]`")
+    datasets.add_argument("action", nargs="?", choices=["show"], help="show one dataset version")
+    datasets.add_argument("ref", nargs="?", help="NAME[@VERSION] (default version: latest)")
+    _add_client_flags(datasets)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    commands = {
+        "up": cmd_up,
+        "demo": cmd_up,
+        "run": cmd_run,
+        "status": cmd_status,
+        "ingest": cmd_ingest,
+        "datasets": cmd_datasets,
+    }
     try:
-        code = {"up": cmd_up, "run": cmd_run, "status": cmd_status}[args.command](args)
+        code = commands[args.command](args)
     except ConfigError as exc:
         print(f"aimesh {args.command}: {exc}", file=sys.stderr)
         code = EXIT_USAGE
@@ -77,7 +118,7 @@ def _mesh_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-# -- up -----------------------------------------------------------------------------------------
+# -- up / demo ----------------------------------------------------------------------------------
 def mesh_toml_table() -> dict[str, object]:
     table = read_toml(config_path()).get("mesh", {})
     return table if isinstance(table, dict) else {}
@@ -96,7 +137,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     child_env = _mesh_env(args)
     if args.log_format:
         child_env["AIMESH_LOG_FORMAT"] = args.log_format
-    mesh = load_mesh_config(overrides={k: v for k, v in (("prefix", args.prefix),)})
+    mesh = load_mesh_config(overrides={"prefix": args.prefix})
     nats_url = args.nats_url or os.environ.get("AIMESH_NATS_URL") or os.environ.get("NATS_URL")
     setup_logging("up", "supervisor", fmt=args.log_format or mesh.log_format, level=mesh.log_level)
     child_env.setdefault("AIMESH_PREFIX", mesh.prefix)
@@ -112,7 +153,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         supervisor = Supervisor(up, nats_url=nats_url, child_env=child_env, drain_timeout_s=mesh.drain_timeout_s)
-        return await supervisor.run(stop)
+        if args.command != "demo":
+            return await supervisor.run(stop)
+        from aimesh.demo import run_demo
+
+        demo = asyncio.create_task(run_demo(supervisor, Names(mesh.prefix), stop, exit_when_done=args.exit))
+        code = await supervisor.run(stop)
+        if not demo.done():
+            demo.cancel()
+        demo_code = await asyncio.gather(demo, return_exceptions=True)
+        return code or (demo_code[0] if isinstance(demo_code[0], int) else EXIT_FAILED)
 
     return uvloop.run(run())
 
@@ -124,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- status -------------------------------------------------------------------------------------
+# -- clients ------------------------------------------------------------------------------------
 def _resolve_nats_url(args: argparse.Namespace) -> str:
     from aimesh.supervisor import read_state
 
@@ -138,11 +188,15 @@ def _resolve_nats_url(args: argparse.Namespace) -> str:
     return load_mesh_config().nats_url
 
 
+def _names(args: argparse.Namespace) -> Names:
+    return Names(args.prefix or load_mesh_config().prefix)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from aimesh.status import gather_status, render_table
 
     url = _resolve_nats_url(args)
-    prefix = args.prefix or load_mesh_config().prefix
+    prefix = _names(args).prefix
     logging.basicConfig(level=logging.WARNING)
     try:
         rows = asyncio.run(gather_status(url, prefix, service=args.service, wait_s=args.wait))
@@ -154,3 +208,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(render_table(rows) if rows else f"no aimesh services answered on {url} (prefix {prefix})")
     return EXIT_OK if rows else EXIT_FAILED
+
+
+def parse_schema(text: str | None) -> list[ColumnSpec] | None:
+    """``"a:float32,b:int64"`` → column specs."""
+    if not text:
+        return None
+    specs = []
+    for item in text.split(","):
+        name, sep, dtype = item.strip().partition(":")
+        if not sep or not name or not dtype:
+            raise ConfigError(f"--schema: {item!r} is not NAME:DTYPE")
+        specs.append(ColumnSpec(name=name, dtype=dtype))
+    return specs
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import cmd_ingest as ingest_one
+    from aimesh.datasets_cmd import run
+    from aimesh.demo import DEMO_SETS
+
+    url, names = _resolve_nats_url(args), _names(args)
+    if args.demo:
+        codes = [run(ingest_one(url, names, req, args.json)) for req in DEMO_SETS]
+        return max(codes)
+    if not args.paths or not args.dataset:
+        print("aimesh ingest: give PATH... and --dataset NAME (or --demo)", file=sys.stderr)
+        return EXIT_USAGE
+    req = IngestRequest(
+        paths=[str(Path(p).resolve()) for p in args.paths],
+        dataset=args.dataset,
+        format=args.format,
+        shards=args.shards,
+        label=args.label,
+        shard_by=args.shard_by,
+        schema=parse_schema(args.schema),
+        max_reject_ratio=args.max_reject_ratio,
+        seq_len=args.seq_len,
+    )
+    return run(ingest_one(url, names, req, args.json))
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import cmd_datasets as datasets
+    from aimesh.datasets_cmd import run
+
+    if args.action == "show" and not args.ref:
+        print("aimesh datasets show: give NAME[@VERSION]", file=sys.stderr)
+        return EXIT_USAGE
+    return run(datasets(_resolve_nats_url(args), _names(args), args.ref if args.action else None, args.json))

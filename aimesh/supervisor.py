@@ -75,6 +75,7 @@ class Supervisor:
         self.slots: list[Slot] = []
         self._stop = asyncio.Event()
         self._stopping = False
+        self.started = asyncio.Event()  # set once the server is up and the services launched
         self._server_task: asyncio.Task[None] | None = None
 
     # -- running ------------------------------------------------------------------------------
@@ -104,6 +105,7 @@ class Supervisor:
         self._write_state()
         for service in SERVICE_NAMES:
             self.scale(service, getattr(self.up, service))
+        self.started.set()
         await stop.wait()
         return await self.shutdown()
 

@@ -156,10 +156,25 @@ def _run_mode(url: str, mode: tuple[str, str, str, str], concurrency: int, secon
         assert responder.stdout is not None
         assert responder.stdout.readline().strip() == "ready"
         out = subprocess.run(
-            [sys.executable, __file__, "--role", "requester", "--url", url, "--concurrency", str(concurrency),
-             "--seconds", str(seconds), "--client", client],
-            env=_env(tracing), capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--role",
+                "requester",
+                "--url",
+                url,
+                "--concurrency",
+                str(concurrency),
+                "--seconds",
+                str(seconds),
+                "--client",
+                client,
+            ],
+            env=_env(tracing),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
         return result
     finally:

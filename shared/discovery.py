@@ -19,6 +19,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from shared.clock import rfc3339
 from shared.names import micro_subject, micro_subjects
 from shared.schemas import (
     ActorStats,
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T", MicroPing, MicroInfo, MicroStats)
 
 _json = msgspec.json.Encoder()
-
-
-def rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class Discovery:

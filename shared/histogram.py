@@ -10,9 +10,25 @@ from bisect import bisect_left
 
 # Seconds: 100 µs to 60 s, roughly ×2.5 per step.
 LATENCY_BOUNDS_S: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 _BOUNDS_NS = tuple(int(b * 1e9) for b in LATENCY_BOUNDS_S)
 
 

@@ -28,6 +28,7 @@ class Header:
     TRACESTATE: Final = "tracestate"
     MSG_ID: Final = "Nats-Msg-Id"
     DEADLINE: Final = "Aimesh-Deadline"  # absolute, milliseconds since the Unix epoch
+    BATCH: Final = "Aimesh-Batch"  # a record batch's index within its shard
     VARIANT: Final = "Aimesh-Variant"
     # Error replies use the micro protocol's own headers so standard tooling understands them.
     ERROR: Final = "Nats-Service-Error"
@@ -77,12 +78,31 @@ class Names:
     def ingest_events(self, job: str) -> str:
         return f"{self.prefix}.ingest.{job}.events"
 
+    @property
+    def ingest_jobs(self) -> str:
+        """Accepted ingest jobs, a work queue: a job survives the instance that runs it."""
+        return f"{self.prefix}.ingest.jobs"
+
+    @property
+    def ingest_jobs_stream(self) -> str:
+        return f"{self.prefix.upper()}_INGEST"
+
     def data_subject(self, dataset: str, version: str, shard: int) -> str:
         return f"{self.prefix}.data.{dataset}.{version}.{shard}"
+
+    def data_version_subjects(self, dataset: str, version: str) -> str:
+        return f"{self.prefix}.data.{dataset}.{version}.>"
+
+    def data_template(self) -> str:
+        return f"{self.prefix}.data.{{dataset}}.{{version}}.{{shard}}"
 
     @property
     def data_stream(self) -> str:
         return f"{self.prefix.upper()}_DATA"
+
+    @property
+    def data_stream_subjects(self) -> str:
+        return f"{self.prefix}.data.>"
 
     # -- training ----------------------------------------------------------------------------
     @property
@@ -135,6 +155,11 @@ class Names:
     @property
     def datasets_bucket(self) -> str:
         return f"{self.prefix}-datasets"
+
+    @property
+    def ingest_bucket(self) -> str:
+        """Ingest job records (state, progress, reject report), keyed by job id."""
+        return f"{self.prefix}-ingest"
 
     @property
     def trainers_bucket(self) -> str:

@@ -66,6 +66,137 @@ class Tensor(Message, frozen=True, kw_only=True):
     data: bytes
 
 
+# -- datasets --------------------------------------------------------------------------------------
+
+
+class ColumnSpec(Message, frozen=True, kw_only=True):
+    """One column: numpy dtype name (or "str"), and the shape of one record's value."""
+
+    name: str
+    dtype: str
+    shape: list[int] = []
+
+
+class Column(Message, frozen=True, kw_only=True):
+    """A column of a record batch: ``count × shape`` values, little-endian C order; for dtype
+    "str", ``data`` is a MessagePack array of strings."""
+
+    name: str
+    dtype: str
+    shape: list[int] = []
+    data: bytes
+
+
+class RecordBatch(Message, frozen=True, kw_only=True):
+    """What one message of the data stream carries: ``count`` records of one shard."""
+
+    dataset: str
+    version: str
+    shard: int
+    batch: int
+    offset: int  # index, within the shard, of the first record
+    count: int
+    columns: list[Column]
+
+
+class ShardInfo(Message, frozen=True, kw_only=True):
+    index: int
+    subject: str
+    records: int
+    batches: int
+    bytes: int
+    sha256: str  # over the batches' message bodies, in batch order
+
+
+class TokenizerSpec(Message, frozen=True, kw_only=True):
+    """How text became token ids: ``bytes`` = UTF-8 bytes 0–255, documents ended by ``eos_id``."""
+
+    kind: str
+    vocab_size: int
+    eos_id: int
+    seq_len: int  # tokens per record are seq_len + 1 (inputs and shifted targets)
+
+
+class DatasetManifest(Message, frozen=True, kw_only=True):
+    """A complete dataset version; written last, so a visible manifest means complete data."""
+
+    dataset: str
+    version: str
+    format: str
+    columns: list[ColumnSpec]  # as stored: x (features), y (label), tokens (text), others by name
+    features: list[str] = []  # the input columns packed, in order, into x
+    label: str | None = None  # the input column whose values are stored as y
+    label_classes: list[str] = []  # when labels were strings: their index order
+    sharding: str  # "round_robin" or "hash:<column>"
+    shards: list[ShardInfo]
+    records: int
+    rejected: int
+    bytes: int
+    created_at: str
+    sources: list[str]
+    fingerprint: str
+    job_id: str
+    tokenizer: TokenizerSpec | None = None
+    trace_id: str = ""  # the ingest job's trace (lineage)
+
+
+class IngestRequest(Message, frozen=True, kw_only=True):
+    paths: list[str]  # files or folders, as the ingest service sees them
+    dataset: str
+    format: str | None = None  # csv | jsonl | npy | npz | text; inferred from the extension
+    shards: int = 4
+    label: str | None = None
+    shard_by: str | None = None  # hash of this column instead of round-robin
+    schema: list[ColumnSpec] | None = None
+    max_reject_ratio: float = 0.01
+    seq_len: int = 128  # text: tokens per training sequence
+    max_text_bytes: int = 1 << 20  # text: longer values or files are rejected
+    batch_bytes: int = 512 * 1024  # target size of one record batch message
+
+
+class RejectedRow(Message, frozen=True, kw_only=True):
+    source: str
+    line: int  # 1-based line (CSV, JSONL), record index (npy/npz) or 0 (a whole text file)
+    column: str | None = None
+    reason: str
+
+
+class IngestJob(Message, frozen=True, kw_only=True):
+    """A job's record in the ingest bucket, also published on its events subject."""
+
+    job_id: str
+    dataset: str
+    version: str
+    fingerprint: str
+    request: IngestRequest
+    state: str  # queued | running | complete | failed
+    records: int = 0
+    rejected: int = 0
+    bytes_read: int = 0
+    bytes_total: int = 0
+    batches: int = 0
+    rejects: list[RejectedRow] = []  # the first ones; ``rejected`` counts all
+    error: str = ""
+    attempts: int = 0
+    created_at: str = ""
+    updated_at: str = ""
+    elapsed_s: float = 0.0
+
+
+class IngestJobRef(Message, frozen=True, kw_only=True):
+    """A message on the ingest work queue: run (or resume) this job."""
+
+    job_id: str
+
+
+class IngestAccepted(Message, frozen=True, kw_only=True):
+    job_id: str
+    dataset: str
+    version: str
+    state: str
+    events: str
+
+
 # -- NATS micro protocol (JSON, ADR-32) -----------------------------------------------------------
 
 PING_TYPE = "io.nats.micro.v1.ping_response"

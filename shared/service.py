@@ -37,14 +37,16 @@ from typing import Any, ClassVar
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from shared import __version__, tracing
 from shared.actor import Actor, ActorCore, Call, Handler, Req
+from shared.clock import rfc3339_from_ts
 from shared.config import MeshConfig
 from shared.connect import connect
-from shared.discovery import Discovery, rfc3339
+from shared.discovery import Discovery
 from shared.health import HealthServer
 from shared.jsactor import JetStreamActor
 from shared.names import Names
@@ -197,6 +199,16 @@ class Service:
             if exc.err_code != 10058:  # stream name already in use with a different config
                 raise
             await self.js.update_stream(config)
+
+    async def ensure_kv(self, bucket: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
+        """Open the bucket, creating it (with the configured replicas) if it does not exist."""
+        try:
+            return await self.js.key_value(bucket)
+        except (NotFoundError, BucketNotFoundError):
+            config = KeyValueConfig(
+                bucket=bucket, history=history, ttl=ttl_s, storage=StorageType.FILE, replicas=self.config.js_replicas
+            )
+            return await self.js.create_key_value(config)
 
     async def ensure_dead_letter_stream(self) -> None:
         await self.ensure_stream(
@@ -376,9 +388,3 @@ class Service:
     async def _on_reconnected(self) -> None:
         url = self._nc.connected_url.netloc if self._nc and self._nc.connected_url else "?"
         log.info("reconnected to NATS at %s", url)
-
-
-def rfc3339_from_ts(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    return rfc3339(datetime.fromtimestamp(ts, UTC))

@@ -172,12 +172,33 @@ async def test_a_crash_loop_is_reported_loudly(tmp_path: Path, names: Names) -> 
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
         up = subprocess.Popen(
-            [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix,
-             "--ingest", "0", "--trainer", "0", "--inference", "0", "--metrics", "0"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=_clean_env(AIMESH_ROUTER_PORT="eighty", AIMESH_UP_RESTART_BACKOFF_S="0.05",
-                           AIMESH_UP_CRASH_LOOP_RESTARTS="3"),
-        )  # fmt: skip
+            [
+                *AIMESH,
+                "up",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--prefix",
+                names.prefix,
+                "--ingest",
+                "0",
+                "--trainer",
+                "0",
+                "--inference",
+                "0",
+                "--metrics",
+                "0",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(
+                AIMESH_ROUTER_PORT="eighty", AIMESH_UP_RESTART_BACKOFF_S="0.05", AIMESH_UP_CRASH_LOOP_RESTARTS="3"
+            ),
+        )
         try:
 
             async def looping() -> bool:

@@ -1,0 +1,282 @@
+"""One ingest run: parse (worker thread) → shard → encode → publish (event loop), overlapped.
+
+The parser thread hands blocks over through a bounded queue, so parsing the next chunks and
+publishing the previous batches happen at the same time and memory stays bounded.
+
+Resuming: before publishing, the run asks the stream how many batches of each shard are already
+stored (they are contiguous from 0, else that shard is purged and redone), then re-parses the
+input and skips publishing those batches.  Batches are deterministic, so their bytes, and the
+per-shard sha256 over them, equal an uninterrupted run's.
+
+The manifest is written only after every batch is acked and the stream's per-shard counts match:
+a visible manifest means a complete, checksummed dataset.  A run that fails for a reason a retry
+cannot fix (too many rejects, no valid record) purges what it stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from services.ingest.publish import BatchPublisher
+from services.ingest.sharding import ShardBatch, Sharder, batch_rows_for
+from services.ingest.sources import Block, RejectLog, Source
+from shared import tracing
+from shared.batches import column_spec, encode_batch
+from shared.clock import rfc3339_now
+from shared.errors import BadRequest
+from shared.names import Header, Names
+from shared.schemas import ColumnSpec, DatasetManifest, IngestJob, ShardInfo
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS_FOR_EARLY_ABORT = 1000
+
+
+@dataclass
+class _ShardTally:
+    records: int = 0
+    batches: int = 0
+    bytes: int = 0
+    sha256: hashlib._Hash | None = None
+
+
+class IngestRun:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        names: Names,
+        job: IngestJob,
+        source: Source,
+        progress: Callable[[dict[str, object]], Awaitable[None]],
+        progress_every_s: float = 0.5,
+    ) -> None:
+        self.js = js
+        self.names = names
+        self.job = job
+        self.source = source
+        self.progress = progress
+        self.progress_every_s = progress_every_s
+        self.rejects = RejectLog()
+        self.records = 0
+        self.bytes_read = 0
+        self._stop = threading.Event()
+
+    # -- the run -------------------------------------------------------------------------------
+    async def run(self) -> DatasetManifest:
+        request = self.job.request
+        resume = await self._stored_batches()
+        if any(resume):
+            log.info("%s: resuming; batches already stored per shard: %s", self.job.job_id, resume)
+        tallies = [_ShardTally(sha256=hashlib.sha256()) for _ in range(request.shards)]
+        publisher = BatchPublisher(self.js)
+        sharder: Sharder | None = None
+        columns: list[ColumnSpec] | None = None
+        key = "y" if request.shard_by and request.shard_by == self.source.label else request.shard_by
+        last_report = 0.0
+        started = time.monotonic()
+        try:
+            async for block in self._blocks():
+                self.bytes_read = block.bytes_read
+                if not len(block):
+                    continue
+                if sharder is None:
+                    columns = [column_spec(name, values) for name, values in block.columns.items()]
+                    if key is not None and key not in block.columns:
+                        raise BadRequest(f"shard_by column {request.shard_by!r} is not among {list(block.columns)}")
+                    per_record = sum(v[:1].nbytes for v in block.columns.values()) or 1
+                    sharder = Sharder(request.shards, batch_rows_for(per_record, request.batch_bytes), key)
+                self.records += len(block)
+                for batch in sharder.add(block.columns):
+                    await self._emit(batch, tallies, resume, publisher)
+                self._check_rejects(final=False)
+                if time.monotonic() - last_report >= self.progress_every_s:
+                    last_report = time.monotonic()
+                    await self.progress(self._figures(started))
+            if sharder is not None:
+                for batch in sharder.flush():
+                    await self._emit(batch, tallies, resume, publisher)
+            await publisher.flush()
+            self._check_rejects(final=True)
+            if self.records == 0 or columns is None:
+                raise BadRequest(f"no valid records in the input ({self.rejects.count} rejected)")
+            await self._verify(tallies)
+        except BadRequest:
+            await self.purge()
+            raise
+        finally:
+            self._stop.set()
+        await self.progress(self._figures(started))
+        return self._manifest(columns, tallies)
+
+    async def _blocks(self) -> AsyncIterator[Block]:
+        """The source's blocks, parsed in a worker thread, through a bounded queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Block | BaseException | None] = asyncio.Queue(maxsize=4)
+
+        def produce() -> None:
+            try:
+                for block in self.source.blocks(self.rejects):
+                    if self._stop.is_set():
+                        return
+                    asyncio.run_coroutine_threadsafe(queue.put(block), loop).result()
+                item: BaseException | None = None
+            except BaseException as exc:  # handed to the event loop, raised there
+                item = exc
+            if not self._stop.is_set():
+                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+        thread = threading.Thread(target=produce, name=f"parse-{self.job.job_id}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._stop.set()
+            while not queue.empty():  # unblock a producer waiting on a full queue
+                queue.get_nowait()
+
+    async def _emit(
+        self, batch: ShardBatch, tallies: list[_ShardTally], resume: list[int], publisher: BatchPublisher
+    ) -> None:
+        job = self.job
+        body = encode_batch(
+            dataset=job.dataset,
+            version=job.version,
+            shard=batch.shard,
+            batch=batch.batch,
+            offset=batch.offset,
+            columns=batch.columns,
+        )
+        tally = tallies[batch.shard]
+        assert tally.sha256 is not None
+        tally.sha256.update(body)
+        tally.records += batch.count
+        tally.batches += 1
+        tally.bytes += len(body)
+        if batch.batch < resume[batch.shard]:
+            return  # stored by an earlier attempt
+        subject = self.names.data_subject(job.dataset, job.version, batch.shard)
+        msg_id = f"{job.dataset}/{job.version}/{batch.shard}/{batch.batch}"
+        await publisher.publish(subject, body, msg_id, batch.batch)
+
+    def _check_rejects(self, *, final: bool) -> None:
+        seen = self.records + self.rejects.count
+        limit = self.job.request.max_reject_ratio
+        if not seen or (not final and seen < MIN_ROWS_FOR_EARLY_ABORT):
+            return
+        ratio = self.rejects.count / seen
+        if ratio > limit:
+            where = "" if final else f" after {seen} records"
+            raise BadRequest(
+                f"{self.rejects.count} of {seen} records rejected ({ratio:.2%}){where}, above max_reject_ratio "
+                f"({limit:.2%}): fix the input (see the reject report) or raise --max-reject-ratio"
+            )
+
+    # -- the stream ------------------------------------------------------------------------------
+    async def _stored_batches(self) -> list[int]:
+        """Batches already stored per shard; a shard whose stored batches are not 0..k-1 is purged."""
+        job = self.job
+        counts = await self._subject_counts()
+        resume = []
+        for shard in range(job.request.shards):
+            subject = self.names.data_subject(job.dataset, job.version, shard)
+            count = counts.get(subject, 0)
+            if count:
+                last = await self.js.get_last_msg(self.names.data_stream, subject)
+                last_batch = int((last.headers or {}).get(Header.BATCH, "-1"))
+                if last_batch + 1 != count:
+                    log.warning(
+                        "%s: shard %d has %d batches stored but its last is #%d; redoing it",
+                        job.job_id,
+                        shard,
+                        count,
+                        last_batch,
+                    )
+                    await self.js.purge_stream(self.names.data_stream, subject=subject)
+                    count = 0
+            resume.append(count)
+        return resume
+
+    async def _subject_counts(self) -> dict[str, int]:
+        subjects = self.names.data_version_subjects(self.job.dataset, self.job.version)
+        try:
+            info = await self.js.stream_info(self.names.data_stream, subjects_filter=subjects)
+        except NotFoundError:
+            return {}
+        return dict(info.state.subjects or {})
+
+    async def _verify(self, tallies: list[_ShardTally]) -> None:
+        counts = await self._subject_counts()
+        for shard, tally in enumerate(tallies):
+            subject = self.names.data_subject(self.job.dataset, self.job.version, shard)
+            stored = counts.get(subject, 0)
+            if stored != tally.batches:
+                raise RuntimeError(f"shard {shard}: {stored} batches stored, {tally.batches} expected")
+
+    async def purge(self) -> None:
+        """Remove this version's batches (a failed run leaves no half-made dataset)."""
+        subjects = self.names.data_version_subjects(self.job.dataset, self.job.version)
+        try:
+            await self.js.purge_stream(self.names.data_stream, subject=subjects)
+        except Exception:
+            log.warning("%s: could not purge %s", self.job.job_id, subjects, exc_info=True)
+
+    # -- results -----------------------------------------------------------------------------
+    def _figures(self, started: float) -> dict[str, object]:
+        return {
+            "records": self.records,
+            "rejected": self.rejects.count,
+            "bytes_read": self.bytes_read,
+            "rejects": list(self.rejects.rows),
+            "elapsed_s": round(time.monotonic() - started, 3),
+        }
+
+    def _manifest(self, columns: list[ColumnSpec], tallies: list[_ShardTally]) -> DatasetManifest:
+        job = self.job
+        request = job.request
+        shards = [
+            ShardInfo(
+                index=i,
+                subject=self.names.data_subject(job.dataset, job.version, i),
+                records=t.records,
+                batches=t.batches,
+                bytes=t.bytes,
+                sha256=t.sha256.hexdigest() if t.sha256 else "",
+            )
+            for i, t in enumerate(tallies)
+        ]
+        ids = tracing.current_ids()
+        return DatasetManifest(
+            dataset=job.dataset,
+            version=job.version,
+            format=self.source.format,
+            columns=columns,
+            features=list(self.source.features),
+            label=self.source.label,
+            label_classes=list(self.source.label_classes),
+            sharding=f"hash:{request.shard_by}" if request.shard_by else "round_robin",
+            shards=shards,
+            records=sum(s.records for s in shards),
+            rejected=self.rejects.count,
+            bytes=sum(s.bytes for s in shards),
+            created_at=rfc3339_now(),
+            sources=[str(p) for p in self.source.paths],
+            fingerprint=job.fingerprint,
+            job_id=job.job_id,
+            tokenizer=self.source.tokenizer,
+            trace_id=ids[0] if ids else "",
+        )

@@ -1,0 +1,195 @@
+"""What every source shares: blocks, the reject log, feature packing, format detection."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import BadRequest
+from shared.schemas import IngestRequest, RejectedRow, TokenizerSpec
+
+FORMATS = ("csv", "jsonl", "npy", "npz", "text")
+_BY_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npy": "npy", ".npz": "npz", ".txt": "text"}
+REJECTS_KEPT = 100  # the report keeps the first ones with details; all are counted
+
+
+@dataclass
+class Block:
+    """Parsed records: columns of equal length, and how far into the input we are."""
+
+    columns: dict[str, np.ndarray]
+    bytes_read: int
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+@dataclass
+class RejectLog:
+    """Every rejected record is counted; the first ``keep`` are kept with line and reason."""
+
+    keep: int = REJECTS_KEPT
+    count: int = 0
+    rows: list[RejectedRow] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, source: str, line: int, reason: str, column: str | None = None) -> None:
+        with self._lock:
+            self.count += 1
+            if len(self.rows) < self.keep:
+                self.rows.append(RejectedRow(source=source, line=line, column=column, reason=reason))
+
+
+class Source(ABC):
+    """One job's input.  ``blocks()`` may be called once; ``columns`` etc. are known after the
+    first block."""
+
+    format: str
+
+    def __init__(self, paths: list[Path], request: IngestRequest) -> None:
+        self.paths = paths
+        self.request = request
+        self.bytes_total = sum(p.stat().st_size for p in paths)
+        self.label: str | None = request.label
+        self.label_classes: list[str] = []
+        self.features: list[str] = []
+        self.tokenizer: TokenizerSpec | None = None
+
+    @abstractmethod
+    def blocks(self, rejects: RejectLog) -> Iterator[Block]: ...
+
+
+def infer_format(paths: list[Path]) -> str:
+    if len(paths) == 1 and paths[0].is_dir():
+        return "text"
+    suffixes = {p.suffix.lower() for p in paths}
+    formats = {_BY_SUFFIX.get(s) for s in suffixes}
+    if len(formats) != 1 or None in formats:
+        raise BadRequest(
+            f"cannot tell the format from the file names ({', '.join(sorted(suffixes)) or 'none'}): "
+            f"pass --format ({'|'.join(FORMATS)})"
+        )
+    return str(formats.pop())
+
+
+def resolve_paths(raw: list[str]) -> list[Path]:
+    if not raw:
+        raise BadRequest("no input paths given")
+    paths = []
+    for item in raw:
+        path = Path(item)
+        if not path.exists():
+            raise BadRequest(f"{item}: no such file or directory (as the ingest service sees it)")
+        paths.append(path)
+    return paths
+
+
+def text_files(paths: list[Path]) -> list[Path]:
+    """Files named, and files under folders named (sorted; hidden files and folders and
+    ``__pycache__`` skipped)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for found in sorted(path.rglob("*")):
+                rel = found.relative_to(path).parts
+                if found.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel):
+                    files.append(found)
+        else:
+            files.append(path)
+    return files
+
+
+def open_source(request: IngestRequest) -> Source:
+    """Validate the request against its input and return the source to read it."""
+    from services.ingest.sources.arrays import NpySource, NpzSource
+    from services.ingest.sources.csv import CsvSource
+    from services.ingest.sources.jsonl import JsonlSource
+    from services.ingest.sources.text import TextSource
+
+    if request.shards < 1:
+        raise BadRequest(f"shards must be at least 1 (got {request.shards})")
+    if not 0 <= request.max_reject_ratio <= 1:
+        raise BadRequest(f"max_reject_ratio must be between 0 and 1 (got {request.max_reject_ratio})")
+    paths = resolve_paths(request.paths)
+    fmt = request.format or infer_format(paths)
+    if fmt not in FORMATS:
+        raise BadRequest(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "text":
+        paths = text_files(paths)
+    elif any(p.is_dir() for p in paths):
+        raise BadRequest(f"a folder is only read as text; for {fmt}, name the files")
+    if not paths or all(p.stat().st_size == 0 for p in paths):
+        raise BadRequest("the input is empty")
+    kinds: dict[str, type[Source]] = {
+        "csv": CsvSource,
+        "jsonl": JsonlSource,
+        "npy": NpySource,
+        "npz": NpzSource,
+        "text": TextSource,
+    }
+    return kinds[fmt](paths, request)
+
+
+def pack_features(
+    columns: dict[str, np.ndarray], features: list[str], label: str | None, label_values: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """Scalar numeric features become one float32 matrix ``x`` (what a model takes); the label
+    becomes ``y``; other columns keep their names."""
+    out: dict[str, np.ndarray] = {}
+    if features:
+        out["x"] = np.stack([columns[f].astype(np.float32, copy=False) for f in features], axis=1)
+    if label is not None and label_values is not None:
+        out["y"] = label_values
+    for name, values in columns.items():
+        if name not in features and name != label:
+            out[name] = values
+    return out
+
+
+class LabelEncoder:
+    """String labels → class indices in order of first appearance (deterministic per input)."""
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = classes
+        self._index = {c: i for i, c in enumerate(classes)}
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        out = np.empty(len(values), dtype=np.int64)
+        for i, v in enumerate(values.tolist()):
+            key = str(v)
+            idx = self._index.get(key)
+            if idx is None:
+                idx = self._index[key] = len(self.classes)
+                self.classes.append(key)
+            out[i] = idx
+        return out
+
+
+def label_kind(dtype: np.dtype[Any] | str) -> str:
+    """How a label column is stored, decided once per job from its type: ``int`` (class ids),
+    ``float`` (a regression target) or ``class`` (strings mapped to class ids)."""
+    kind = np.dtype(dtype).kind if dtype != "str" else "U"
+    return "int" if kind in "iub" else "float" if kind == "f" else "class"
+
+
+def label_array(values: np.ndarray, kind: str, encoder: LabelEncoder) -> np.ndarray:
+    if kind == "int":
+        return values.astype(np.int64, copy=False)
+    if kind == "float":
+        return values.astype(np.float32, copy=False)
+    return encoder.encode(values)
+
+
+def bad_float_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of NaN and of ±inf rows (any element) in a float array."""
+    if values.dtype.kind != "f":
+        empty = np.zeros(len(values), dtype=bool)
+        return empty, empty
+    flat = values.reshape(len(values), -1)
+    return np.isnan(flat).any(axis=1), np.isinf(flat).any(axis=1)

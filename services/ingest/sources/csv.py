@@ -1,0 +1,268 @@
+"""CSV: a header row, then records; parsed columnar by pyarrow, several chunks at once.
+
+The file is cut into ~4 MiB chunks at record boundaries (a newline outside quotes), each parsed by
+``pyarrow.csv`` in a worker thread with the column types fixed from the first chunk (or the given
+schema), so the GIL is free while parsing and the chunks' results come back in order.
+
+Bad records never stop the job; each becomes a reject with its line number:
+
+- a wrong number of fields (pyarrow's invalid-row handler);
+- a value that does not parse as its column's type: the chunk is re-read as text and checked
+  value by value (the slow path runs only for chunks that need it);
+- a missing value, NaN or ±inf in a numeric column, a text value over ``max_text_bytes``.
+
+Line numbers count physical lines; a quoted field spanning lines shifts the ones after it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from services.ingest.sources.common import (
+    Block,
+    LabelEncoder,
+    RejectLog,
+    Source,
+    bad_float_rows,
+    label_array,
+    label_kind,
+    pack_features,
+)
+from shared.errors import BadRequest
+
+CHUNK_BYTES = 4 << 20
+LOOKAHEAD = 3  # chunks parsed ahead of the consumer
+_NUMERIC = {"float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(), "int32": pa.int32()}
+
+
+class _Parsed:
+    __slots__ = ("columns", "end", "label_raw")
+
+    def __init__(self, columns: dict[str, np.ndarray], label_raw: np.ndarray | None, end: int) -> None:
+        self.columns = columns
+        self.label_raw = label_raw
+        self.end = end
+
+
+class CsvSource(Source):
+    format = "csv"
+
+    def blocks(self, rejects: RejectLog) -> Iterator[Block]:
+        self._encoder = LabelEncoder(self.label_classes)
+        done = 0
+        for path in self.paths:
+            yield from self._file(path, rejects, done)
+            done += path.stat().st_size
+
+    # -- one file ----------------------------------------------------------------------------
+    def _file(self, path: Path, rejects: RejectLog, bytes_before: int) -> Iterator[Block]:
+        with open(path, "rb") as f:
+            header = f.readline()
+            names = _header_names(header, path)
+            chunks = _chunks(f)
+            first = next(chunks, None)
+            if first is None:
+                return
+            if not hasattr(self, "_types"):
+                self._decide_types(names, header, first[1], path)
+            elif names != self._names:
+                raise BadRequest(f"{path}: header {names} differs from the first file's {self._names}")
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="csv") as pool:
+                pending: deque[Future[_Parsed]] = deque()
+                for line, data, end in _chain(first, chunks):
+                    pending.append(pool.submit(self._parse, path, header, line, data, end, rejects))
+                    if len(pending) > LOOKAHEAD:
+                        yield self._finish(pending.popleft().result(), bytes_before)
+                while pending:
+                    yield self._finish(pending.popleft().result(), bytes_before)
+
+    def _decide_types(self, names: list[str], header: bytes, sample: bytes, path: Path) -> None:
+        """Column types from the schema, else inferred on the first chunk (a column that is
+        numeric in 99% of its sample is numeric; the rest will be rejects)."""
+        self._names = names
+        label, key = self.request.label, self.request.shard_by
+        for role, column in (("label", label), ("shard_by", key)):
+            if column is not None and column not in names:
+                raise BadRequest(f"{path}: no {role} column {column!r} (columns: {', '.join(names)})")
+        given = {c.name: c.dtype for c in self.request.schema or []}
+        unknown = set(given) - set(names)
+        if unknown:
+            raise BadRequest(f"schema names columns the file does not have: {', '.join(sorted(unknown))}")
+        sample_table = pacsv.read_csv(
+            io.BytesIO(header + sample),
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=lambda _: "skip"),
+        )
+        types: dict[str, pa.DataType] = {}
+        for name in names:
+            if name in given:
+                dtype = given[name]
+                types[name] = _NUMERIC.get(dtype, pa.string())
+                continue
+            inferred = sample_table.column(name).type
+            kept_as_is = name in (label, key)  # a label or a shard key keeps its type; features are float32
+            if pa.types.is_integer(inferred) or pa.types.is_boolean(inferred):
+                types[name] = pa.int64() if kept_as_is else pa.float32()
+            elif pa.types.is_floating(inferred) or _mostly_numeric(sample_table.column(name)):
+                types[name] = pa.float64() if kept_as_is else pa.float32()
+            else:
+                types[name] = pa.string()
+        self._types = types
+        self.features = [n for n in names if n not in (label, key) and types[n] != pa.string()]
+        if label is not None:
+            self._label_kind = label_kind(types[label].to_pandas_dtype() if types[label] != pa.string() else "str")
+
+    # -- one chunk (in a worker thread) --------------------------------------------------------
+    def _parse(self, path: Path, header: bytes, line: int, data: bytes, end: int, rejects: RejectLog) -> _Parsed:
+        skipped: list[tuple[int, str]] = []  # records with a wrong field count: (line, reason)
+
+        def bad_row(row: Any) -> str:
+            skipped.append((line + row.number - 2, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+            return "skip"
+
+        parse = pacsv.ParseOptions(invalid_row_handler=bad_row)
+        read = pacsv.ReadOptions(use_threads=False)
+        try:
+            table = pacsv.read_csv(
+                io.BytesIO(header + data),
+                read_options=read,
+                parse_options=parse,
+                convert_options=pacsv.ConvertOptions(column_types=self._types),
+            )
+            text_columns: dict[str, Any] = {}
+        except pa.ArrowInvalid:
+            # Some value is not of its column's type: re-read this chunk as text, check each value.
+            skipped.clear()
+            as_text = pacsv.ConvertOptions(column_types=dict.fromkeys(self._names, pa.string()))
+            table = pacsv.read_csv(
+                io.BytesIO(header + data), read_options=read, parse_options=parse, convert_options=as_text
+            )
+            text_columns = {n: table.column(n) for n in self._names if self._types[n] != pa.string()}
+        for number, reason in skipped:
+            rejects.add(str(path), number, reason)
+        lines = _record_lines(table.num_rows, line, [n for n, _ in skipped])
+        keep = np.ones(table.num_rows, dtype=bool)
+        columns: dict[str, np.ndarray] = {}
+        for name in self._names:
+            target = self._types[name]
+            if name in text_columns:
+                values, bad = _convert_text(text_columns[name], target)
+                for i in np.flatnonzero(bad & keep):
+                    raw = text_columns[name][int(i)].as_py()
+                    kind = np.dtype(target.to_pandas_dtype()).name
+                    reason = "missing value" if raw in ("", None) else f"cannot parse {raw!r} as {kind}"
+                    rejects.add(str(path), int(lines[i]), reason, name)
+                keep &= ~bad
+            else:
+                col = table.column(name)
+                if col.null_count:
+                    missing = col.is_null().to_numpy(zero_copy_only=False)
+                    for i in np.flatnonzero(missing & keep):
+                        rejects.add(str(path), int(lines[i]), "missing value", name)
+                    keep &= ~missing
+                values = col.to_numpy(zero_copy_only=False)
+            if target == pa.string():
+                too_long = np.array([len(v) > self.request.max_text_bytes for v in values.tolist()], dtype=bool)
+                for i in np.flatnonzero(too_long & keep):
+                    rejects.add(str(path), int(lines[i]), f"text longer than {self.request.max_text_bytes} bytes", name)
+                keep &= ~too_long
+            else:
+                nan, inf = bad_float_rows(values)
+                for mask, why in ((nan, "NaN is not allowed"), (inf, "±inf is not allowed")):
+                    for i in np.flatnonzero(mask & keep):
+                        rejects.add(str(path), int(lines[i]), why, name)
+                    keep &= ~mask
+            columns[name] = values
+        if not keep.all():
+            columns = {n: v[keep] for n, v in columns.items()}
+        label = self.request.label
+        label_raw = columns.pop(label) if label is not None else None
+        packed = pack_features(columns, self.features, None, None)
+        return _Parsed(packed, label_raw, end)
+
+    def _finish(self, parsed: _Parsed, bytes_before: int) -> Block:
+        columns = parsed.columns
+        if parsed.label_raw is not None:
+            # Label classes are assigned here, in input order, so they are deterministic.
+            columns = {**columns, "y": label_array(parsed.label_raw, self._label_kind, self._encoder)}
+        return Block(columns, bytes_before + parsed.end)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _header_names(header: bytes, path: Path) -> list[str]:
+    if not header.strip():
+        raise BadRequest(f"{path}: no header row")
+    table = pacsv.read_csv(io.BytesIO(header), read_options=pacsv.ReadOptions(use_threads=False))
+    names = list(table.column_names)
+    if len(set(names)) != len(names):
+        raise BadRequest(f"{path}: duplicate column names in the header")
+    return names
+
+
+def _chunks(f: BinaryIO) -> Iterator[tuple[int, bytes, int]]:
+    """(first line number, bytes, offset after) per chunk, cut after a newline outside quotes."""
+    line = 2
+    while True:
+        data = f.read(CHUNK_BYTES)
+        if not data:
+            return
+        if not data.endswith(b"\n"):
+            data += f.readline()
+        while data.count(b'"') % 2:  # a quoted field spans the cut: take the next line too
+            more = f.readline()
+            if not more:
+                break
+            data += more
+        yield line, data, f.tell()
+        line += data.count(b"\n")
+
+
+def _chain(first: tuple[int, bytes, int], rest: Iterator[tuple[int, bytes, int]]) -> Iterator[tuple[int, bytes, int]]:
+    yield first
+    yield from rest
+
+
+def _record_lines(rows: int, first_line: int, skipped: list[int]) -> np.ndarray:
+    """Physical line of each parsed record, given the lines of records skipped before it."""
+    lines = first_line + np.arange(rows, dtype=np.int64)
+    for number in sorted(skipped):
+        lines[lines >= number] += 1
+    return lines
+
+
+def _convert_text(column: Any, target: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
+    """Convert a text column to ``target`` value by value: (values, mask of bad ones)."""
+    raw = column.to_pylist()
+    dtype = target.to_pandas_dtype()
+    out = np.zeros(len(raw), dtype=dtype)
+    bad = np.zeros(len(raw), dtype=bool)
+    cast = int if np.dtype(dtype).kind == "i" else float
+    for i, value in enumerate(raw):
+        try:
+            out[i] = cast(value)
+        except (TypeError, ValueError):
+            bad[i] = True
+    return out, bad
+
+
+def _mostly_numeric(column: Any) -> bool:
+    values = [v for v in column.to_pylist() if v not in (None, "")]
+    if not values:
+        return False
+    ok = 0
+    for v in values:
+        try:
+            float(v)
+            ok += 1
+        except (TypeError, ValueError):
+            pass
+    return ok >= 0.99 * len(values)

@@ -41,7 +41,10 @@ async def ingest(
     waited = 0.0
     try:
         while True:
-            entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+            try:
+                entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+            except nats.errors.TimeoutError:
+                entry = None
             if entry is None or entry.value is None:
                 waited += 1.0
                 if job is not None and job.state == "queued" and waited >= QUEUED_NOTE_S and progress:

@@ -149,6 +149,17 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
     scrape_interval_s: float = 5.0
 
 
+class IngestConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The ingest service: table ``[ingest]``, variables ``AIMESH_INGEST_*``."""
+
+    job_ack_wait_s: float = 30.0  # a job whose instance died is taken over after this long
+    max_in_flight: int = 64  # batch publishes awaiting their JetStream ack
+
+
+def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
+    return load_section(IngestConfig, "ingest", env_prefix="AIMESH_INGEST_", env=env)
+
+
 def load_router_config(env: Mapping[str, str] | None = None) -> RouterConfig:
     return load_section(RouterConfig, "router", env_prefix="AIMESH_ROUTER_", env=env)
 

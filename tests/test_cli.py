@@ -214,3 +214,60 @@ async def test_a_crash_loop_is_reported_loudly(tmp_path: Path, names: Names) -> 
     text = log_path.read_text()
     assert "CRITICAL" in text and "CRASH LOOP: router#0 exited with code 2" in text
     assert "AIMESH_ROUTER_PORT: Expected `int`" in text  # the service said why
+
+
+async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: Names) -> None:
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            *AIMESH,
+            "demo",
+            "--exit",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "mesh"),
+            "--prefix",
+            names.prefix,
+        ],
+        cwd=ROOT,
+        env=_clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "dataset digits@1  (csv, 1,797 records, 0 rejected" in out.stdout
+    assert "dataset pytext@1  (text," in out.stdout and "tokenizer: bytes, vocab 257" in out.stdout
+
+
+async def test_ingest_and_datasets_commands(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, tmp_path: Path
+) -> None:
+    ingest = spawn("services.ingest")
+    await ingest.wait_ready(nats_url, names.micro_name("ingest"))
+    (tmp_path / "t.csv").write_text("a,b,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(100)))
+    common = ["--nats-url", nats_url, "--prefix", names.prefix]
+
+    def aimesh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*AIMESH, *args, *common], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60
+        )
+
+    done = await asyncio.to_thread(
+        aimesh, "ingest", str(tmp_path / "t.csv"), "--dataset", "t", "--label", "label", "--shards", "2", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["manifest"]["records"] == 100 and result["job"]["state"] == "complete"
+
+    listed = await asyncio.to_thread(aimesh, "datasets", "--json")
+    assert [(m["dataset"], m["version"]) for m in json.loads(listed.stdout)] == [("t", "1")]
+    shown = await asyncio.to_thread(aimesh, "datasets", "show", "t@1")
+    assert shown.returncode == 0 and "dataset t@1" in shown.stdout and "sha256" in shown.stdout
+    missing = await asyncio.to_thread(aimesh, "datasets", "show", "nope")
+    assert missing.returncode == 1 and "no dataset named 'nope'" in missing.stderr
+    bad = await asyncio.to_thread(aimesh, "ingest", str(tmp_path / "absent.csv"), "--dataset", "t")
+    assert bad.returncode == 2 and "no such file or directory" in bad.stderr

@@ -58,6 +58,7 @@ class IngestRun:
         source: Source,
         progress: Callable[[dict[str, object]], Awaitable[None]],
         progress_every_s: float = 0.5,
+        max_in_flight: int = 64,
     ) -> None:
         self.js = js
         self.names = names
@@ -65,6 +66,7 @@ class IngestRun:
         self.source = source
         self.progress = progress
         self.progress_every_s = progress_every_s
+        self.max_in_flight = max_in_flight
         self.rejects = RejectLog()
         self.records = 0
         self.bytes_read = 0
@@ -77,7 +79,7 @@ class IngestRun:
         if any(resume):
             log.info("%s: resuming; batches already stored per shard: %s", self.job.job_id, resume)
         tallies = [_ShardTally(sha256=hashlib.sha256()) for _ in range(request.shards)]
-        publisher = BatchPublisher(self.js)
+        publisher = BatchPublisher(self.js, max_in_flight=self.max_in_flight)
         sharder: Sharder | None = None
         columns: list[ColumnSpec] | None = None
         key = "y" if request.shard_by and request.shard_by == self.source.label else request.shard_by

@@ -26,6 +26,7 @@ from services.ingest.sources import open_source
 from shared import tracing
 from shared.actor import Call
 from shared.clock import rfc3339_now
+from shared.config import load_ingest_config
 from shared.datasets import encode_manifest, latest_key, manifest_key, seq_key
 from shared.errors import BadRequest
 from shared.names import Header, check_token
@@ -68,6 +69,7 @@ class IngestService(Service):
                 duplicate_window=120,
             )
         )
+        self.ingest_config = load_ingest_config()
         self.jobs_kv = await self.ensure_kv(names.ingest_bucket)
         self.datasets_kv = await self.ensure_kv(names.datasets_bucket)
         self.add_actor("submit", names.ingest_submit, self.submit, IngestRequest, max_concurrency=8)
@@ -80,7 +82,7 @@ class IngestService(Service):
             request_type=IngestJobRef,
             max_concurrency=1,
             max_deliver=MAX_ATTEMPTS,
-            ack_wait_s=30,
+            ack_wait_s=self.ingest_config.job_ack_wait_s,
             retry_backoff_s=2,
         )
 
@@ -181,7 +183,7 @@ class IngestService(Service):
                 job = msgspec.structs.replace(job, updated_at=rfc3339_now(), **figures)
                 await self._report(job)
 
-            run = IngestRun(self.js, self.names, job, source, progress)
+            run = IngestRun(self.js, self.names, job, source, progress, max_in_flight=self.ingest_config.max_in_flight)
             manifest = await run.run()
         except BadRequest as exc:
             await self._report(

@@ -87,7 +87,7 @@ class CsvSource(Source):
 
     def _decide_types(self, names: list[str], header: bytes, sample: bytes, path: Path) -> None:
         """Column types from the schema, else inferred on the first chunk (a column that is
-        numeric in 99% of its sample is numeric; the rest will be rejects)."""
+        numeric in 90% of its sample is numeric; the rest will be rejects)."""
         self._names = names
         label, key = self.request.label, self.request.shard_by
         for role, column in (("label", label), ("shard_by", key)):
@@ -265,4 +265,4 @@ def _mostly_numeric(column: Any) -> bool:
             ok += 1
         except (TypeError, ValueError):
             pass
-    return ok >= 0.99 * len(values)
+    return ok >= 0.9 * len(values)

@@ -146,7 +146,7 @@ async def test_rerunning_a_job_is_idempotent(svc: IngestService, nc: NatsClient,
     assert sum(info.state.subjects.values()) == sum(s.batches for s in m1.shards)
     # Different content is a new version.
     write_csv(tmp_path / "data.csv", rows=3000, seed=1)
-    third, m3 = await run(nc, names, **req)
+    _, m3 = await run(nc, names, **req)
     assert m3 is not None and m3.version == "2"
     assert (await get_manifest(nc.jetstream(), names, "again")).version == "2"
 

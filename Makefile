@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv and run the mesh (embedded NATS + every service) until Ctrl-C
+#   make demo   set up .venv and run the demo: the mesh (embedded NATS + every service) and the
+#               pipeline on built-in data; the mesh keeps running until Ctrl-C
 #   make test   set up .venv, lint, type-check and run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -15,9 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/aimesh up
+	$(BIN)/aimesh demo
 
-up: demo
+up: $(STAMP)
+	$(BIN)/aimesh up
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,6 +33,7 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) .aimesh .mypy_cache .ruff_cache .pytest_cache

@@ -154,6 +154,7 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     job_ack_wait_s: float = 30.0  # a job whose instance died is taken over after this long
     max_in_flight: int = 64  # batch publishes awaiting their JetStream ack
+    parse_threads: int = 2  # CSV chunks parsed at once
 
 
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:

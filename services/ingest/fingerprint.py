@@ -1,5 +1,11 @@
 """A job's fingerprint: the same input and options give the same fingerprint, so re-running an
-ingest finds its earlier job (and its dataset version) instead of making a new one."""
+ingest finds its earlier job (and its dataset version) instead of making a new one.
+
+Files are identified by name (relative to their common folder), size and modification time,
+the way make and rsync decide that a file changed, rather than by hashing their content: that
+would read the whole input once more before the job could start (0.16 s per 290 MB here).  The
+data itself is checksummed per shard in the manifest.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +16,16 @@ import msgspec
 
 from shared.schemas import IngestRequest
 
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def fingerprint(request: IngestRequest, fmt: str, paths: list[Path]) -> str:
-    """sha256 of the options that shape the data and of each input file's name and content.
-    File names count relative to their common folder, so moving the folder changes nothing."""
+    """sha256 of the options that shape the data and of each input file's identity."""
     options = msgspec.structs.replace(request, paths=[], format=fmt)
     digest = hashlib.sha256(msgspec.json.encode(options))
-    root = Path(*Path(paths[0]).parts[:-1]) if len(paths) == 1 else _common(paths)
+    root = paths[0].parent if len(paths) == 1 else _common(paths)
     for path in paths:
-        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
-        digest.update(file_sha256(path).encode())
+        stat = path.stat()
+        name = path.relative_to(root) if path.is_relative_to(root) else path.name
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -55,6 +55,7 @@ class _Parsed:
 
 class CsvSource(Source):
     format = "csv"
+    parse_threads = 2  # chunks parsed at once (set from the ingest config)
 
     def blocks(self, rejects: RejectLog) -> Iterator[Block]:
         self._encoder = LabelEncoder(self.label_classes)
@@ -76,7 +77,7 @@ class CsvSource(Source):
                 self._decide_types(names, header, first[1], path)
             elif names != self._names:
                 raise BadRequest(f"{path}: header {names} differs from the first file's {self._names}")
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="csv") as pool:
+            with ThreadPoolExecutor(max_workers=self.parse_threads, thread_name_prefix="csv") as pool:
                 pending: deque[Future[_Parsed]] = deque()
                 for line, data, end in _chain(first, chunks):
                     pending.append(pool.submit(self._parse, path, header, line, data, end, rejects))

@@ -257,3 +257,24 @@ async def test_job_record_is_json_readable_by_standard_tools(
     assert doc["state"] == "complete" and doc["records"] == 50
     assert msgspec.json.decode((await kv.get(job.job_id)).value or b"", type=IngestJob).job_id == job.job_id
     assert batch_arrays  # the decoding helpers are public API
+
+
+async def test_given_schema_and_over_long_text(
+    svc: IngestService, nc: NatsClient, names: Names, tmp_path: Path
+) -> None:
+    rows = ["id,score,note"] + [f"{i},{i / 2},{'n' * (50 if i == 7 else 5)}" for i in range(200)]
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    job, manifest = await run(
+        nc,
+        names,
+        paths=[str(tmp_path / "s.csv")],
+        dataset="sch",
+        max_text_bytes=20,
+        schema=[{"name": "id", "dtype": "int64"}],
+        shard_by="id",
+    )
+    assert manifest is not None, job.error
+    assert [(r.line, r.column) for r in job.rejects] == [(9, "note")]
+    assert "text longer than 20 bytes" in job.rejects[0].reason
+    columns = {c.name: c.dtype for c in manifest.columns}
+    assert columns == {"x": "float32", "id": "int64", "note": "str"} and manifest.features == ["score"]

@@ -157,6 +157,19 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True):
     parse_threads: int = 2  # CSV chunks parsed at once
 
 
+class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A trainer agent: table ``[trainer]``, variables ``AIMESH_TRAINER_*``."""
+
+    host: str = "127.0.0.1"  # the address other nodes reach this one at (rank 0's TCPStore); a pod IP on k8s
+    heartbeat_s: float = 1.0
+    node_ttl_s: float = 5.0  # a node whose heartbeat is older than this is gone
+    threads: int = 1  # torch intra-op threads per rank
+
+
+def load_trainer_config(env: Mapping[str, str] | None = None) -> TrainerConfig:
+    return load_section(TrainerConfig, "trainer", env_prefix="AIMESH_TRAINER_", env=env)
+
+
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
     return load_section(IngestConfig, "ingest", env_prefix="AIMESH_INGEST_", env=env)
 

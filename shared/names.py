@@ -112,6 +112,9 @@ class Names:
     def train_events(self, job: str) -> str:
         return f"{self.prefix}.train.{job}.events"
 
+    def train_template(self) -> str:
+        return f"{self.prefix}.train.{{job}}.events"
+
     # -- inference ---------------------------------------------------------------------------
     def infer(self, model: str, version: str) -> str:
         return f"{self.prefix}.infer.{model}.{version}"

@@ -197,6 +197,130 @@ class IngestAccepted(Message, frozen=True, kw_only=True):
     events: str
 
 
+# -- training ---------------------------------------------------------------------------------------
+
+
+class TrainRequest(Message, frozen=True, kw_only=True):
+    model: str  # the registry name of the result, e.g. "digits"
+    factory: str  # package.module:function returning a torch.nn.Module
+    kwargs: dict[str, Any] = {}  # the factory's keyword arguments
+    dataset: str  # NAME[@VERSION]
+    nodes: int = 1
+    min_nodes: int | None = None  # re-form with at least this many after a loss (default: nodes)
+    parallel: str = "dp"  # dp | pp
+    epochs: int = 1
+    batch_size: int = 64  # global, across ranks
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 0  # steps between checkpoints (0: at each epoch end only)
+    max_restarts: int = 3
+    wait_nodes_s: float = 60.0
+    microbatches: int = 4  # pp
+    eval_fraction: float = 0.1  # records held out for evaluation
+    max_steps: int | None = None  # stop early (tests, benchmarks)
+    collective_timeout_s: float = 30.0
+
+
+class TrainJob(Message, frozen=True, kw_only=True):
+    """A training job's control record (bucket ``<prefix>-jobs``, key ``job.<id>``), changed only
+    with compare-and-set by the trainer agents."""
+
+    job_id: str
+    request: TrainRequest
+    state: str  # forming | starting | running | complete | failed
+    attempt: int = 1
+    world: int = 0  # the size this attempt runs with
+    members: list[str] = []  # agent instance ids; the index is the rank
+    master: str = ""  # host:port of rank 0's TCPStore
+    forming_deadline: float = 0.0  # epoch seconds
+    restarts: int = 0
+    error: str = ""
+    model_version: str = ""
+    metrics: dict[str, float] = {}
+    created_at: str = ""
+    updated_at: str = ""
+    trace_id: str = ""
+
+
+class TrainProgress(Message, frozen=True, kw_only=True):
+    """Written by rank 0 while training (key ``progress.<job>``)."""
+
+    job_id: str
+    attempt: int
+    world: int
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    samples_per_s: float
+    checkpoint_step: int = -1
+    ranks: list[int] = []
+
+
+class TrainResult(Message, frozen=True, kw_only=True):
+    """Written by rank 0 when training ends (key ``result.<job>.<attempt>``)."""
+
+    job_id: str
+    ok: bool
+    error: str = ""
+    model_version: str = ""
+    metrics: dict[str, float] = {}
+    losses: list[float] = []  # the global mean loss of the first steps, in order
+
+
+class TrainerNode(Message, frozen=True, kw_only=True):
+    """A trainer agent's heartbeat (bucket ``<prefix>-trainers``, TTL)."""
+
+    instance: str
+    host: str
+    address: str  # where rank 0 would listen, if this node gets it
+    pid: int
+    state: str  # idle | busy
+    job: str = ""
+    device: str = "cpu"
+
+
+class TrainAccepted(Message, frozen=True, kw_only=True):
+    job_id: str
+    state: str
+    nodes_available: int
+
+
+class Checkpoint(Message, frozen=True, kw_only=True):
+    """Where the last checkpoint is (key ``checkpoint.<job>``)."""
+
+    job_id: str
+    attempt: int
+    step: int
+    epoch: int
+    offset: int  # samples into the epoch, globally
+    objects: list[str]  # object names: one (dp) or one per stage (pp)
+    world: int
+
+
+class ModelVersion(Message, frozen=True, kw_only=True):
+    """A registered model version (bucket ``<prefix>-registry``, key ``version.<model>.<n>``)."""
+
+    model: str
+    version: str
+    artifact: str  # object name in the artifacts store (safetensors)
+    factory: str
+    kwargs: dict[str, Any] = {}
+    task: str  # classify | lm
+    inputs: list[ColumnSpec] = []
+    metrics: dict[str, float] = {}
+    dataset: str  # NAME@VERSION it was trained on
+    dataset_trace_id: str = ""
+    hyperparameters: dict[str, Any] = {}
+    job_id: str = ""
+    trace_id: str = ""  # the training run's trace (lineage)
+    created_at: str = ""
+    label_classes: list[str] = []
+    tokenizer: TokenizerSpec | None = None
+
+
 # -- NATS micro protocol (JSON, ADR-32) -----------------------------------------------------------
 
 PING_TYPE = "io.nats.micro.v1.ping_response"

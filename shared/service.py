@@ -96,6 +96,9 @@ class Service:
     async def setup(self) -> None:
         """Declare streams/buckets and add actors.  Runs once NATS is connected."""
 
+    async def after_start(self) -> None:
+        """Start background work that needs the whole service up (timers, watchers)."""
+
     async def stop_intake(self) -> None:
         """Stop taking new work from sources other than actors (an HTTP listener, timers)."""
 
@@ -273,6 +276,7 @@ class Service:
             actors=self.actor_stats,
         )
         await self._discovery.start()
+        await self.after_start()
         await self.nc.flush()
 
     async def drain(self) -> None:

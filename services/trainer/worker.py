@@ -1,0 +1,409 @@
+"""One rank of one training attempt: a child process of a trainer agent.
+
+``python -m services.trainer.worker --job J --attempt A --rank R --world W --master HOST:PORT``
+
+It joins the torch.distributed group (gloo on CPU, NCCL on CUDA; collectives time out after the
+job's ``collective_timeout_s``, not torch's 30 minutes), reads its shards through the dataset
+reader, resumes from the job's last checkpoint if there is one, trains (DDP for ``dp``,
+``torch.distributed.pipelining`` GPipe for ``pp``), checkpoints, and at the end rank 0 evaluates
+on the held-out records, uploads the weights and registers the model version.
+
+Exit code 0 means this rank finished its part; anything else (a crash, a lost peer surfacing as a
+collective error or timeout, SIGKILL) tells the agent that the attempt failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from services.trainer import data
+from services.trainer.bridge import NatsBridge
+from shared.clock import rfc3339_now
+from shared.config import load_mesh_config, load_trainer_config
+from shared.datasets import DatasetReader
+from shared.logs import setup_logging
+from shared.names import Names
+from shared.registry import artifacts, register
+from shared.schemas import Checkpoint, DatasetManifest, ModelVersion, TrainJob, TrainProgress, TrainRequest, TrainResult
+from zoo import ModelSpec, build_model
+from zoo.artifacts import checkpoint_from_bytes, checkpoint_to_bytes, weights_to_bytes
+from zoo.lm import lm_loss
+
+log = logging.getLogger("aimesh.trainer.worker")
+_json = msgspec.json.Encoder()
+PROGRESS_EVERY_S = 0.5
+LOSSES_KEPT = 2000
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.job_id: str = args.job
+        self.attempt: int = args.attempt
+        self.rank: int = args.rank
+        self.world: int = args.world
+        self.master: str = args.master
+        self.config = load_mesh_config()
+        self.names = Names(self.config.prefix)
+        self.bridge = NatsBridge(self.config, f"{self.config.prefix}-trainer-{self.job_id}-r{self.rank}")
+        self.js = self.bridge.nc.jetstream()
+        self.jobs = self.bridge.call(self.js.key_value(self.names.jobs_bucket))
+        job = msgspec.json.decode(self.bridge.call(self.jobs.get(f"job.{self.job_id}")).value or b"", type=TrainJob)
+        self.job = job
+        self.req: TrainRequest = job.request
+        self.device = self._device()
+        self.losses: list[float] = []
+
+    def _device(self) -> torch.device:
+        want = self.req.device
+        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise SystemExit("device cuda asked for, but CUDA is not available on this node")
+            return torch.device("cuda", self.rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    # -- the whole attempt -------------------------------------------------------------------
+    def run(self) -> None:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{self.master}",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=timedelta(seconds=self.req.collective_timeout_s),
+        )
+        try:
+            manifest = self.bridge.call(DatasetReader.open(self.js, self.names, self.req.dataset)).manifest
+            task = "lm" if any(c.name == "tokens" for c in manifest.columns) else "classify"
+            if self.req.parallel == "pp" and task != "lm":
+                raise SystemExit("pipeline parallelism (pp) is for the language model: use dp for classifiers")
+            arrays, sizes = self._load(manifest)
+            train, _ = data.split(arrays, sizes, self.req.eval_fraction)
+            steps = data.steps_per_epoch(
+                manifest, self.world, self.req.parallel, self.req.batch_size, self.req.eval_fraction
+            )
+            if steps == 0:
+                raise SystemExit(f"batch size {self.req.batch_size} is larger than a rank's share of the data")
+            if self.req.parallel == "pp":
+                model, full = self._pp_model()
+            else:
+                model, full = self._dp_model()
+            self._train(model, full, train, steps, task, manifest)
+            if self.rank == 0 or self.req.parallel == "pp":
+                self._finish(full, manifest, task)
+        finally:
+            dist.destroy_process_group()
+            self.bridge.close()
+
+    def _load(self, manifest: DatasetManifest) -> tuple[dict[str, np.ndarray], list[int]]:
+        shards = data.train_shards(manifest, self.rank, self.world, self.req.parallel)
+        reader = DatasetReader(self.js, self.names, manifest)
+        arrays = self.bridge.call(reader.load(shards))
+        return arrays, [manifest.shards[s].records for s in shards]
+
+    # -- models ------------------------------------------------------------------------------
+    def _spec(self) -> ModelSpec:
+        return ModelSpec(factory=self.req.factory, kwargs=self.req.kwargs)
+
+    def _dp_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        torch.manual_seed(self.req.seed)
+        full = build_model(self._spec()).to(self.device)
+        if self.world == 1:
+            return full, full
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            full, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
+        return ddp, full
+
+    def _pp_model(self) -> tuple[Any, torch.nn.Module]:
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        torch.manual_seed(self.req.seed)
+        full = build_model(self._spec())
+        if not hasattr(full, "stages"):
+            raise SystemExit(f"{self.req.factory} has no stages(n): it cannot be pipelined")
+        piece = full.stages(self.world)[self.rank].to(self.device)  # type: ignore[operator]
+        stage = PipelineStage(piece, self.rank, self.world, self.device)
+        last = self.rank == self.world - 1
+        schedule = ScheduleGPipe(stage, n_microbatches=self.req.microbatches, loss_fn=lm_loss if last else None)
+        self._pp_piece = piece
+        return schedule, full
+
+    def _parameters(self, model: Any) -> Any:
+        return self._pp_piece.parameters() if self.req.parallel == "pp" else model.parameters()
+
+    # -- training ----------------------------------------------------------------------------
+    def _train(
+        self,
+        model: Any,
+        full: torch.nn.Module,
+        train: dict[str, np.ndarray],
+        steps: int,
+        task: str,
+        manifest: DatasetManifest,
+    ) -> None:
+        req = self.req
+        params = list(self._parameters(model))
+        opt: torch.optim.Optimizer = (
+            torch.optim.SGD(params, lr=req.lr, momentum=0.9)
+            if req.optimizer == "sgd"
+            else torch.optim.Adam(params, lr=req.lr)
+        )
+        start_epoch, start_step = self._resume(full, opt, steps)
+        per_rank = req.batch_size if req.parallel == "pp" else req.batch_size // self.world
+        shuffle_seed = req.seed if req.parallel == "pp" else req.seed * 1_000_003 + self.rank
+        total_steps = 0
+        last_report = 0.0
+        window_start, window_samples = time.perf_counter(), 0
+        for epoch in range(start_epoch, req.epochs):
+            first = start_step if epoch == start_epoch else 0
+            batches = data_batches(train, per_rank, shuffle_seed, epoch, first * per_rank)
+            for step in range(first, steps):
+                batch = next(batches)
+                loss = self._step(model, opt, batch, task)
+                total_steps += 1
+                window_samples += req.batch_size
+                done = epoch * steps + step + 1
+                if self.rank == 0 and len(self.losses) < LOSSES_KEPT:
+                    self.losses.append(loss)
+                if math.isnan(loss) or math.isinf(loss):
+                    self._fail(f"loss became {loss} at epoch {epoch} step {step}: lower --lr or check the data")
+                now = time.perf_counter()
+                if self._reporter() and now - last_report >= PROGRESS_EVERY_S:
+                    rate = window_samples / max(now - window_start, 1e-9)
+                    self._progress(epoch, step + 1, steps, loss, rate)
+                    last_report, window_start, window_samples = now, now, 0
+                at_end = step + 1 == steps
+                if (req.checkpoint_every and done % req.checkpoint_every == 0) or at_end:
+                    next_epoch, next_step = (epoch + 1, 0) if at_end else (epoch, step + 1)
+                    self._checkpoint(full, opt, next_epoch, next_step, steps)
+                if req.max_steps is not None and total_steps >= req.max_steps:
+                    return
+
+    def _step(self, model: Any, opt: torch.optim.Optimizer, batch: dict[str, np.ndarray], task: str) -> float:
+        opt.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        if task == "lm":
+            tokens = torch.from_numpy(batch["tokens"].astype(np.int64)).to(self.device)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+        else:
+            x = torch.from_numpy(batch["x"]).to(self.device)
+            y = torch.from_numpy(batch["y"]).to(self.device)
+        if self.req.parallel == "pp":
+            return self._pp_step(model, opt, x, y)
+        with autocast:
+            out = model(x)
+            loss = lm_loss(out, y) if task == "lm" else torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+        value = loss.detach()
+        if self.world > 1:  # report the global mean loss
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world
+        return float(value)
+
+    def _pp_step(self, schedule: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+        last = self.rank == self.world - 1
+        losses: list[torch.Tensor] = []
+        if self.rank == 0:
+            schedule.step(x)
+        elif last:
+            schedule.step(target=y, losses=losses)
+        else:
+            schedule.step()
+        opt.step()
+        value = torch.stack(losses).mean().detach() if last else torch.zeros(())
+        dist.broadcast(value, src=self.world - 1)  # every rank knows the loss (NaN checks, reports)
+        return float(value)
+
+    def _reporter(self) -> bool:
+        return self.rank == 0
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _checkpoint(self, full: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, steps: int) -> None:
+        position = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "world": self.world}
+        if self.req.parallel == "pp":
+            state = self._pp_piece.state_dict()
+        elif self.rank != 0:
+            return
+        else:
+            state = full.state_dict()
+        body = checkpoint_to_bytes(state, opt, position)
+        name = f"ckpt/{self.job_id}/a{self.attempt}-e{epoch}-s{step}-r{self.rank}"
+        store = self.bridge.call(artifacts(self.js, self.names, self.config.js_replicas))
+        self.bridge.call(store.put(name, body))
+        if self.req.parallel == "pp":
+            dist.barrier()  # every stage's part is stored before the checkpoint is announced
+        if self.rank == 0:
+            objects = (
+                [f"ckpt/{self.job_id}/a{self.attempt}-e{epoch}-s{step}-r{r}" for r in range(self.world)]
+                if self.req.parallel == "pp"
+                else [name]
+            )
+            ckpt = Checkpoint(
+                job_id=self.job_id,
+                attempt=self.attempt,
+                step=step,
+                epoch=epoch,
+                offset=step * self.req.batch_size,
+                objects=objects,
+                world=self.world,
+            )
+            self.bridge.call(self.jobs.put(f"checkpoint.{self.job_id}", _json.encode(ckpt)))
+
+    def _resume(self, full: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> tuple[int, int]:
+        try:
+            entry = self.bridge.call(self.jobs.get(f"checkpoint.{self.job_id}"))
+        except Exception:
+            return 0, 0
+        ckpt = msgspec.json.decode(entry.value or b"", type=Checkpoint)
+        if self.req.parallel == "pp" and ckpt.world != self.world:
+            raise SystemExit(f"the checkpoint has {ckpt.world} pipeline stages; this attempt has {self.world}")
+        name = ckpt.objects[self.rank] if self.req.parallel == "pp" else ckpt.objects[0]
+        store = self.bridge.call(artifacts(self.js, self.names, self.config.js_replicas))
+        result = self.bridge.call(store.get(name))
+        model_state, opt_state, position = checkpoint_from_bytes(bytes(result.data or b""))
+        target = self._pp_piece if self.req.parallel == "pp" else full
+        target.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        # A different world size changes the steps per epoch: keep the same fraction of the epoch.
+        step = round(position["step"] * steps / max(position["steps_per_epoch"], 1))
+        log.info("rank %d resumes from %s at epoch %d step %d", self.rank, name, position["epoch"], step)
+        return int(position["epoch"]), min(step, steps)
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _progress(self, epoch: int, step: int, steps: int, loss: float, rate: float) -> None:
+        progress = TrainProgress(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            world=self.world,
+            epoch=epoch,
+            step=step,
+            steps_per_epoch=steps,
+            loss=loss,
+            samples_per_s=rate,
+            ranks=list(range(self.world)),
+        )
+        self.bridge.post(self.jobs.put(f"progress.{self.job_id}", _json.encode(progress)))
+
+    def _fail(self, error: str) -> None:
+        if self.rank == 0:
+            result = TrainResult(job_id=self.job_id, ok=False, error=error)
+            self.bridge.call(self.jobs.put(f"result.{self.job_id}.{self.attempt}", _json.encode(result)))
+        raise SystemExit(error)
+
+    # -- the end: evaluate, store, register ---------------------------------------------------
+    def _finish(self, full: torch.nn.Module, manifest: DatasetManifest, task: str) -> None:
+        if self.req.parallel == "pp":
+            full = self._gather_pipeline(full)
+            if self.rank != 0:
+                return
+        full = full.cpu().eval()
+        metrics = self._evaluate(full, manifest, task)
+        store = self.bridge.call(artifacts(self.js, self.names, self.config.js_replicas))
+        name = f"models/{self.req.model}/{self.job_id}.safetensors"
+        self.bridge.call(store.put(name, weights_to_bytes(full.state_dict())))
+        inputs = [c for c in manifest.columns if c.name in ("x", "tokens")]
+        version = ModelVersion(
+            model=self.req.model,
+            version="",
+            artifact=name,
+            factory=self.req.factory,
+            kwargs=self.req.kwargs,
+            task=task,
+            inputs=inputs,
+            metrics=metrics,
+            dataset=f"{manifest.dataset}@{manifest.version}",
+            dataset_trace_id=manifest.trace_id,
+            hyperparameters=msgspec.to_builtins(self.req),
+            job_id=self.job_id,
+            trace_id=self.job.trace_id,
+            created_at=rfc3339_now(),
+            label_classes=manifest.label_classes,
+            tokenizer=manifest.tokenizer,
+        )
+        registry = self.bridge.call(self.js.key_value(self.names.registry_bucket))
+        registered = self.bridge.call(register(registry, version))
+        result = TrainResult(
+            job_id=self.job_id, ok=True, model_version=registered.version, metrics=metrics, losses=self.losses
+        )
+        self.bridge.call(self.jobs.put(f"result.{self.job_id}.{self.attempt}", _json.encode(result)))
+        log.info("registered %s@%s %s", self.req.model, registered.version, metrics)
+
+    def _gather_pipeline(self, full: torch.nn.Module) -> torch.nn.Module:
+        """Bring every stage's weights to rank 0, into the full model (same parameter names)."""
+        mine = {id(p) for p in self._pp_piece.parameters()} | {id(b) for b in self._pp_piece.buffers()}
+        state = {k: v.detach().cpu() for k, v in full.state_dict(keep_vars=True).items() if id(v) in mine}
+        gathered: list[dict[str, torch.Tensor] | None] = [None] * self.world
+        dist.gather_object(state, gathered if self.rank == 0 else None, dst=0)
+        if self.rank == 0:
+            merged: dict[str, torch.Tensor] = {}
+            for part in gathered:
+                merged.update(part or {})
+            full.load_state_dict(merged)
+        return full
+
+    def _evaluate(self, full: torch.nn.Module, manifest: DatasetManifest, task: str) -> dict[str, float]:
+        reader = DatasetReader(self.js, self.names, manifest)
+        shards = list(range(len(manifest.shards)))
+        arrays = self.bridge.call(reader.load(shards))
+        _, held = data.split(arrays, [manifest.shards[s].records for s in shards], self.req.eval_fraction)
+        if not len(next(iter(held.values()))):
+            return {}
+        with torch.no_grad():
+            if task == "lm":
+                tokens = torch.from_numpy(held["tokens"][:512].astype(np.int64))
+                loss = float(lm_loss(full(tokens[:, :-1]), tokens[:, 1:]))
+                return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)), "eval_records": len(tokens)}
+            x, y = torch.from_numpy(held["x"]), torch.from_numpy(held["y"])
+            logits = full(x)
+            return {
+                "eval_accuracy": float((logits.argmax(-1) == y).float().mean()),
+                "eval_loss": float(torch.nn.functional.cross_entropy(logits, y)),
+                "eval_records": float(len(y)),
+            }
+
+
+def data_batches(train: dict[str, np.ndarray], per_rank: int, seed: int, epoch: int, offset: int) -> Any:
+    return iter(
+        DatasetReader.epoch_batches(train, batch_size=per_rank, seed=seed, epoch=epoch, offset=offset, drop_last=True)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one rank of a training attempt (started by a trainer agent)")
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--master", required=True)
+    args = parser.parse_args()
+    config = load_mesh_config()
+    setup_logging(
+        f"trainer-r{args.rank}", config.instance or str(os.getpid()), fmt=config.log_format, level=config.log_level
+    )
+    torch.set_num_threads(max(1, load_trainer_config().threads))
+    try:
+        Worker(args).run()
+    except SystemExit:
+        raise
+    except Exception:
+        log.exception("rank %d of %s failed", args.rank, args.job)
+        sys.exit(1)
+    asyncio.set_event_loop(None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The model registry (bucket ``<prefix>-registry``) and the artifacts object store.
+
+Keys::
+
+    version.<model>.<n>     a ModelVersion (JSON)
+    alias.<model>.<alias>   a version number; ``latest`` moves on every registration, others
+                            (``stable``, …) move when someone says so
+    seq.<model>             the last version number handed out (compare-and-set)
+"""
+
+from __future__ import annotations
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from shared.errors import NotFound
+from shared.names import Names, check_token
+from shared.schemas import ModelVersion
+
+_version = msgspec.json.Decoder(ModelVersion)
+_json = msgspec.json.Encoder()
+
+
+async def next_number(kv: KeyValue, key: str) -> int:
+    """Hand out 1, 2, 3… under ``key``, safely against concurrent callers."""
+    while True:
+        try:
+            entry = await kv.get(key)
+            number = int((entry.value or b"0").decode()) + 1
+            await kv.update(key, str(number).encode(), last=entry.revision)
+            return number
+        except KeyNotFoundError:
+            try:
+                await kv.create(key, b"1")
+                return 1
+            except KeyWrongLastSequenceError:
+                continue
+        except KeyWrongLastSequenceError:
+            continue
+
+
+async def registry_kv(js: JetStreamContext, names: Names) -> KeyValue:
+    try:
+        return await js.key_value(names.registry_bucket)
+    except (NotFoundError, BucketNotFoundError):
+        raise NotFound("no models yet: the registry bucket does not exist (is a trainer running?)") from None
+
+
+async def register(kv: KeyValue, version: ModelVersion) -> ModelVersion:
+    """Store a new version of ``version.model`` (its number is assigned here) and move ``latest``."""
+    check_token(version.model, "model name")
+    number = str(await next_number(kv, f"seq.{version.model}"))
+    version = msgspec.structs.replace(version, version=number)
+    await kv.put(f"version.{version.model}.{number}", _json.encode(version))
+    await kv.put(f"alias.{version.model}.latest", number.encode())
+    return version
+
+
+async def set_alias(kv: KeyValue, model: str, alias: str, version: str) -> None:
+    check_token(alias, "alias")
+    await get_version(kv, model, version)  # must exist
+    await kv.put(f"alias.{model}.{alias}", version.encode())
+
+
+async def get_version(kv: KeyValue, model: str, ref: str | None = None) -> ModelVersion:
+    """``ref``: a version number, an alias, or None for ``latest``."""
+    ref = ref or "latest"
+    if not ref.isdigit():
+        try:
+            ref = (await kv.get(f"alias.{model}.{ref}")).value.decode()  # type: ignore[union-attr]
+        except KeyNotFoundError:
+            raise NotFound(f"model {model!r} has no version or alias {ref!r}") from None
+    try:
+        entry = await kv.get(f"version.{model}.{ref}")
+    except KeyNotFoundError:
+        raise NotFound(f"model {model!r} has no version {ref}") from None
+    return _version.decode(entry.value or b"")
+
+
+async def list_versions(kv: KeyValue) -> list[ModelVersion]:
+    try:
+        keys = await kv.keys()
+    except NotFoundError:
+        return []
+    out = [_version.decode((await kv.get(k)).value or b"") for k in keys if k.startswith("version.")]
+    out.sort(key=lambda v: (v.model, int(v.version)))
+    return out
+
+
+async def aliases(kv: KeyValue, model: str) -> dict[str, str]:
+    try:
+        keys = await kv.keys()
+    except NotFoundError:
+        return {}
+    prefix = f"alias.{model}."
+    return {k[len(prefix) :]: (await kv.get(k)).value.decode() for k in keys if k.startswith(prefix)}  # type: ignore[union-attr]
+
+
+async def artifacts(js: JetStreamContext, names: Names, replicas: int = 1) -> ObjectStore:
+    try:
+        return await js.object_store(names.artifacts_bucket)
+    except (NotFoundError, BucketNotFoundError):
+        from nats.js.api import ObjectStoreConfig, StorageType
+
+        return await js.create_object_store(
+            names.artifacts_bucket, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
+        )

@@ -1,0 +1,135 @@
+"""A small causal transformer language model over byte tokens, with generation.
+
+``stages(n)`` cuts it into ``n`` sequential pieces for pipeline parallelism (embedding + the first
+blocks, …, the last blocks + norm + head): built with the same seed, the pieces hold exactly the
+weights of the single model, so pipeline and single-process training can be compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        mask = torch.triu(torch.full((n, n), float("-inf"), device=x.device), diagonal=1)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Embed(nn.Module):
+    def __init__(self, vocab: int, dim: int, context: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(context, dim)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.tokens(idx) + self.positions(pos)
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(x))
+
+
+class CausalLM(nn.Module):
+    """Token ids (batch, time) → logits (batch, time, vocab)."""
+
+    def __init__(
+        self,
+        vocab: int = 257,
+        dim: int = 128,
+        layers: int = 4,
+        heads: int = 4,
+        context: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.vocab = vocab
+        self.embed = Embed(vocab, dim, context)
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
+        self.head = Head(dim, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def stages(self, n: int) -> list[nn.Module]:
+        """The model as ``n`` sequential pieces, sharing these weights."""
+        blocks = list(self.blocks)
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"cannot cut {len(blocks)} blocks into {n} pipeline stages")
+        cuts = [round(i * len(blocks) / n) for i in range(n + 1)]
+        pieces: list[nn.Module] = []
+        for i in range(n):
+            parts: list[nn.Module] = [self.embed] if i == 0 else []
+            parts += blocks[cuts[i] : cuts[i + 1]]
+            if i == n - 1:
+                parts.append(self.head)
+            pieces.append(nn.Sequential(*parts))
+        return pieces
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids one at a time (batch of one), sampling with temperature, top-k, top-p;
+        temperature 0 is greedy."""
+        for _ in range(max_tokens):
+            logits = self(idx[:, -self.context :])[:, -1, :]
+            if temperature <= 0:
+                token = int(logits.argmax(-1))
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1, None]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                if top_p is not None and top_p < 1.0:
+                    sorted_p, order = torch.sort(probs, descending=True)
+                    keep = torch.cumsum(sorted_p, -1) - sorted_p < top_p
+                    sorted_p = sorted_p * keep
+                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+                    probs = probs / probs.sum(-1, keepdim=True)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            yield token
+            idx = torch.cat([idx, torch.tensor([[token]], device=idx.device)], dim=1)
+
+
+def causal_lm(
+    *, vocab: int = 257, dim: int = 128, layers: int = 4, heads: int = 4, context: int = 128, dropout: float = 0.0
+) -> CausalLM:
+    return CausalLM(vocab, dim, layers, heads, context, dropout)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

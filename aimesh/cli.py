@@ -20,7 +20,7 @@ from services import SERVICE_NAMES
 from shared.config import config_path, load_mesh_config, load_up_config, read_toml
 from shared.errors import ConfigError, MeshError
 from shared.names import Names
-from shared.schemas import ColumnSpec, IngestRequest
+from shared.schemas import ColumnSpec, IngestRequest, TrainRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -78,6 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--seq-len", type=int, default=128, help="text: tokens per sequence (default 128)")
     ingest.add_argument("--demo", action="store_true", help="ingest the built-in demo sets (digits, pytext)")
     _add_client_flags(ingest)
+
+    train = sub.add_parser("train", help="train a model on a dataset across trainer nodes")
+    train.add_argument("--model", required=True, help="registry name of the result, e.g. digits")
+    train.add_argument("--factory", help="package.module:function (default: by --arch)")
+    train.add_argument("--arch", choices=["mlp", "cnn", "lm"], help="a built-in model; its sizes come from the dataset")
+    train.add_argument("--kwargs", default="{}", help="the factory's keyword arguments as JSON")
+    train.add_argument("--dataset", required=True, help="NAME[@VERSION]")
+    train.add_argument("--nodes", type=int, default=1)
+    train.add_argument("--min-nodes", type=int, help="re-form with at least this many nodes after a loss")
+    train.add_argument("--parallel", choices=["dp", "pp"], default="dp")
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: epoch ends)")
+    train.add_argument("--max-restarts", type=int, default=3)
+    train.add_argument("--microbatches", type=int, default=4, help="pp: micro-batches per step")
+    train.add_argument("--max-steps", type=int, help="stop after this many steps")
+    train.add_argument("--wait-nodes", type=float, default=60.0, help="seconds to wait for the nodes")
+    _add_client_flags(train)
+
+    models = sub.add_parser("models", help="list registered models, or `models show NAME[@VERSION|@ALIAS]`")
+    models.add_argument("action", nargs="?", choices=["show"])
+    models.add_argument("ref", nargs="?")
+    _add_client_flags(models)
 
     datasets = sub.add_parser("datasets", help="list datasets, or `datasets show NAME[@VERSION]`")
     datasets.add_argument("action", nargs="?", choices=["show"], help="show one dataset version")
@@ -257,3 +284,90 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         print("aimesh datasets show: give NAME[@VERSION]", file=sys.stderr)
         return EXIT_USAGE
     return run(datasets(_resolve_nats_url(args), _names(args), args.ref if args.action else None, args.json))
+
+
+ARCHES = {"mlp": "zoo.classifier:mlp", "cnn": "zoo.classifier:cnn", "lm": "zoo.lm:causal_lm"}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import run
+    from aimesh.train_cmd import cmd_train as train
+
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--kwargs is not JSON: {exc}") from None
+    if not args.factory and not args.arch:
+        raise ConfigError("give --factory package.module:function or --arch mlp|cnn|lm")
+    url, names = _resolve_nats_url(args), _names(args)
+    if args.arch and not args.factory:
+        kwargs = run_sizes(url, names, args.dataset, args.arch) | kwargs
+    req = TrainRequest(
+        model=args.model,
+        factory=args.factory or ARCHES[args.arch],
+        kwargs=kwargs,
+        dataset=args.dataset,
+        nodes=args.nodes,
+        min_nodes=args.min_nodes,
+        parallel=args.parallel,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        max_restarts=args.max_restarts,
+        microbatches=args.microbatches,
+        max_steps=args.max_steps,
+        wait_nodes_s=args.wait_nodes,
+    )
+    return run(train(url, names, req, args.json))
+
+
+def run_sizes(url: str, names: Names, dataset: str, arch: str) -> dict[str, object]:
+    """A built-in model's sizes from the dataset's manifest."""
+    from aimesh.datasets_cmd import connect_once
+    from shared.datasets import get_manifest, parse_ref
+
+    async def sizes() -> dict[str, object]:
+        nc = await connect_once(url)
+        try:
+            manifest = await get_manifest(nc.jetstream(), names, *parse_ref(dataset))
+        finally:
+            await nc.close()
+        return model_sizes(manifest, arch)
+
+    return asyncio.run(sizes())
+
+
+def model_sizes(manifest: object, arch: str) -> dict[str, object]:
+    from shared.schemas import DatasetManifest
+
+    assert isinstance(manifest, DatasetManifest)
+    if arch == "lm":
+        seq = manifest.tokenizer.seq_len if manifest.tokenizer else 128
+        vocab = manifest.tokenizer.vocab_size if manifest.tokenizer else 257
+        return {"vocab": vocab, "context": seq, "dim": 128, "layers": 4, "heads": 4}
+    x = next((c for c in manifest.columns if c.name == "x"), None)
+    if x is None:
+        raise ConfigError(f"dataset {manifest.dataset} has no feature column x")
+    inputs = 1
+    for d in x.shape:
+        inputs *= d
+    classes = manifest.classes or len(manifest.label_classes)
+    if not classes:
+        raise ConfigError(f"dataset {manifest.dataset} has no class labels: give --factory and --kwargs")
+    if arch == "cnn":
+        return {"side": round(inputs**0.5), "classes": classes}
+    return {"inputs": inputs, "classes": classes}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import run
+    from aimesh.train_cmd import cmd_models as models
+
+    if args.action == "show" and not args.ref:
+        print("aimesh models show: give NAME[@VERSION|@ALIAS]", file=sys.stderr)
+        return EXIT_USAGE
+    return run(models(_resolve_nats_url(args), _names(args), args.ref if args.action else None, args.json))

@@ -127,6 +127,7 @@ class DatasetManifest(Message, frozen=True, kw_only=True):
     features: list[str] = []  # the input columns packed, in order, into x
     label: str | None = None  # the input column whose values are stored as y
     label_classes: list[str] = []  # when labels were strings: their index order
+    classes: int = 0  # class labels: how many classes (the largest id + 1)
     sharding: str  # "round_robin" or "hash:<column>"
     shards: list[ShardInfo]
     records: int

@@ -69,6 +69,7 @@ class IngestRun:
         self.max_in_flight = max_in_flight
         self.rejects = RejectLog()
         self.records = 0
+        self.classes = 0
         self.bytes_read = 0
         self._stop = threading.Event()
 
@@ -97,6 +98,9 @@ class IngestRun:
                     per_record = sum(v[:1].nbytes for v in block.columns.values()) or 1
                     sharder = Sharder(request.shards, batch_rows_for(per_record, request.batch_bytes), key)
                 self.records += len(block)
+                labels = block.columns.get("y")
+                if labels is not None and labels.dtype.kind == "i" and len(labels):
+                    self.classes = max(self.classes, int(labels.max()) + 1)
                 for batch in sharder.add(block.columns):
                     await self._emit(batch, tallies, resume, publisher)
                 self._check_rejects(final=False)
@@ -270,6 +274,7 @@ class IngestRun:
             features=list(self.source.features),
             label=self.source.label,
             label_classes=list(self.source.label_classes),
+            classes=max(self.classes, len(self.source.label_classes)),
             sharding=f"hash:{request.shard_by}" if request.shard_by else "round_robin",
             shards=shards,
             records=sum(s.records for s in shards),

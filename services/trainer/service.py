@@ -117,6 +117,8 @@ class TrainerService(Service):
             raise BadRequest(f"min_nodes must be between 1 and nodes ({req.nodes}); pp needs all its stages")
         if req.parallel == "dp" and req.batch_size % req.nodes:
             raise BadRequest(f"batch size {req.batch_size} must divide evenly over {req.nodes} nodes")
+        if req.parallel == "pp" and req.batch_size % req.microbatches:
+            raise BadRequest(f"batch size {req.batch_size} must divide into {req.microbatches} micro-batches")
         if req.epochs < 1 or req.batch_size < 1 or req.lr <= 0:
             raise BadRequest("epochs and batch size must be ≥ 1 and lr > 0")
         dataset, version = parse_ref(req.dataset)

@@ -97,6 +97,10 @@ class Worker:
             if steps == 0:
                 raise SystemExit(f"batch size {self.req.batch_size} is larger than a rank's share of the data")
             if self.req.parallel == "pp":
+                if self.req.batch_size % self.req.microbatches:
+                    raise SystemExit(
+                        f"batch size {self.req.batch_size} must divide into {self.req.microbatches} micro-batches"
+                    )
                 model, full = self._pp_model()
             else:
                 model, full = self._dp_model()
@@ -135,9 +139,10 @@ class Worker:
         if not hasattr(full, "stages"):
             raise SystemExit(f"{self.req.factory} has no stages(n): it cannot be pipelined")
         piece = full.stages(self.world)[self.rank].to(self.device)  # type: ignore[operator]
-        stage = PipelineStage(piece, self.rank, self.world, self.device)
-        last = self.rank == self.world - 1
-        schedule = ScheduleGPipe(stage, n_microbatches=self.req.microbatches, loss_fn=lm_loss if last else None)
+        stage = PipelineStage(piece, self.rank, self.world, self.device)  # shapes are inferred at the first step
+        # Every stage gets the loss function: the schedule decides from it that there is a backward pass,
+        # and all stages must agree on that or the first step hangs.
+        schedule = ScheduleGPipe(stage, n_microbatches=self.req.microbatches, loss_fn=lm_loss)
         self._pp_piece = piece
         return schedule, full
 

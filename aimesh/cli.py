@@ -80,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_flags(ingest)
 
     train = sub.add_parser("train", help="train a model on a dataset across trainer nodes")
-    train.add_argument("--model", required=True, help="registry name of the result, e.g. digits")
+    train.add_argument("--model", help="registry name of the result, e.g. digits")
+    train.add_argument("--resume", metavar="JOB", help="run a failed job again from its last checkpoint")
     train.add_argument("--factory", help="package.module:function (default: by --arch)")
     train.add_argument("--arch", choices=["mlp", "cnn", "lm"], help="a built-in model; its sizes come from the dataset")
     train.add_argument("--kwargs", default="{}", help="the factory's keyword arguments as JSON")
-    train.add_argument("--dataset", required=True, help="NAME[@VERSION]")
+    train.add_argument("--dataset", help="NAME[@VERSION]")
     train.add_argument("--nodes", type=int, default=1)
     train.add_argument("--min-nodes", type=int, help="re-form with at least this many nodes after a loss")
     train.add_argument("--parallel", choices=["dp", "pp"], default="dp")
@@ -122,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "status": cmd_status,
         "ingest": cmd_ingest,
         "datasets": cmd_datasets,
+        "train": cmd_train,
+        "models": cmd_models,
     }
     try:
         code = commands[args.command](args)
@@ -297,9 +300,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         kwargs = json.loads(args.kwargs)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--kwargs is not JSON: {exc}") from None
+    url, names = _resolve_nats_url(args), _names(args)
+    if args.resume:
+        req = TrainRequest(model=args.model or "resumed", factory="-", dataset="-", resume=args.resume)
+        return run(train(url, names, req, args.json))
+    if not args.model or not args.dataset:
+        raise ConfigError("give --model NAME and --dataset NAME[@VERSION] (or --resume JOB)")
     if not args.factory and not args.arch:
         raise ConfigError("give --factory package.module:function or --arch mlp|cnn|lm")
-    url, names = _resolve_nats_url(args), _names(args)
     if args.arch and not args.factory:
         kwargs = run_sizes(url, names, args.dataset, args.arch) | kwargs
     req = TrainRequest(

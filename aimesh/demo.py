@@ -1,8 +1,9 @@
 """``aimesh demo``: the mesh of ``aimesh up`` plus the pipeline run end to end on built-in data.
 
 So far: ingest the demo digits (CSV from scikit-learn's bundled set, 4 shards) and the Python
-standard library text corpus (byte-level tokens), and print their manifests.  Later issues add
-training, serving and experiments to the same command.
+standard library text corpus (byte-level tokens) and print their manifests; train a digits
+classifier data-parallel on the two trainer nodes and the small language model pipeline-parallel
+(two stages), and print the registered versions.  Later issues add serving and experiments.
 """
 
 from __future__ import annotations
@@ -16,26 +17,68 @@ from nats.aio.client import Client as NatsClient
 from aimesh.datasets_cmd import ingest
 from aimesh.progress import manifest_text
 from aimesh.supervisor import Supervisor
+from aimesh.train_cmd import train, version_text
 from shared.discovery import discover
 from shared.errors import MeshError
 from shared.names import Names
-from shared.schemas import IngestRequest, MicroPing
+from shared.registry import get_version, registry_kv
+from shared.schemas import IngestRequest, MicroPing, TrainRequest
 
+DEMO_TRAINING = (
+    TrainRequest(
+        model="digits",
+        factory="zoo.classifier:mlp",
+        kwargs={"inputs": 64, "classes": 10},
+        dataset="digits",
+        nodes=2,
+        parallel="dp",
+        epochs=10,
+        batch_size=64,
+        lr=3e-3,
+    ),
+    TrainRequest(
+        model="pylm",
+        factory="zoo.lm:causal_lm",
+        kwargs={"vocab": 257, "dim": 64, "layers": 2, "heads": 4, "context": 128},
+        dataset="pytext",
+        nodes=2,
+        parallel="pp",
+        batch_size=16,
+        microbatches=4,
+        lr=3e-3,
+        max_steps=40,
+    ),
+)
 DEMO_SETS = (
     IngestRequest(paths=["demo:digits"], dataset="digits", shards=4),
     IngestRequest(paths=["demo:pytext"], dataset="pytext", shards=2, seq_len=128),
 )
 
 
-async def wait_for_service(nc: NatsClient, names: Names, service: str, timeout_s: float = 60.0) -> None:
+async def wait_for_service(nc: NatsClient, names: Names, service: str, count: int = 1, timeout_s: float = 90.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
         pings = await discover(nc, "PING", MicroPing, name=names.micro_name(service), wait_s=0.5)
-        if any(p.metadata.get("state") == "ready" for p in pings):
+        if sum(p.metadata.get("state") == "ready" for p in pings) >= count:
             return
         await asyncio.sleep(0.2)
-    raise MeshError(f"no {service} service became ready within {timeout_s:g}s; see its log above")
+    raise MeshError(f"fewer than {count} {service} services became ready within {timeout_s:g}s; see the log above")
+
+
+async def _train(nc: NatsClient, names: Names) -> int:
+    await wait_for_service(nc, names, "trainer", count=2)
+    kv = await registry_kv(nc.jetstream(), names)
+    for req in DEMO_TRAINING:
+        print(
+            f"\n== train {req.model}: {req.factory} on {req.dataset}, {req.parallel} over {req.nodes} nodes", flush=True
+        )
+        job = await train(nc, names, req, show=sys.stdout.isatty(), out=sys.stdout)
+        if job.state != "complete":
+            print(f"demo: training {req.model} failed: {job.error}", file=sys.stderr)
+            return 1
+        print(version_text(await get_version(kv, req.model, job.model_version)), flush=True)
+    return 0
 
 
 async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *, exit_when_done: bool) -> int:
@@ -53,6 +96,8 @@ async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *,
                 code = 1
                 break
             print(manifest_text(manifest), flush=True)
+        if not code:
+            code = await _train(nc, names)
     except MeshError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         code = 1
@@ -60,7 +105,8 @@ async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *,
         await nc.close()
     print(
         f"\nNATS: {supervisor.nats_url}   status: aimesh status --data-dir {supervisor.data_dir}"
-        f"   datasets: aimesh datasets --data-dir {supervisor.data_dir}",
+        f"   datasets: aimesh datasets --data-dir {supervisor.data_dir}"
+        f"   models: aimesh models --data-dir {supervisor.data_dir}",
         flush=True,
     )
     if exit_when_done or code:

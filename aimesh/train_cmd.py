@@ -69,7 +69,7 @@ async def cmd_train(url: str, names: Names, req: TrainRequest, as_json: bool) ->
         job = await train(nc, names, req, show=not as_json and sys.stderr.isatty())
         version = None
         if job.state == "complete":
-            version = await get_version(await registry_kv(nc.jetstream(), names), req.model, job.model_version)
+            version = await get_version(await registry_kv(nc.jetstream(), names), job.request.model, job.model_version)
     except MeshError as exc:
         print(f"aimesh train: {exc}", file=sys.stderr)
         return 2 if getattr(exc, "code", 500) < 500 else 1

@@ -222,6 +222,7 @@ class TrainRequest(Message, frozen=True, kw_only=True):
     eval_fraction: float = 0.1  # records held out for evaluation
     max_steps: int | None = None  # stop early (tests, benchmarks)
     collective_timeout_s: float = 30.0
+    resume: str | None = None  # a failed job's id: run it again from its last checkpoint
 
 
 class TrainJob(Message, frozen=True, kw_only=True):

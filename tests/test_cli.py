@@ -241,6 +241,9 @@ async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: N
     assert out.returncode == 0, out.stdout + out.stderr
     assert "dataset digits@1  (csv, 1,797 records, 0 rejected" in out.stdout
     assert "dataset pytext@1  (text," in out.stdout and "tokenizer: bytes, vocab 257" in out.stdout
+    assert "model digits@1: classify" in out.stdout and "model pylm@1: lm" in out.stdout
+    accuracy = float(out.stdout.split("eval_accuracy ", 1)[1].split(",", 1)[0])
+    assert accuracy >= 0.9
 
 
 async def test_ingest_and_datasets_commands(

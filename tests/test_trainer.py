@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -207,3 +209,55 @@ async def test_bad_training_requests_end_with_a_clear_error(
     assert waiting.state == "failed" and "waited 2s for 3 trainer nodes (at least 3); 2 joined" in waiting.error
     nan = await train(nc, names, TrainRequest(**(base | {"optimizer": "sgd", "lr": 1e12})), show=False)  # type: ignore[arg-type]
     assert nan.state == "failed" and "loss became" in nan.error and nan.restarts == 0
+
+
+async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
+    ingest_service: IngestService, spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    nodes = await trainers(spawn, nats_url, names, 2)
+    await ingest(nc, names, IngestRequest(paths=["demo:digits"], dataset="digits", shards=4), progress=False)
+    kwargs = {"inputs": 64, "classes": 10, "hidden": [512, 512]}
+    req = TrainRequest(
+        model="digits",
+        factory="zoo.classifier:mlp",
+        kwargs=kwargs,
+        dataset="digits",
+        nodes=1,
+        epochs=30,
+        batch_size=64,
+        checkpoint_every=25,
+        max_restarts=0,
+    )
+    accepted = await request(nc, names.train_submit, req, TrainAccepted, timeout_s=30)
+    kv = await nc.jetstream().key_value(names.jobs_bucket)
+
+    async def checkpointed() -> bool:
+        try:
+            return bool((await kv.get(f"checkpoint.{accepted.job_id}")).value)
+        except Exception:
+            return False
+
+    await eventually(checkpointed, 120, "a checkpoint")
+    job = msgspec.json.decode((await kv.get(f"job.{accepted.job_id}")).value or b"", type=TrainJob)
+    pings = await discover(nc, "PING", MicroPing, name=names.micro_name("trainer"))
+    os.kill(int(next(p for p in pings if p.id == job.members[0]).metadata["pid"]), signal.SIGKILL)
+    failed = await train_follow(nc, names, accepted.job_id)
+    assert failed.state == "failed" and "gave up after 0 restarts" in failed.error
+
+    from tests.helpers import ROOT
+    from tests.test_cli import AIMESH, _clean_env
+
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [*AIMESH, "train", "--resume", accepted.job_id, "--json", "--nats-url", nats_url, "--prefix", names.prefix],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["job"]["state"] == "complete" and result["job"]["attempt"] == failed.attempt + 1
+    assert result["model"]["model"] == "digits" and result["model"]["metrics"]["eval_accuracy"] >= 0.9
+    assert len([n for n in nodes if n.proc.poll() is None]) == 1

@@ -104,6 +104,8 @@ class TrainerService(Service):
 
     # -- submit --------------------------------------------------------------------------------
     async def submit(self, req: TrainRequest, _: Call) -> TrainAccepted:
+        if req.resume:
+            return await self._resume(req.resume)
         try:
             check_token(req.model, "model name")
         except ValueError as exc:
@@ -148,6 +150,31 @@ class TrainerService(Service):
         await self.jobs.create(f"job.{job_id}", _json.encode(job))
         idle = sum(1 for n in await self._nodes() if n.state == "idle")
         return TrainAccepted(job_id=job_id, state=job.state, nodes_available=idle)
+
+    async def _resume(self, job_id: str) -> TrainAccepted:
+        """A failed job forms again (restart budget renewed); its ranks resume from the checkpoint."""
+        try:
+            entry = await self.jobs.get(f"job.{job_id}")
+        except KeyNotFoundError:
+            raise BadRequest(f"no training job {job_id}") from None
+        job = _job.decode(entry.value or b"")
+        if job.state != "failed":
+            raise BadRequest(f"job {job_id} is {job.state}: only a failed job can be resumed")
+        if not await self._cas(
+            job,
+            entry.revision or 0,
+            state="forming",
+            attempt=job.attempt + 1,
+            members=[],
+            master="",
+            world=0,
+            restarts=0,
+            error="",
+            forming_deadline=time.time() + job.request.wait_nodes_s,
+        ):
+            raise BadRequest(f"job {job_id} changed while resuming it; try again")
+        idle = sum(1 for n in await self._nodes() if n.state == "idle")
+        return TrainAccepted(job_id=job_id, state="forming", nodes_available=idle)
 
     # -- the control loop ----------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -235,7 +262,8 @@ class TrainerService(Service):
                         f"{len(job.members)} joined: start more trainers (aimesh run trainer) or lower --nodes"
                     ),
                 )
-        elif job.state == "running" and self.instance_id in job.members:
+        elif job.state in ("starting", "running"):
+            # Any agent may notice: a job whose only node died has no member left to say so.
             alive = {n.instance for n in await self._nodes()}
             lost = [m for m in job.members if m not in alive]
             if lost:

@@ -10,6 +10,8 @@ Keys::
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -108,3 +110,57 @@ async def artifacts(js: JetStreamContext, names: Names, replicas: int = 1) -> Ob
         return await js.create_object_store(
             names.artifacts_bucket, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
         )
+
+
+async def put_object(
+    store: ObjectStore, name: str, data: bytes, *, chunk_size: int = 512 * 1024, window: int = 32
+) -> None:
+    """Store ``data`` as object ``name``, in the object store's own format (nats-py's
+    ``ObjectStore.get`` and ``nats object get`` read it), but with the chunks published
+    asynchronously, ``window`` awaiting their acks at once, instead of one round trip per 128 KiB
+    chunk as ``ObjectStore.put`` does.  The meta message, which makes the object visible, is
+    published only after every chunk is stored."""
+    import base64
+    import hashlib
+    import json
+    from datetime import UTC, datetime
+
+    from nats.js.api import Header as JsHeader
+    from nats.js.api import ObjectInfo, ObjectMetaOptions, PubAck
+    from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TEMPLATE, OBJ_META_PRE_TEMPLATE
+
+    js = store._js  # nats-py exposes no pipelined put; these are its own fields
+    bucket = store._name
+    try:
+        previous = await store.get_info(name)
+    except NotFoundError:
+        previous = None
+    nuid = js._nc._nuid.next().decode()
+    chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
+    view = memoryview(data)
+    slots = asyncio.Semaphore(window)
+    acks: list[asyncio.Future[PubAck]] = []
+    try:
+        for start in range(0, len(data), chunk_size):
+            await slots.acquire()
+            ack = await js.publish_async(chunk_subject, bytes(view[start : start + chunk_size]))
+            ack.add_done_callback(lambda _: slots.release())
+            acks.append(ack)
+        await asyncio.gather(*acks)
+    except BaseException:
+        await js.purge_stream(store._stream, subject=chunk_subject)
+        raise
+    info = ObjectInfo(
+        name=name,
+        bucket=bucket,
+        nuid=nuid,
+        size=len(data),
+        chunks=len(acks),
+        mtime=datetime.now(UTC).isoformat(),
+        options=ObjectMetaOptions(max_chunk_size=chunk_size),
+        digest=OBJ_DIGEST_TEMPLATE.format(digest=base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()),
+    )
+    meta_subject = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(name.encode()).decode())
+    await js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers={JsHeader.ROLLUP: "sub"})
+    if previous is not None and not previous.deleted:
+        await js.purge_stream(store._stream, subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=previous.nuid))

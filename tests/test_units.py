@@ -79,3 +79,21 @@ def test_progress_and_reports_render() -> None:
     assert "2 rejected" in line
     report = rejects_text(job).splitlines()
     assert report[1] == "  a.csv:3: expected 3 fields, got 2" and report[2] == "  a.csv:9: x: NaN is not allowed"
+
+
+async def test_pipelined_object_put_is_readable_by_the_standard_object_store(nc: object) -> None:
+    import os
+
+    from shared.names import Names
+    from shared.registry import artifacts, put_object
+
+    js = nc.jetstream()  # type: ignore[attr-defined]
+    store = await artifacts(js, Names("objtest"))
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    await put_object(store, "blob", data, chunk_size=256 * 1024)
+    got = await store.get("blob")
+    assert got.data == data and got.info.chunks == 13 and got.info.size == len(data)
+    await put_object(store, "blob", b"small")
+    assert (await store.get("blob")).data == b"small"
+    stream = await js.stream_info("OBJ_objtest-artifacts")
+    assert stream.state.messages == 2  # the replaced object's chunks were purged: 1 chunk + 1 meta

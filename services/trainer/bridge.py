@@ -33,10 +33,12 @@ class NatsBridge:
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
-    def post(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def post(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start ``coro`` on the bridge's loop and return at once (a future to wait on if needed)."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
+        return future
 
     def close(self) -> None:
         for future in list(self._pending):

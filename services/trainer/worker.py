@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
@@ -36,7 +37,7 @@ from shared.config import load_mesh_config, load_trainer_config
 from shared.datasets import DatasetReader
 from shared.logs import setup_logging
 from shared.names import Names
-from shared.registry import artifacts, register
+from shared.registry import artifacts, put_object, register
 from shared.schemas import Checkpoint, DatasetManifest, ModelVersion, TrainJob, TrainProgress, TrainRequest, TrainResult
 from zoo import ModelSpec, build_model
 from zoo.artifacts import checkpoint_from_bytes, checkpoint_to_bytes, weights_to_bytes
@@ -65,6 +66,7 @@ class Worker:
         self.req: TrainRequest = job.request
         self.device = self._device()
         self.losses: list[float] = []
+        self._pending_checkpoint: Future[None] | None = None
 
     def _device(self) -> torch.device:
         want = self.req.device
@@ -105,6 +107,7 @@ class Worker:
             else:
                 model, full = self._dp_model()
             self._train(model, full, train, steps, task, manifest)
+            self.wait_checkpoint()
             if self.rank == 0 or self.req.parallel == "pp":
                 self._finish(full, manifest, task)
         finally:
@@ -170,6 +173,9 @@ class Worker:
         per_rank = req.batch_size if req.parallel == "pp" else req.batch_size // self.world
         shuffle_seed = req.seed if req.parallel == "pp" else req.seed * 1_000_003 + self.rank
         total_steps = 0
+        self.train_seconds = 0.0
+        self.train_samples = 0
+        loop_start = time.perf_counter()
         last_report = 0.0
         window_start, window_samples = time.perf_counter(), 0
         for epoch in range(start_epoch, req.epochs):
@@ -179,6 +185,7 @@ class Worker:
                 batch = next(batches)
                 loss = self._step(model, opt, batch, task)
                 total_steps += 1
+                self.train_samples += req.batch_size
                 window_samples += req.batch_size
                 done = epoch * steps + step + 1
                 if self.rank == 0 and len(self.losses) < LOSSES_KEPT:
@@ -195,7 +202,9 @@ class Worker:
                     next_epoch, next_step = (epoch + 1, 0) if at_end else (epoch, step + 1)
                     self._checkpoint(full, opt, next_epoch, next_step, steps)
                 if req.max_steps is not None and total_steps >= req.max_steps:
+                    self.train_seconds = time.perf_counter() - loop_start
                     return
+        self.train_seconds = time.perf_counter() - loop_start
 
     def _step(self, model: Any, opt: torch.optim.Optimizer, batch: dict[str, np.ndarray], task: str) -> float:
         opt.zero_grad(set_to_none=True)
@@ -238,6 +247,12 @@ class Worker:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self, full: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, steps: int) -> None:
+        """Snapshot the state now; upload it in the background (data parallel) while training goes on.
+
+        Only one upload is in flight: a new checkpoint first waits for the previous one.  The
+        checkpoint key is written after its object is stored, so it never points at a partial one.
+        Pipeline stages upload in step, so that every stage's part exists before rank 0 announces it.
+        """
         position = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "world": self.world}
         if self.req.parallel == "pp":
             state = self._pp_piece.state_dict()
@@ -246,27 +261,29 @@ class Worker:
         else:
             state = full.state_dict()
         body = checkpoint_to_bytes(state, opt, position)
-        name = f"ckpt/{self.job_id}/a{self.attempt}-e{epoch}-s{step}-r{self.rank}"
-        store = self.bridge.call(artifacts(self.js, self.names, self.config.js_replicas))
-        self.bridge.call(store.put(name, body))
+        prefix = f"ckpt/{self.job_id}/a{self.attempt}-e{epoch}-s{step}"
+        objects = [f"{prefix}-r{r}" for r in range(self.world)] if self.req.parallel == "pp" else [f"{prefix}-r0"]
+        ckpt = Checkpoint(job_id=self.job_id, attempt=self.attempt, step=step, epoch=epoch,
+                          offset=step * self.req.batch_size, objects=objects, world=self.world)  # fmt: skip
+        self.wait_checkpoint()
         if self.req.parallel == "pp":
+            self.bridge.call(self._store(f"{prefix}-r{self.rank}", body, None))
             dist.barrier()  # every stage's part is stored before the checkpoint is announced
-        if self.rank == 0:
-            objects = (
-                [f"ckpt/{self.job_id}/a{self.attempt}-e{epoch}-s{step}-r{r}" for r in range(self.world)]
-                if self.req.parallel == "pp"
-                else [name]
-            )
-            ckpt = Checkpoint(
-                job_id=self.job_id,
-                attempt=self.attempt,
-                step=step,
-                epoch=epoch,
-                offset=step * self.req.batch_size,
-                objects=objects,
-                world=self.world,
-            )
-            self.bridge.call(self.jobs.put(f"checkpoint.{self.job_id}", _json.encode(ckpt)))
+            if self.rank == 0:
+                self.bridge.call(self.jobs.put(f"checkpoint.{self.job_id}", _json.encode(ckpt)))
+        else:
+            self._pending_checkpoint = self.bridge.post(self._store(objects[0], body, ckpt))
+
+    async def _store(self, name: str, body: bytes, announce: Checkpoint | None) -> None:
+        store = await artifacts(self.js, self.names, self.config.js_replicas)
+        await put_object(store, name, body)
+        if announce is not None:
+            await self.jobs.put(f"checkpoint.{self.job_id}", _json.encode(announce))
+
+    def wait_checkpoint(self) -> None:
+        pending, self._pending_checkpoint = self._pending_checkpoint, None
+        if pending is not None:
+            pending.result(120)
 
     def _resume(self, full: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> tuple[int, int]:
         try:
@@ -317,9 +334,12 @@ class Worker:
                 return
         full = full.cpu().eval()
         metrics = self._evaluate(full, manifest, task)
+        if self.train_seconds:  # the training loop's own throughput (global samples/s), for benchmarks
+            metrics["train_samples_per_s"] = self.train_samples / self.train_seconds
+            metrics["train_seconds"] = self.train_seconds
         store = self.bridge.call(artifacts(self.js, self.names, self.config.js_replicas))
         name = f"models/{self.req.model}/{self.job_id}.safetensors"
-        self.bridge.call(store.put(name, weights_to_bytes(full.state_dict())))
+        self.bridge.call(put_object(store, name, weights_to_bytes(full.state_dict())))
         inputs = [c for c in manifest.columns if c.name in ("x", "tokens")]
         version = ModelVersion(
             model=self.req.model,

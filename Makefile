@@ -34,6 +34,7 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .aimesh .mypy_cache .ruff_cache .pytest_cache

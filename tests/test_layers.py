@@ -31,8 +31,14 @@ def test_services_never_import_each_other() -> None:
                     assert module.split(".")[1] == service_dir.name, f"{path} imports {module}"
 
 
-def test_shared_never_imports_services_or_aimesh() -> None:
+def test_shared_never_imports_services_zoo_or_aimesh() -> None:
     for path in (ROOT / "shared").rglob("*.py"):
+        for module in _imports(path):
+            assert not module.startswith(("services", "aimesh", "zoo")), f"{path} imports {module}"
+
+
+def test_zoo_depends_on_shared_only() -> None:
+    for path in (ROOT / "zoo").rglob("*.py"):
         for module in _imports(path):
             assert not module.startswith(("services", "aimesh")), f"{path} imports {module}"
 

@@ -1,0 +1,66 @@
+"""The model zoo and its artifacts (pure torch, no NATS)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.errors import BadRequest
+from zoo import ModelSpec, build_model
+from zoo.artifacts import checkpoint_from_bytes, checkpoint_to_bytes, weights_from_bytes, weights_to_bytes
+from zoo.classifier import mlp
+from zoo.lm import causal_lm
+
+
+def test_factories_resolve_by_import_path_and_fail_clearly() -> None:
+    model = build_model(ModelSpec(factory="zoo.classifier:cnn", kwargs={"side": 8, "classes": 10}))
+    assert model(torch.zeros(3, 64)).shape == (3, 10)
+    with pytest.raises(BadRequest, match=r"must look like package\.module:function"):
+        build_model(ModelSpec(factory="zoo.classifier.mlp"))
+    with pytest.raises(BadRequest, match="has no callable 'nope'"):
+        build_model(ModelSpec(factory="zoo.classifier:nope"))
+    with pytest.raises(BadRequest, match=r"returned dict, not a torch\.nn\.Module"):
+        build_model(ModelSpec(factory="builtins:dict"))
+
+
+def test_pipeline_stages_compose_to_the_full_model() -> None:
+    torch.manual_seed(0)
+    model = causal_lm(dim=32, layers=4, heads=2, context=16)
+    x = torch.randint(0, 257, (2, 16))
+    out = x
+    for stage in model.stages(3):
+        out = stage(out)
+    torch.testing.assert_close(out, model(x))
+    with pytest.raises(ValueError, match="cannot cut 4 blocks into 5"):
+        model.stages(5)
+
+
+def test_generate_is_greedy_at_temperature_zero_and_samples_within_top_k() -> None:
+    torch.manual_seed(0)
+    model = causal_lm(dim=32, layers=1, heads=2, context=8).eval()
+    prompt = torch.tensor([[104, 105]])
+    greedy = list(model.generate(prompt, 12, temperature=0))
+    assert greedy == list(model.generate(prompt, 12, temperature=0)) and len(greedy) == 12
+    logits = model(prompt)[:, -1, :]
+    allowed = set(torch.topk(logits, 3).indices[0].tolist())
+    gen = torch.Generator().manual_seed(1)
+    first = [next(iter(model.generate(prompt, 1, temperature=1.0, top_k=3, generator=gen))) for _ in range(20)]
+    assert set(first) <= allowed
+    nucleus = list(model.generate(prompt, 5, top_p=0.5, generator=gen))
+    assert all(0 <= t < 257 for t in nucleus)
+
+
+def test_weights_and_checkpoints_round_trip_through_safetensors() -> None:
+    torch.manual_seed(0)
+    model = mlp(inputs=4, classes=3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    restored = mlp(inputs=4, classes=3)
+    restored.load_state_dict(weights_from_bytes(weights_to_bytes(model.state_dict())))
+    torch.testing.assert_close(restored(torch.ones(1, 4)), model(torch.ones(1, 4)))
+    state, opt_state, position = checkpoint_from_bytes(checkpoint_to_bytes(model.state_dict(), opt, {"epoch": 2}))
+    opt2 = torch.optim.Adam(restored.parameters())
+    opt2.load_state_dict(opt_state)
+    assert position == {"epoch": 2} and int(opt2.state_dict()["state"][0]["step"]) == 1
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -60,6 +60,7 @@ def test_weights_and_checkpoints_round_trip_through_safetensors() -> None:
     restored.load_state_dict(weights_from_bytes(weights_to_bytes(model.state_dict())))
     torch.testing.assert_close(restored(torch.ones(1, 4)), model(torch.ones(1, 4)))
     state, opt_state, position = checkpoint_from_bytes(checkpoint_to_bytes(model.state_dict(), opt, {"epoch": 2}))
+    torch.testing.assert_close(state["1.weight"], model.state_dict()["1.weight"])
     opt2 = torch.optim.Adam(restored.parameters())
     opt2.load_state_dict(opt_state)
     assert position == {"epoch": 2} and int(opt2.state_dict()["state"][0]["step"]) == 1

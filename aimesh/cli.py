@@ -102,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--wait-nodes", type=float, default=60.0, help="seconds to wait for the nodes")
     _add_client_flags(train)
 
-    models = sub.add_parser("models", help="list registered models, or `models show NAME[@VERSION|@ALIAS]`")
-    models.add_argument("action", nargs="?", choices=["show"])
+    models = sub.add_parser(
+        "models", help="list models; `models show NAME[@VERSION|@ALIAS]`; `models alias NAME@VERSION ALIAS`"
+    )
+    models.add_argument("action", nargs="?", choices=["show", "alias"])
     models.add_argument("ref", nargs="?")
+    models.add_argument("alias", nargs="?", help="with `alias`: the alias to point at the version")
     _add_client_flags(models)
 
     datasets = sub.add_parser("datasets", help="list datasets, or `datasets show NAME[@VERSION]`")
@@ -378,4 +381,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "show" and not args.ref:
         print("aimesh models show: give NAME[@VERSION|@ALIAS]", file=sys.stderr)
         return EXIT_USAGE
+    if args.action == "alias":
+        if not args.ref or "@" not in args.ref or not args.alias:
+            print("aimesh models alias: give NAME@VERSION ALIAS", file=sys.stderr)
+            return EXIT_USAGE
+        from aimesh.train_cmd import cmd_alias
+
+        return run(cmd_alias(_resolve_nats_url(args), _names(args), args.ref, args.alias))
     return run(models(_resolve_nats_url(args), _names(args), args.ref if args.action else None, args.json))

@@ -15,7 +15,7 @@ from aimesh.datasets_cmd import connect_once
 from shared.client import request
 from shared.errors import MeshError
 from shared.names import Names
-from shared.registry import aliases, get_version, list_versions, registry_kv
+from shared.registry import aliases, get_version, list_versions, registry_kv, set_alias
 from shared.schemas import ModelVersion, TrainAccepted, TrainJob, TrainProgress, TrainRequest
 
 _job = msgspec.json.Decoder(TrainJob)
@@ -129,4 +129,20 @@ async def cmd_models(url: str, names: Names, ref: str | None, as_json: bool) -> 
         await nc.close()
 
 
-__all__ = ["cmd_models", "cmd_train", "nats", "progress_text", "train"]
+async def cmd_alias(url: str, names: Names, ref: str, alias: str) -> int:
+    model, _, version = ref.partition("@")
+    nc = await connect_once(url)
+    try:
+        kv = await registry_kv(nc.jetstream(), names)
+        target = await get_version(kv, model, version)
+        await set_alias(kv, model, alias, target.version)
+        print(f"{model}@{alias} → version {target.version}")
+        return 0
+    except (MeshError, ValueError) as exc:
+        print(f"aimesh models alias: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+
+
+__all__ = ["cmd_alias", "cmd_models", "cmd_train", "nats", "progress_text", "train"]

@@ -260,4 +260,23 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
     result = json.loads(out.stdout)
     assert result["job"]["state"] == "complete" and result["job"]["attempt"] == failed.attempt + 1
     assert result["model"]["model"] == "digits" and result["model"]["metrics"]["eval_accuracy"] >= 0.9
+    common = ["--nats-url", nats_url, "--prefix", names.prefix]
+    alias = subprocess.run(
+        [*AIMESH, "models", "alias", "digits@1", "stable", *common],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert alias.returncode == 0, alias.stderr
+    shown = subprocess.run(
+        [*AIMESH, "models", "show", "digits@stable", *common],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "model digits@1 (latest, stable)" in shown.stdout
     assert len([n for n in nodes if n.proc.poll() is None]) == 1

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     train.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: epoch ends)")
+    train.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=30.0,
+        help="seconds at least between epoch-end checkpoints (the last epoch always checkpoints)",
+    )
     train.add_argument("--max-restarts", type=int, default=3)
     train.add_argument("--microbatches", type=int, default=4, help="pp: micro-batches per step")
     train.add_argument("--max-steps", type=int, help="stop after this many steps")
@@ -328,6 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_interval_s=args.checkpoint_interval,
         max_restarts=args.max_restarts,
         microbatches=args.microbatches,
         max_steps=args.max_steps,

@@ -215,7 +215,8 @@ class TrainRequest(Message, frozen=True, kw_only=True):
     optimizer: str = "adam"  # adam | sgd
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    checkpoint_every: int = 0  # steps between checkpoints (0: at each epoch end only)
+    checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only)
+    checkpoint_interval_s: float = 30.0  # epoch-end checkpoints at most this often (the last one always)
     max_restarts: int = 3
     wait_nodes_s: float = 60.0
     microbatches: int = 4  # pp

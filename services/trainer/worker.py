@@ -67,6 +67,7 @@ class Worker:
         self.device = self._device()
         self.losses: list[float] = []
         self._pending_checkpoint: Future[None] | None = None
+        self._last_checkpoint = time.monotonic()
 
     def _device(self) -> torch.device:
         want = self.req.device
@@ -198,7 +199,10 @@ class Worker:
                     self._progress(epoch, step + 1, steps, loss, rate)
                     last_report, window_start, window_samples = now, now, 0
                 at_end = step + 1 == steps
-                if (req.checkpoint_every and done % req.checkpoint_every == 0) or at_end:
+                epoch_checkpoint = at_end and (
+                    epoch + 1 == req.epochs or time.monotonic() - self._last_checkpoint >= req.checkpoint_interval_s
+                )
+                if (req.checkpoint_every and done % req.checkpoint_every == 0) or epoch_checkpoint:
                     next_epoch, next_step = (epoch + 1, 0) if at_end else (epoch, step + 1)
                     self._checkpoint(full, opt, next_epoch, next_step, steps)
                 if req.max_steps is not None and total_steps >= req.max_steps:
@@ -261,6 +265,7 @@ class Worker:
         else:
             state = full.state_dict()
         body = checkpoint_to_bytes(state, opt, position)
+        self._last_checkpoint = time.monotonic()
         prefix = f"ckpt/{self.job_id}/a{self.attempt}-e{epoch}-s{step}"
         objects = [f"{prefix}-r{r}" for r in range(self.world)] if self.req.parallel == "pp" else [f"{prefix}-r0"]
         ckpt = Checkpoint(job_id=self.job_id, attempt=self.attempt, step=step, epoch=epoch,

@@ -22,6 +22,11 @@ _job = msgspec.json.Decoder(IngestJob)
 QUEUED_NOTE_S = 15.0
 
 
+def exit_code(exc: MeshError) -> int:
+    """2 for a request the mesh refused as invalid (4xx), 1 for any other failure."""
+    return 2 if getattr(exc, "code", 500) < 500 else 1
+
+
 async def connect_once(url: str) -> NatsClient:
     try:
         return await nats.connect(url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=0)
@@ -72,7 +77,7 @@ async def cmd_ingest(url: str, names: Names, req: IngestRequest, as_json: bool) 
         job, manifest = await ingest(nc, names, req, progress=not as_json and sys.stderr.isatty())
     except MeshError as exc:
         print(f"aimesh ingest: {exc}", file=sys.stderr)
-        return 2 if getattr(exc, "code", 500) < 500 else 1
+        return exit_code(exc)
     finally:
         await nc.close()
     if as_json:

@@ -11,7 +11,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import KeyNotFoundError
 
-from aimesh.datasets_cmd import connect_once
+from aimesh.datasets_cmd import connect_once, exit_code
 from shared.client import request
 from shared.errors import MeshError
 from shared.names import Names
@@ -72,7 +72,7 @@ async def cmd_train(url: str, names: Names, req: TrainRequest, as_json: bool) ->
             version = await get_version(await registry_kv(nc.jetstream(), names), job.request.model, job.model_version)
     except MeshError as exc:
         print(f"aimesh train: {exc}", file=sys.stderr)
-        return 2 if getattr(exc, "code", 500) < 500 else 1
+        return exit_code(exc)
     finally:
         await nc.close()
     if as_json:

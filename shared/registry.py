@@ -14,34 +14,17 @@ import asyncio
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared.errors import NotFound
+from shared.kv import next_number
 from shared.names import Names, check_token
 from shared.schemas import ModelVersion
 
 _version = msgspec.json.Decoder(ModelVersion)
 _json = msgspec.json.Encoder()
-
-
-async def next_number(kv: KeyValue, key: str) -> int:
-    """Hand out 1, 2, 3… under ``key``, safely against concurrent callers."""
-    while True:
-        try:
-            entry = await kv.get(key)
-            number = int((entry.value or b"0").decode()) + 1
-            await kv.update(key, str(number).encode(), last=entry.revision)
-            return number
-        except KeyNotFoundError:
-            try:
-                await kv.create(key, b"1")
-                return 1
-            except KeyWrongLastSequenceError:
-                continue
-        except KeyWrongLastSequenceError:
-            continue
 
 
 async def registry_kv(js: JetStreamContext, names: Names) -> KeyValue:

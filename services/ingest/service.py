@@ -30,6 +30,7 @@ from shared.clock import rfc3339_now
 from shared.config import load_ingest_config
 from shared.datasets import encode_manifest, latest_key, manifest_key, seq_key
 from shared.errors import BadRequest
+from shared.kv import next_number
 from shared.names import Header, check_token
 from shared.schemas import IngestAccepted, IngestJob, IngestJobRef, IngestRequest
 from shared.service import Service
@@ -144,26 +145,9 @@ class IngestService(Service):
             existing = await self._get_job(job_id)
             assert existing is not None
             return existing, False
-        job = msgspec.structs.replace(job, version=await self._next_version(req.dataset))
+        job = msgspec.structs.replace(job, version=str(await next_number(self.datasets_kv, seq_key(req.dataset))))
         await self._put_job(job)
         return job, True
-
-    async def _next_version(self, dataset: str) -> str:
-        key = seq_key(dataset)
-        while True:
-            try:
-                entry = await self.datasets_kv.get(key)
-                number = int((entry.value or b"0").decode()) + 1
-                await self.datasets_kv.update(key, str(number).encode(), last=entry.revision)
-            except KeyNotFoundError:
-                number = 1
-                try:
-                    await self.datasets_kv.create(key, b"1")
-                except KeyWrongLastSequenceError:
-                    continue
-            except KeyWrongLastSequenceError:
-                continue
-            return str(number)
 
     # -- running a job ---------------------------------------------------------------------------
     async def run_job(self, ref: IngestJobRef, call: Call) -> None:

@@ -122,6 +122,13 @@ class Names:
     def infer_template(self) -> str:
         return f"{self.prefix}.infer.{{model}}.{{version}}"
 
+    @property
+    def deploy(self) -> str:
+        return f"{self.prefix}.inference.deploy"
+
+    def infer_queue_group(self, model: str, version: str) -> str:
+        return f"{self.prefix}-infer-{model}-{version}"
+
     def durable_request(self, model: str, version: str) -> str:
         return f"{self.prefix}.jobs.{model}.{version}"
 
@@ -179,6 +186,10 @@ class Names:
     @property
     def registry_bucket(self) -> str:
         return f"{self.prefix}-registry"
+
+    @property
+    def deployments_bucket(self) -> str:
+        return f"{self.prefix}-deployments"
 
     @property
     def experiments_bucket(self) -> str:

@@ -324,6 +324,44 @@ class ModelVersion(Message, frozen=True, kw_only=True):
     tokenizer: TokenizerSpec | None = None
 
 
+# -- serving ----------------------------------------------------------------------------------------
+
+
+class DeployRequest(Message, frozen=True, kw_only=True):
+    model: str
+    ref: str = "latest"  # a version number or an alias
+    replicas: int = 1  # a target for the autoscaler and `aimesh up`; every inference worker serves it
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0  # under sustained load, how long a batch may wait to fill up
+
+
+class Deployment(Message, frozen=True, kw_only=True):
+    """What the inference workers serve (bucket ``<prefix>-deployments``, key ``deploy.<model>``)."""
+
+    model: str
+    ref: str
+    version: str  # resolved at deploy time
+    replicas: int = 1
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    updated_at: str = ""
+
+
+class InferRequest(Message, frozen=True, kw_only=True):
+    """One request: named input tensors whose first dimension is the batch (usually 1)."""
+
+    inputs: dict[str, Tensor]
+    id: str = ""
+
+
+class InferReply(Message, frozen=True, kw_only=True):
+    outputs: dict[str, Tensor]
+    model: str
+    version: str
+    id: str = ""
+    batch_size: int = 1  # how many requests' rows shared the forward pass that served this one
+
+
 # -- NATS micro protocol (JSON, ADR-32) -----------------------------------------------------------
 
 PING_TYPE = "io.nats.micro.v1.ping_response"

@@ -192,6 +192,15 @@ class Service:
         self._actors.append(actor)
         return actor
 
+    async def retire_actor(self, actor: ActorCore[Any]) -> None:
+        """Stop an actor at run time: no new messages, accepted ones finished (up to the drain
+        timeout), then it is gone from discovery."""
+        await actor.stop_intake()
+        if not await actor.wait_idle(self.config.drain_timeout_s):
+            await actor.cancel()
+        if actor in self._actors:
+            self._actors.remove(actor)
+
     async def ensure_stream(self, config: StreamConfig) -> None:
         """Create the stream, or update it to ``config`` if it exists (idempotent)."""
         if config.num_replicas is None:

@@ -1,1 +1,1 @@
-"""The inference service: Serves model versions from the registry on request queues, with dynamic batching."""
+"""The inference service: serves model versions from the registry on request queues, with dynamic batching."""

@@ -106,3 +106,91 @@ async def test_deploy_infer_batch_and_swap(
     await eventually(v1_gone, 30, "version 1 to be retired")
     worker.terminate()
     assert await asyncio.to_thread(worker.wait, 30) == 0
+
+
+async def test_the_http_gateway_speaks_the_open_inference_protocol(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    import json
+
+    import aiohttp
+
+    worker = spawn("services.inference")
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0", AIMESH_ROUTER_MAX_BODY_BYTES="100000")
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    _, model = await register_mlp(nc, names, seed=3)
+    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "the worker to serve digits@1")
+    x = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+
+    async with aiohttp.ClientSession() as http:
+
+        async def ready() -> bool:
+            async with http.get(f"{base}/v2/models/digits/ready") as resp:
+                return resp.status == 200
+
+        await eventually(ready, 30, "the model to be ready at the gateway")
+        async with http.get(f"{base}/v2/models/digits") as resp:
+            meta = await resp.json()
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+        assert {o["name"] for o in meta["outputs"]} == {"logits", "class"}
+
+        body = {"id": "r1", "inputs": [{"name": "x", "shape": [2, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        async with http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
+            assert resp.status == 200
+            out = await resp.json()
+        assert out["model_name"] == "digits" and out["model_version"] == "1" and out["id"] == "r1"
+        logits = next(o for o in out["outputs"] if o["name"] == "logits")
+        np.testing.assert_allclose(np.array(logits["data"]).reshape(logits["shape"]), expected, rtol=1e-5)
+
+        # The binary tensor data extension, both ways (what Triton's clients send by default).
+        header = json.dumps(
+            {
+                "inputs": [
+                    {"name": "x", "shape": [2, 64], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+                ],
+                "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        async with http.post(
+            f"{base}/v2/models/digits/versions/1/infer",
+            data=header + x.tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        ) as resp:
+            assert resp.status == 200
+            raw = await resp.read()
+            length = int(resp.headers["Inference-Header-Content-Length"])
+        described = json.loads(raw[:length])["outputs"]
+        assert [o["name"] for o in described] == ["logits"]
+        got = np.frombuffer(raw[length:], dtype=np.float32).reshape(2, 10)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+        cases = [
+            ("/v2/models/nothing/infer", body, 404, "is not deployed"),
+            ("/v2/models/digits/versions/9/infer", body, 503, "no inference worker serves digits@9"),
+            (
+                "/v2/models/digits/infer",
+                {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+                400,
+                "must have shape [batch, 64]",
+            ),
+            (
+                "/v2/models/digits/infer",
+                {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [1]}]},
+                400,
+                "1 values do not fit shape [1, 64]",
+            ),
+            ("/v2/models/digits/infer", {"nope": 1}, 400, "invalid inference request"),
+        ]
+        for path, payload, status, message in cases:
+            async with http.post(f"{base}{path}", json=payload) as resp:
+                assert resp.status == status, (path, await resp.text())
+                assert message in (await resp.json())["error"]
+        async with http.post(f"{base}/v2/models/digits/infer", data=b"x" * 200_000) as resp:
+            assert resp.status == 413 and "over the limit" in (await resp.json())["error"]
+    for proc in (router, worker):
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 30) == 0

@@ -1,38 +1,115 @@
-"""The gateway's HTTP routes (aiohttp).  Handlers ask the service for state; they never touch
-NATS directly, so the routes can be tested against any object with the same shape."""
+"""The gateway's HTTP routes (aiohttp): Open Inference Protocol v2.
+
+Handlers ask a :class:`Gateway` for state and inference; they never touch NATS directly.
+Errors are ``{"error": "..."}`` with the status a :class:`ServiceError` carries (400, 404, 429
+with ``Retry-After``, 503, 504).
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 from aiohttp import web
+
+from services.router import oip
+from shared.errors import MeshTimeout, Overloaded, ServiceError
 
 SERVER_NAME = "aimesh"
 
 
-class GatewayState(Protocol):
+class Gateway(Protocol):
     @property
     def version(self) -> str: ...
 
     @property
     def is_ready(self) -> bool: ...
 
+    async def infer(
+        self, model: str, version: str | None, inputs: dict[str, np.ndarray], request_id: str, timeout_s: float
+    ) -> tuple[str, dict[str, np.ndarray]]: ...
 
-def build_app(state: GatewayState, *, max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes)
+    async def model_metadata(self, model: str, version: str | None) -> dict[str, Any]: ...
+
+    async def model_ready(self, model: str, version: str | None) -> bool: ...
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def from_exception(exc: Exception) -> web.Response:
+    if isinstance(exc, Overloaded):
+        return error(429, exc.description, {"Retry-After": str(max(1, round(exc.retry_after_s)))})
+    if isinstance(exc, ServiceError):
+        return error(exc.code, exc.description)
+    if isinstance(exc, MeshTimeout):
+        return error(504, str(exc))
+    raise exc
+
+
+def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> web.Application:
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"request body over the limit of {max_body_bytes} bytes")
+        except (ServiceError, MeshTimeout) as exc:
+            return from_exception(exc)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors])
 
     async def live(_: web.Request) -> web.Response:
         # Open Inference Protocol v2: the status code carries the answer, the body mirrors it.
         return web.json_response({"live": True})
 
     async def ready(_: web.Request) -> web.Response:
-        ok = state.is_ready
+        ok = gw.is_ready
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
     async def server_metadata(_: web.Request) -> web.Response:
-        return web.json_response({"name": SERVER_NAME, "version": state.version, "extensions": []})
+        return web.json_response({"name": SERVER_NAME, "version": gw.version, "extensions": ["binary_tensor_data"]})
+
+    async def model_metadata(request: web.Request) -> web.Response:
+        m, v = request.match_info["model"], request.match_info.get("version")
+        return web.json_response(await gw.model_metadata(m, v))
+
+    async def model_ready(request: web.Request) -> web.Response:
+        ok = await gw.model_ready(request.match_info["model"], request.match_info.get("version"))
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    async def infer(request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version")
+        raw = await request.read()
+        length = request.headers.get(oip.HEADER_LENGTH)
+        try:
+            header_length = int(length) if length is not None else None
+        except ValueError:
+            return error(400, f"{oip.HEADER_LENGTH} is not a number")
+        body, inputs = oip.parse_request(raw, header_length)
+        served_version, outputs = await gw.infer(model, version, inputs, body.id, timeout_s)
+        wanted = {o.name for o in body.outputs}
+        if wanted:
+            missing = wanted - outputs.keys()
+            if missing:
+                return error(400, f"unknown outputs {sorted(missing)}; the model has {sorted(outputs)}")
+            outputs = {k: v for k, v in outputs.items() if k in wanted}
+        payload, json_length = oip.encode_response(
+            model=model, version=served_version, request_id=body.id, outputs=outputs, binary=oip.binary_outputs(body)
+        )
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload, content_type="application/octet-stream", headers={oip.HEADER_LENGTH: str(json_length)}
+        )
 
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_get(base, model_metadata)
+        app.router.add_get(f"{base}/ready", model_ready)
+        app.router.add_post(f"{base}/infer", infer)
     return app

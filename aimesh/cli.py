@@ -20,7 +20,7 @@ from services import SERVICE_NAMES
 from shared.config import config_path, load_mesh_config, load_up_config, read_toml
 from shared.errors import ConfigError, MeshError
 from shared.names import Names
-from shared.schemas import ColumnSpec, IngestRequest, TrainRequest
+from shared.schemas import ColumnSpec, DeployRequest, IngestRequest, TrainRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("alias", nargs="?", help="with `alias`: the alias to point at the version")
     _add_client_flags(models)
 
+    deploy = sub.add_parser("deploy", help="serve MODEL[@VERSION|@ALIAS] on the inference workers")
+    deploy.add_argument("ref", help="MODEL[@VERSION|@ALIAS] (default alias: latest)")
+    deploy.add_argument("--replicas", type=int, default=1)
+    deploy.add_argument("--max-batch-size", type=int, default=32)
+    deploy.add_argument("--max-wait-ms", type=float, default=2.0)
+    _add_client_flags(deploy)
+
     datasets = sub.add_parser("datasets", help="list datasets, or `datasets show NAME[@VERSION]`")
     datasets.add_argument("action", nargs="?", choices=["show"], help="show one dataset version")
     datasets.add_argument("ref", nargs="?", help="NAME[@VERSION] (default version: latest)")
@@ -134,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "datasets": cmd_datasets,
         "train": cmd_train,
         "models": cmd_models,
+        "deploy": cmd_deploy,
     }
     try:
         code = commands[args.command](args)
@@ -396,3 +404,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         return run(cmd_alias(_resolve_nats_url(args), _names(args), args.ref, args.alias))
     return run(models(_resolve_nats_url(args), _names(args), args.ref if args.action else None, args.json))
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import run
+    from aimesh.serve_cmd import deploy
+
+    model, _, ref = args.ref.partition("@")
+    req = DeployRequest(
+        model=model,
+        ref=ref or "latest",
+        replicas=args.replicas,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+    )
+    return run(deploy(_resolve_nats_url(args), _names(args), req, args.json))

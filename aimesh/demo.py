@@ -3,7 +3,8 @@
 So far: ingest the demo digits (CSV from scikit-learn's bundled set, 4 shards) and the Python
 standard library text corpus (byte-level tokens) and print their manifests; train a digits
 classifier data-parallel on the two trainer nodes and the small language model pipeline-parallel
-(two stages), and print the registered versions.  Later issues add serving and experiments.
+(two stages), and print the registered versions; deploy the digits model on the inference workers
+and classify a few digits through the HTTP gateway.  Later issues add splits and experiments.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from aimesh.datasets_cmd import ingest
 from aimesh.progress import manifest_text
 from aimesh.supervisor import Supervisor
 from aimesh.train_cmd import train, version_text
+from shared.client import request
 from shared.discovery import discover
 from shared.errors import MeshError
 from shared.names import Names
 from shared.registry import get_version, registry_kv
-from shared.schemas import IngestRequest, MicroPing, TrainRequest
+from shared.schemas import Deployment, DeployRequest, IngestRequest, MicroPing, TrainRequest
 
 DEMO_TRAINING = (
     TrainRequest(
@@ -81,6 +83,44 @@ async def _train(nc: NatsClient, names: Names) -> int:
     return 0
 
 
+async def _serve(nc: NatsClient, names: Names) -> int:
+    """Deploy the digits model and classify a few digits through the HTTP gateway (OIP v2)."""
+    import aiohttp
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    await wait_for_service(nc, names, "inference")
+    deployment = await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+    print(f"\n== serve digits@{deployment.version} over HTTP (Open Inference Protocol v2)", flush=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    base = ""
+    while loop.time() < deadline:
+        workers = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
+        routers = await discover(nc, "PING", MicroPing, name=names.micro_name("router"), wait_s=0.3)
+        want = f"digits@{deployment.version}"
+        if workers and all(want in w.metadata.get("serving", "").split(",") for w in workers) and routers:
+            base = routers[0].metadata.get("http", "")
+            break
+        await asyncio.sleep(0.2)
+    if not base:
+        print("demo: the digits model did not come up on the inference workers", file=sys.stderr)
+        return 1
+    digits = load_digits()
+    x, y = digits.data[-8:].astype(np.float32), digits.target[-8:]
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    async with aiohttp.ClientSession() as http, http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
+        if resp.status != 200:
+            print(f"demo: inference failed: {resp.status} {await resp.text()}", file=sys.stderr)
+            return 1
+        out = await resp.json()
+    predicted = next(o for o in out["outputs"] if o["name"] == "class")["data"]
+    print(f"POST {base}/v2/models/digits/infer  (8 digits)")
+    print(f"  true:      {' '.join(map(str, y.tolist()))}")
+    print(f"  predicted: {' '.join(map(str, predicted))}", flush=True)
+    return 0
+
+
 async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *, exit_when_done: bool) -> int:
     await supervisor.started.wait()
     assert supervisor.nats_url is not None
@@ -98,6 +138,8 @@ async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *,
             print(manifest_text(manifest), flush=True)
         if not code:
             code = await _train(nc, names)
+        if not code:
+            code = await _serve(nc, names)
     except MeshError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         code = 1

@@ -244,6 +244,9 @@ async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: N
     assert "model digits@1: classify" in out.stdout and "model pylm@1: lm" in out.stdout
     accuracy = float(out.stdout.split("eval_accuracy ", 1)[1].split(",", 1)[0])
     assert accuracy >= 0.9
+    true = out.stdout.split("  true:      ", 1)[1].splitlines()[0].split()
+    predicted = out.stdout.split("  predicted: ", 1)[1].splitlines()[0].split()
+    assert len(true) == len(predicted) == 8 and sum(t == p for t, p in zip(true, predicted, strict=True)) >= 6
 
 
 async def test_ingest_and_datasets_commands(

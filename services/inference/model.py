@@ -46,6 +46,8 @@ class LoadedModel:
 
     @torch.inference_mode()
     def forward(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if not rows.flags.writeable:  # a view of the request's bytes: torch wants memory it may own
+            rows = rows.copy()
         logits = self.module(torch.from_numpy(np.ascontiguousarray(rows)))
         if self.version.task == "classify":
             return {"logits": logits.numpy(), "class": logits.argmax(-1).numpy()}

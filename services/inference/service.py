@@ -25,6 +25,7 @@ from services.inference.model import LoadedModel
 from shared.actor import Actor, Call
 from shared.clock import rfc3339_now
 from shared.errors import BadRequest, NotFound
+from shared.names import check_token
 from shared.registry import artifacts, get_version, registry_kv
 from shared.schemas import Deployment, DeployRequest, InferReply, InferRequest
 from shared.service import Service
@@ -52,7 +53,8 @@ class InferenceService(Service):
     async def setup(self) -> None:
         self.deployments = await self.ensure_kv(self.names.deployments_bucket)
         await self.ensure_kv(self.names.registry_bucket)
-        self._served: dict[str, Served] = {}  # by model
+        self._records: dict[str, Deployment] = {}  # by deployments-bucket key
+        self._served: dict[str, Served] = {}  # by model@version
         self._loading: set[str] = set()
         self._failed: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -77,13 +79,18 @@ class InferenceService(Service):
         return super().is_ready and not self._loading
 
     def metadata(self) -> dict[str, str]:
-        meta = {"serving": ",".join(f"{m}@{s.deployment.version}" for m, s in sorted(self._served.items()))}
+        meta = {"serving": ",".join(sorted(self._served))}
         if self._failed:
             meta["failed"] = "; ".join(f"{m}: {why}" for m, why in sorted(self._failed.items()))
         return meta
 
     # -- deploy ----------------------------------------------------------------------------------
     async def deploy(self, req: DeployRequest, _: Call) -> Deployment:
+        try:
+            check_token(req.model, "model name")
+            check_token(req.ref, "version or alias")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         if req.max_batch_size < 1 or req.max_wait_ms < 0 or req.replicas < 0:
             raise BadRequest("max_batch_size must be ≥ 1, max_wait_ms ≥ 0 and replicas ≥ 0")
         try:
@@ -99,43 +106,67 @@ class InferenceService(Service):
             max_wait_ms=req.max_wait_ms,
             updated_at=rfc3339_now(),
         )
-        await self.deployments.put(f"deploy.{req.model}", _json.encode(deployment))
+        await self.deployments.put(f"deploy.{req.model}.{req.ref}", _json.encode(deployment))
         return deployment
 
     # -- following deployments ---------------------------------------------------------------------
     async def _watch(self) -> None:
-        watcher = await self.deployments.watch("deploy.*")
+        watcher = await self.deployments.watch("deploy.>")
         while True:
             try:
                 entry = await watcher.updates(timeout=5)
             except Exception:
                 continue
-            if entry is None or not entry.value:
+            if entry is None:
                 continue
-            deployment = _deployment.decode(entry.value)
-            current = self._served.get(deployment.model)
-            if current is None or current.deployment.version != deployment.version:
-                asyncio.get_running_loop().create_task(self._load(deployment))
-            elif current.deployment != deployment:  # only batching settings changed
-                current.batcher.max_batch_size = deployment.max_batch_size
-                current.batcher.max_wait_s = deployment.max_wait_ms / 1000
-                current.deployment = deployment
+            if entry.value:
+                self._records[entry.key] = _deployment.decode(entry.value)
+            else:  # deleted
+                self._records.pop(entry.key, None)
+            self._reconcile()
 
-    async def _load(self, deployment: Deployment) -> None:
-        key = f"{deployment.model}@{deployment.version}"
-        self._loading.add(key)
+    def _desired(self) -> dict[str, Deployment]:
+        desired: dict[str, Deployment] = {}
+        for record in sorted(self._records.values(), key=lambda d: d.updated_at):
+            desired[f"{record.model}@{record.version}"] = record  # the newest record's settings win
+        return desired
+
+    def _reconcile(self) -> None:
+        """Load what is deployed and not served; retire what is served and no longer deployed,
+        but only once every wanted version of that model is up (an alias move never leaves a gap)."""
+        desired = self._desired()
+        for key, deployment in desired.items():
+            served = self._served.get(key)
+            if served is None and key not in self._loading:
+                self._loading.add(key)
+                asyncio.get_running_loop().create_task(self._load(key, deployment))
+            elif served is not None and served.deployment != deployment:  # only batching settings changed
+                served.batcher.max_batch_size = deployment.max_batch_size
+                served.batcher.max_wait_s = deployment.max_wait_ms / 1000
+                served.deployment = deployment
+        busy_models = {key.split("@", 1)[0] for key in self._loading}
+        for key in [k for k in self._served if k not in desired and k.split("@", 1)[0] not in busy_models]:
+            asyncio.get_running_loop().create_task(self._retire(key))
+
+    async def _retire(self, key: str) -> None:
+        served = self._served.pop(key, None)
+        if served is not None:
+            await self.retire_actor(served.actor)
+            await served.batcher.stop()
+            log.info("stopped serving %s", key)
+
+    async def _load(self, key: str, deployment: Deployment) -> None:
         try:
             version = await get_version(await registry_kv(self.js, self.names), deployment.model, deployment.version)
             store = await artifacts(self.js, self.names, self.config.js_replicas)
             weights = bytes((await store.get(version.artifact)).data or b"")
             model = await asyncio.to_thread(LoadedModel, version, weights)
         except Exception as exc:
-            self._failed[deployment.model] = f"{type(exc).__name__}: {exc}"
+            self._failed[key] = f"{type(exc).__name__}: {exc}"
             log.exception("cannot load %s", key)
-            return
-        finally:
             self._loading.discard(key)
-        self._failed.pop(deployment.model, None)
+            return
+        self._failed.pop(key, None)
         batcher = DynamicBatcher(
             model.forward,
             max_batch_size=deployment.max_batch_size,
@@ -143,12 +174,11 @@ class InferenceService(Service):
             executor=self._executor,
         )
         batcher.start()
-        served = Served(deployment, model, batcher, actor=None)  # type: ignore[arg-type]
 
         async def handle(req: InferRequest, call: Call) -> InferReply:
             inputs = {name: from_wire(t, name) for name, t in req.inputs.items()}
             rows = model.check(inputs)
-            outputs, batch_size = await served.batcher.submit(rows)
+            outputs, batch_size = await batcher.submit(rows)
             return InferReply(
                 outputs={k: to_wire(v) for k, v in outputs.items()},
                 model=deployment.model,
@@ -157,8 +187,8 @@ class InferenceService(Service):
                 batch_size=batch_size,
             )
 
-        served.actor = self.add_actor(
-            f"infer-{deployment.model}",
+        actor = self.add_actor(
+            f"infer-{deployment.model}-{deployment.version}",
             self.names.infer(deployment.model, deployment.version),
             handle,
             InferRequest,
@@ -166,10 +196,8 @@ class InferenceService(Service):
             queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
             max_concurrency=max(64, deployment.max_batch_size * 4),
         )
-        await served.actor.start()
-        previous = self._served.get(deployment.model)
-        self._served[deployment.model] = served
+        await actor.start()
+        self._served[key] = Served(deployment, model, batcher, actor)
+        self._loading.discard(key)
         log.info("serving %s (batch ≤ %d, wait ≤ %g ms)", key, deployment.max_batch_size, deployment.max_wait_ms)
-        if previous is not None:  # the new version answers first; then the old one drains
-            await self.retire_actor(previous.actor)
-            await previous.batcher.stop()
+        self._reconcile()  # versions this one replaces can go now

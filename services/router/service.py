@@ -65,23 +65,35 @@ class RouterService(Service):
         return {"http": self.http_url} if self.http_url else {}
 
     async def _watch(self) -> None:
-        watcher = await self.deployments.watch("deploy.*")
+        watcher = await self.deployments.watch("deploy.>")
         while True:
             try:
                 entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
             except Exception:
                 continue
-            if entry is not None and entry.value:
-                deployment = _deployment.decode(entry.value)
-                self._deployed[deployment.model] = deployment
+            if entry is None:
+                continue
+            if entry.value:
+                self._deployed[entry.key] = _deployment.decode(entry.value)
+            else:
+                self._deployed.pop(entry.key, None)
+
+    def default_version(self, model: str) -> str | None:
+        """What a request naming only the model gets: the deployment of ``latest`` if there is
+        one, else the most recently deployed version."""
+        records = [d for d in self._deployed.values() if d.model == model]
+        if not records:
+            return None
+        latest = next((d for d in records if d.ref == "latest"), None)
+        return (latest or max(records, key=lambda d: d.updated_at)).version
 
     def _version_for(self, model: str, version: str | None) -> str:
         if version:
             return version
-        deployment = self._deployed.get(model)
-        if deployment is None:
+        default = self.default_version(model)
+        if default is None:
             raise NotFound(f"model {model!r} is not deployed (aimesh deploy {model})")
-        return deployment.version
+        return default
 
     # -- the Gateway the HTTP routes use ---------------------------------------------------------
     async def infer(
@@ -116,8 +128,7 @@ class RouterService(Service):
         }
 
     def _deployed_ref(self, model: str) -> str:
-        deployment = self._deployed.get(model)
-        return deployment.version if deployment else "latest"
+        return self.default_version(model) or "latest"
 
     async def model_ready(self, model: str, version: str | None) -> bool:
         try:

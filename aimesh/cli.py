@@ -123,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--max-wait-ms", type=float, default=2.0)
     _add_client_flags(deploy)
 
+    split = sub.add_parser("split", help="split a model's traffic: aimesh split MODEL 1=90 2=10 [--sticky HEADER]")
+    split.add_argument("model")
+    split.add_argument("variants", nargs="*", help="VERSION=WEIGHT ... (none with --clear)")
+    split.add_argument("--sticky", metavar="HEADER", help="pin callers to a variant by this header's value")
+    split.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="VERSION=PERCENT",
+        help="copy PERCENT%% of requests to VERSION, replies discarded",
+    )
+    split.add_argument("--clear", action="store_true", help="remove the split (back to the deployed version)")
+    _add_client_flags(split)
+
     datasets = sub.add_parser("datasets", help="list datasets, or `datasets show NAME[@VERSION]`")
     datasets.add_argument("action", nargs="?", choices=["show"], help="show one dataset version")
     datasets.add_argument("ref", nargs="?", help="NAME[@VERSION] (default version: latest)")
@@ -142,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "train": cmd_train,
         "models": cmd_models,
         "deploy": cmd_deploy,
+        "split": cmd_split,
     }
     try:
         code = commands[args.command](args)
@@ -419,3 +434,21 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
     )
     return run(deploy(_resolve_nats_url(args), _names(args), req, args.json))
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import run
+    from aimesh.serve_cmd import split
+
+    return run(
+        split(
+            _resolve_nats_url(args),
+            _names(args),
+            args.model,
+            args.variants,
+            args.sticky,
+            args.mirror,
+            clear=args.clear,
+            as_json=args.json,
+        )
+    )

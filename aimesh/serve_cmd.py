@@ -31,3 +31,45 @@ async def deploy(url: str, names: Names, req: DeployRequest, as_json: bool) -> i
             f"served on {names.infer(deployment.model, deployment.version)}"
         )
     return 0
+
+
+async def split(
+    url: str,
+    names: Names,
+    model: str,
+    variants: list[str],
+    sticky: str | None,
+    mirrors: list[str],
+    *,
+    clear: bool,
+    as_json: bool,
+) -> int:
+    from services.router.split import parse_variants
+    from shared.experiments import delete_split, put_split
+    from shared.schemas import Mirror, Split
+
+    nc = await connect_once(url)
+    try:
+        if clear:
+            await delete_split(nc.jetstream(), names, model)
+            print(f"{model}: split removed; requests go to the deployed version")
+            return 0
+        mirror_list = [Mirror(version=v.version, percent=v.weight) for v in parse_variants(mirrors)]
+        stored = await put_split(
+            nc.jetstream(),
+            names,
+            Split(model=model, variants=parse_variants(variants), sticky=sticky, mirrors=mirror_list),
+        )
+    except MeshError as exc:
+        print(f"aimesh split: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    finally:
+        await nc.close()
+    if as_json:
+        print(msgspec.json.encode(stored).decode())
+    else:
+        shares = ", ".join(f"v{v.version} {v.weight:g}" for v in stored.variants)
+        extra = f"; sticky by {stored.sticky}" if stored.sticky else ""
+        extra += "".join(f"; mirror {m.percent:g}% to v{m.version}" for m in stored.mirrors)
+        print(f"{model}: {shares}{extra}")
+    return 0

@@ -347,6 +347,26 @@ class Deployment(Message, frozen=True, kw_only=True):
     updated_at: str = ""
 
 
+class Variant(Message, frozen=True, kw_only=True):
+    version: str
+    weight: float
+
+
+class Mirror(Message, frozen=True, kw_only=True):
+    version: str
+    percent: float  # of requests copied; replies discarded
+
+
+class Split(Message, frozen=True, kw_only=True):
+    """A model's traffic split (bucket ``<prefix>-experiments``, key ``split.<model>``)."""
+
+    model: str
+    variants: list[Variant]
+    sticky: str | None = None  # an HTTP header / NATS header whose value pins a caller to a variant
+    mirrors: list[Mirror] = []
+    updated_at: str = ""
+
+
 class InferRequest(Message, frozen=True, kw_only=True):
     """One request: named input tensors whose first dimension is the batch (usually 1)."""
 

@@ -194,3 +194,73 @@ async def test_the_http_gateway_speaks_the_open_inference_protocol(
     for proc in (router, worker):
         proc.terminate()
         assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+async def test_ab_split_is_sticky_live_and_reversible(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    import subprocess
+
+    import aiohttp
+
+    from tests.helpers import ROOT
+    from tests.test_cli import AIMESH, _clean_env
+
+    worker = spawn("services.inference")
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    await register_mlp(nc, names, seed=1)
+    await register_mlp(nc, names, seed=2)
+    for ref in ("1", "2"):
+        await request(nc, names.deploy, DeployRequest(model="digits", ref=ref), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@2"), 30, "both versions to be served")
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "both versions to be served")
+
+    def aimesh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*AIMESH, *args, "--nats-url", nats_url, "--prefix", names.prefix],
+            cwd=ROOT,
+            env=_clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = await asyncio.to_thread(aimesh, "split", "digits", "1=50", "2=50", "--sticky", "X-User")
+    assert done.returncode == 0 and "digits: v1 50, v2 50; sticky by X-User" in done.stdout, done.stderr
+    x = np.zeros((1, 64), dtype=np.float32)
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    async with aiohttp.ClientSession() as http:
+
+        async def variant(user: str | None) -> str:
+            headers = {"X-User": user} if user else {}
+            async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["model_version"] == resp.headers["Aimesh-Variant"]
+                return resp.headers["Aimesh-Variant"]
+
+        async def split_applied() -> bool:
+            async with http.get(f"{base}/admin/splits/digits") as resp:
+                return resp.status == 200
+
+        await eventually(split_applied, 10, "the router to see the split")
+        first = {u: await variant(f"user-{u}") for u in range(40)}
+        assert set(first.values()) == {"1", "2"}
+        again = {u: await variant(f"user-{u}") for u in range(40)}
+        assert again == first  # sticky
+        unkeyed = [await variant(None) for _ in range(30)]
+        assert set(unkeyed) == {"1", "2"}  # weighted at random
+
+        bad = await asyncio.to_thread(aimesh, "split", "digits", "1=50", "7=50")
+        assert bad.returncode == 2 and "has no version 7" in bad.stderr
+        cleared = await asyncio.to_thread(aimesh, "split", "digits", "--clear")
+        assert cleared.returncode == 0
+
+        async def split_gone() -> bool:
+            async with http.get(f"{base}/admin/splits/digits") as resp:
+                return resp.status == 404
+
+        await eventually(split_gone, 10, "the split to be removed")
+        after = [await variant(f"user-{u}") for u in range(10)]
+        assert set(after) == {"2"}  # the most recent deployment

@@ -7,15 +7,21 @@ with ``Retry-After``, 503, 504).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 from aiohttp import web
 
 from services.router import oip
 from shared.errors import MeshTimeout, Overloaded, ServiceError
+from shared.names import Header
+from shared.schemas import Split
 
 SERVER_NAME = "aimesh"
+VARIANT = Header.VARIANT  # which version served the request
+_split = msgspec.json.Decoder(Split)
 
 
 class Gateway(Protocol):
@@ -26,8 +32,20 @@ class Gateway(Protocol):
     def is_ready(self) -> bool: ...
 
     async def infer(
-        self, model: str, version: str | None, inputs: dict[str, np.ndarray], request_id: str, timeout_s: float
+        self,
+        model: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        request_id: str,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]: ...
+
+    async def set_split(self, split: Split) -> Split: ...
+
+    def get_split(self, model: str) -> Split | None: ...
+
+    async def delete_split(self, model: str) -> None: ...
 
     async def model_metadata(self, model: str, version: str | None) -> dict[str, Any]: ...
 
@@ -89,7 +107,7 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
         except ValueError:
             return error(400, f"{oip.HEADER_LENGTH} is not a number")
         body, inputs = oip.parse_request(raw, header_length)
-        served_version, outputs = await gw.infer(model, version, inputs, body.id, timeout_s)
+        served_version, outputs = await gw.infer(model, version, inputs, body.id, timeout_s, request.headers)
         wanted = {o.name for o in body.outputs}
         if wanted:
             missing = wanted - outputs.keys()
@@ -99,15 +117,37 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
         payload, json_length = oip.encode_response(
             model=model, version=served_version, request_id=body.id, outputs=outputs, binary=oip.binary_outputs(body)
         )
+        headers = {VARIANT: served_version}
         if json_length is None:
-            return web.Response(body=payload, content_type="application/json")
-        return web.Response(
-            body=payload, content_type="application/octet-stream", headers={oip.HEADER_LENGTH: str(json_length)}
-        )
+            return web.Response(body=payload, content_type="application/json", headers=headers)
+        headers[oip.HEADER_LENGTH] = str(json_length)
+        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+    async def put_split(request: web.Request) -> web.Response:
+        try:
+            split = _split.decode(await request.read())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return error(400, f"invalid split: {exc}")
+        if split.model != request.match_info["model"]:
+            return error(400, f"the body names model {split.model!r}, the path {request.match_info['model']!r}")
+        return web.json_response(msgspec.to_builtins(await gw.set_split(split)))
+
+    async def get_split(request: web.Request) -> web.Response:
+        split = gw.get_split(request.match_info["model"])
+        if split is None:
+            return error(404, f"model {request.match_info['model']!r} has no split")
+        return web.json_response(msgspec.to_builtins(split))
+
+    async def delete_split(request: web.Request) -> web.Response:
+        await gw.delete_split(request.match_info["model"])
+        return web.Response(status=204)
 
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
+    app.router.add_put("/admin/splits/{model}", put_split)
+    app.router.add_get("/admin/splits/{model}", get_split)
+    app.router.add_delete("/admin/splits/{model}", delete_split)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(base, model_metadata)
         app.router.add_get(f"{base}/ready", model_ready)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -18,13 +19,15 @@ from nats.js.kv import KeyValue
 
 from services.router.http import build_app
 from services.router.oip import tensor_metadata
+from services.router.split import choose, mirrors_for
 from shared.client import request
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
 from shared.errors import NotFound, Unavailable
+from shared.experiments import decode_split, delete_split, put_split
 from shared.httpserve import serve_app
 from shared.registry import get_version, registry_kv
-from shared.schemas import Deployment, InferReply, InferRequest, MicroPing
+from shared.schemas import Deployment, InferReply, InferRequest, MicroPing, Split
 from shared.service import Service
 from shared.tensors import from_wire, to_wire
 
@@ -43,40 +46,59 @@ class RouterService(Service):
     async def setup(self) -> None:
         self.router_config = load_router_config()
         self.deployments: KeyValue = await self.ensure_kv(self.names.deployments_bucket)
+        self.experiments: KeyValue = await self.ensure_kv(self.names.experiments_bucket)
         await self.ensure_kv(self.names.registry_bucket)
         self._deployed: dict[str, Deployment] = {}
-        self._watcher: asyncio.Task[None] | None = None
+        self._splits: dict[str, Split] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self._mirror_slots = asyncio.Semaphore(64)
+        self.mirrors_sent = 0
+        self.mirrors_dropped = 0
         app = build_app(self, max_body_bytes=self.router_config.max_body_bytes)
         self._runner, self.http_url = await serve_app(app, self.router_config.host, self.router_config.port)
 
     async def after_start(self) -> None:
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="deployments")
+        loop = asyncio.get_running_loop()
+        self._watchers = [
+            loop.create_task(self._follow(self.deployments, "deploy.>", self._on_deployment), name="deployments"),
+            loop.create_task(self._follow(self.experiments, "split.*", self._on_split), name="splits"),
+        ]
 
     async def stop_intake(self) -> None:
         # Close the listener and finish in-flight HTTP requests before the actors drain.
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
     def metadata(self) -> dict[str, str]:
         return {"http": self.http_url} if self.http_url else {}
 
-    async def _watch(self) -> None:
-        watcher = await self.deployments.watch("deploy.>")
+    async def _follow(self, kv: KeyValue, keys: str, apply: Any) -> None:
+        """Keep a local copy of some keys of a bucket, live (changes apply without a restart)."""
+        watcher = await kv.watch(keys)
         while True:
             try:
                 entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
             except Exception:
                 continue
-            if entry is None:
-                continue
-            if entry.value:
-                self._deployed[entry.key] = _deployment.decode(entry.value)
-            else:
-                self._deployed.pop(entry.key, None)
+            if entry is not None:
+                apply(entry.key, entry.value or None)
+
+    def _on_deployment(self, key: str, value: bytes | None) -> None:
+        if value:
+            self._deployed[key] = _deployment.decode(value)
+        else:
+            self._deployed.pop(key, None)
+
+    def _on_split(self, key: str, value: bytes | None) -> None:
+        model = key.split(".", 1)[1]
+        if value:
+            self._splits[model] = decode_split(value)
+        else:
+            self._splits.pop(model, None)
 
     def default_version(self, model: str) -> str | None:
         """What a request naming only the model gets: the deployment of ``latest`` if there is
@@ -97,10 +119,25 @@ class RouterService(Service):
 
     # -- the Gateway the HTTP routes use ---------------------------------------------------------
     async def infer(
-        self, model: str, version: str | None, inputs: dict[str, np.ndarray], request_id: str, timeout_s: float
+        self,
+        model: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        request_id: str,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]:
-        served = self._version_for(model, version)
+        """Serve one request: an explicit version, else the model's split, else its deployment."""
+        split = None if version else self._splits.get(model)
+        if split is not None:
+            key = (headers or {}).get(split.sticky) if split.sticky else None
+            served = choose(split, key)
+        else:
+            served = self._version_for(model, version)
         req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id)
+        if split is not None:
+            for mirror in mirrors_for(split):
+                self._mirror(model, mirror, req, timeout_s)
         try:
             reply = await request(
                 self.nc,
@@ -113,6 +150,43 @@ class RouterService(Service):
         except Unavailable:
             raise Unavailable(f"no inference worker serves {model}@{served} (deploy it, or start workers)") from None
         return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
+
+    def _mirror(self, model: str, version: str, req: InferRequest, timeout_s: float) -> None:
+        """Send a copy and forget it: never slower for the caller; dropped (and counted) when
+        too many copies are already in flight."""
+        if self._mirror_slots.locked():
+            self.mirrors_dropped += 1
+            return
+
+        async def send() -> None:
+            async with self._mirror_slots:
+                try:
+                    await request(
+                        self.nc,
+                        self.names.infer(model, version),
+                        req,
+                        bytes,
+                        timeout_s=timeout_s,
+                        template=self.names.infer_template(),
+                    )
+                except Exception:
+                    log.debug("mirror to %s@%s failed", model, version, exc_info=True)
+
+        self.mirrors_sent += 1
+        asyncio.get_running_loop().create_task(send())
+
+    # -- admin -----------------------------------------------------------------------------------
+    async def set_split(self, split: Split) -> Split:
+        split = await put_split(self.js, self.names, split)
+        self._splits[split.model] = split  # this instance applies it at once; others via the watch
+        return split
+
+    def get_split(self, model: str) -> Split | None:
+        return self._splits.get(model)
+
+    async def delete_split(self, model: str) -> None:
+        await delete_split(self.js, self.names, model)
+        self._splits.pop(model, None)
 
     async def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
         v = await get_version(await registry_kv(self.js, self.names), model, version or self._deployed_ref(model))

@@ -1,0 +1,51 @@
+"""Traffic splits in the experiments bucket (``split.<model>``): written by the router's admin
+API and ``aimesh split``, watched by every router instance (applied without a restart)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from shared.clock import rfc3339_now
+from shared.errors import BadRequest
+from shared.names import Names, check_token
+from shared.registry import get_version, registry_kv
+from shared.schemas import Split
+
+_split = msgspec.json.Decoder(Split)
+
+
+def split_key(model: str) -> str:
+    return f"split.{model}"
+
+
+async def put_split(js: JetStreamContext, names: Names, split: Split) -> Split:
+    """Validate (the model and every version exist, a positive weight) and store a split."""
+    try:
+        check_token(split.model, "model name")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    if not split.variants or sum(max(v.weight, 0) for v in split.variants) <= 0:
+        raise BadRequest("a split needs at least one variant with a positive weight")
+    if any(not 0 <= m.percent <= 100 for m in split.mirrors):
+        raise BadRequest("mirror percentages must be between 0 and 100")
+    registry = await registry_kv(js, names)
+    for version in {v.version for v in split.variants} | {m.version for m in split.mirrors}:
+        await get_version(registry, split.model, version)  # 404 when there is no such version
+    split = msgspec.structs.replace(split, updated_at=rfc3339_now())
+    kv = await js.key_value(names.experiments_bucket)
+    await kv.put(split_key(split.model), msgspec.json.encode(split))
+    return split
+
+
+async def delete_split(js: JetStreamContext, names: Names, model: str) -> None:
+    kv = await js.key_value(names.experiments_bucket)
+    with contextlib.suppress(KeyNotFoundError):
+        await kv.delete(split_key(model))
+
+
+def decode_split(value: bytes) -> Split:
+    return _split.decode(value)

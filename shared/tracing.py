@@ -244,6 +244,38 @@ def send_span(template: str, subject: str, headers: MutableMapping[str, str], *,
         span.end()
 
 
+def start_server_span(method: str, route: str, path: str, headers: Mapping[str, str]) -> Span:
+    """The SERVER span of an HTTP request (HTTP semantic conventions), child of the caller's
+    ``traceparent`` if it sent one."""
+    parent = propagate.extract(headers) if "traceparent" in headers else None
+    if parent is None:
+        root = _fast_roots.unsampled()
+        if root is not None:
+            return root
+    span = tracer().start_span(f"{method} {route}", context=parent or _NO_PARENT, kind=SpanKind.SERVER)
+    if span.is_recording():
+        span.set_attributes({"http.request.method": method, "http.route": route, "url.path": path})
+    return span
+
+
+def start_batch_span(name: str, requests: list[SpanContext], attributes: dict[str, Any]) -> Span:
+    """The span of work done for several requests at once (a batch's forward pass): a child of
+    the first sampled request, so it appears in that request's trace, with links to every
+    request it served."""
+    from opentelemetry.trace import Link, NonRecordingSpan
+
+    valid = [c for c in requests if c.is_valid]
+    parent = next((c for c in valid if c.trace_flags.sampled), valid[0] if valid else None)
+    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else _NO_PARENT
+    return tracer().start_span(
+        name, context=context, kind=SpanKind.INTERNAL, links=[Link(c) for c in valid], attributes=attributes
+    )
+
+
+def current_context() -> SpanContext:
+    return trace.get_current_span().get_span_context()
+
+
 def mark_error(span: Span, error_type: str, description: str) -> None:
     if span.is_recording():
         span.set_attribute(ERROR_TYPE, error_type)

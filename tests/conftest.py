@@ -16,12 +16,15 @@ from typing import Any
 
 import nats
 import pytest
+from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
 from shared.config import MeshConfig
+from shared.httpserve import serve_app
 from shared.names import Names
 from shared.natsserver import NatsServer
 from tests.helpers import ServiceProcess, service_env
+from tests.otlp import OtlpReceiver
 
 NATS_IMAGE = "nats:2.10.22-alpine"
 
@@ -98,3 +101,13 @@ def spawn(nats_url: str, names: Names, tmp_path: Path) -> Iterator[object]:
     yield start
     for proc in procs:
         proc.close()
+
+
+@pytest.fixture
+async def otlp() -> AsyncIterator[tuple[OtlpReceiver, str]]:
+    receiver = OtlpReceiver()
+    app = web.Application()
+    app.router.add_post("/v1/traces", receiver.handle)
+    runner, url = await serve_app(app, "127.0.0.1", 0)
+    yield receiver, url
+    await runner.cleanup()

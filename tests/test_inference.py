@@ -264,3 +264,43 @@ async def test_ab_split_is_sticky_live_and_reversible(
         await eventually(split_gone, 10, "the split to be removed")
         after = [await variant(f"user-{u}") for u in range(10)]
         assert set(after) == {"2"}  # the most recent deployment
+
+
+async def test_one_trace_from_http_to_the_batch_forward(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient, otlp: tuple[object, str]
+) -> None:
+    import aiohttp
+
+    from tests.otlp import KIND_CLIENT, KIND_CONSUMER, KIND_INTERNAL, KIND_SERVER, OtlpReceiver
+
+    receiver, url = otlp
+    assert isinstance(receiver, OtlpReceiver)
+    traced = {
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "AIMESH_TRACE_SAMPLE_RATIO": "1",
+    }
+    worker = spawn("services.inference", **traced)
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0", **traced)
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    await register_mlp(nc, names, seed=1)
+    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "the worker to serve digits@1")
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+    async with aiohttp.ClientSession() as http, http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
+        assert resp.status == 200
+    for proc in (router, worker):
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 30) == 0  # the drain flushes spans
+
+    spans = receiver.spans
+    server = next(s for s in spans if s.kind == KIND_SERVER and "infer" in s.name)
+    assert server.name == "POST /v2/models/{model}/infer" and server.parent_id == ""
+    send = next(s for s in spans if s.kind == KIND_CLIENT and s.trace_id == server.trace_id)
+    process = next(s for s in spans if s.kind == KIND_CONSUMER and s.trace_id == server.trace_id)
+    forward = next(s for s in spans if s.kind == KIND_INTERNAL and s.name == "forward digits")
+    assert send.parent_id == server.span_id and process.parent_id == send.span_id
+    assert forward.trace_id == server.trace_id and forward.parent_id == process.span_id
+    assert forward.links == [process.span_id] and forward.attributes["aimesh.batch.size"] == 1

@@ -3,78 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import msgspec
 import pytest
-from aiohttp import web
 from nats.aio.client import Client as NatsClient
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
-from shared.httpserve import serve_app
 from shared.names import Names
 from tests.apps.echo import EchoReply, EchoRequest
 from tests.helpers import ServiceProcess, eventually
+from tests.otlp import KIND_CLIENT, KIND_CONSUMER, OtlpReceiver, SpanRecord
 
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class SpanRecord:
-    service: str
-    name: str
-    kind: int
-    trace_id: str
-    span_id: str
-    parent_id: str
-    attributes: dict[str, object]
-
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP trace endpoint that keeps what it receives."""
-
-    def __init__(self) -> None:
-        self.spans: list[SpanRecord] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        export = ExportTraceServiceRequest()
-        export.ParseFromString(await request.read())
-        for rs in export.resource_spans:
-            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    self.spans.append(
-                        SpanRecord(
-                            service=service,
-                            name=s.name,
-                            kind=s.kind,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_id=s.parent_span_id.hex(),
-                            attributes={a.key: a.value.string_value or a.value.int_value for a in s.attributes},
-                        )
-                    )
-        return web.Response(
-            body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf"
-        )
-
-
-@pytest.fixture
-async def otlp() -> AsyncIterator[tuple[OtlpReceiver, str]]:
-    receiver = OtlpReceiver()
-    app = web.Application()
-    app.router.add_post("/v1/traces", receiver.handle)
-    runner, url = await serve_app(app, "127.0.0.1", 0)
-    yield receiver, url
-    await runner.cleanup()
-
-
 # Span kinds in the OTLP protobuf enum.
-KIND_SERVER, KIND_CLIENT, KIND_CONSUMER = 2, 3, 5
 
 
 async def test_request_across_two_services_is_one_trace(

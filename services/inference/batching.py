@@ -20,6 +20,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry.trace import SpanContext
+
+from shared import tracing
 
 Outputs = dict[str, np.ndarray]
 
@@ -29,6 +32,7 @@ class _Pending:
     rows: np.ndarray
     future: asyncio.Future[tuple[Outputs, int]]
     queued_at: float = field(default_factory=time.perf_counter)
+    span: SpanContext | None = None  # the request's span, linked from the batch's forward span
 
 
 class DynamicBatcher:
@@ -39,6 +43,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_wait_ms: float,
         executor: Executor | None = None,
+        name: str = "forward",
     ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
@@ -49,6 +54,8 @@ class DynamicBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_full = False
+        self._traced = not tracing.tracing_disabled()
+        self.name = name
         # metrics
         self.batches = 0
         self.rows = 0
@@ -72,7 +79,7 @@ class DynamicBatcher:
     async def submit(self, rows: np.ndarray) -> tuple[Outputs, int]:
         """Queue rows (first dimension = records); returns their outputs and the batch size."""
         future: asyncio.Future[tuple[Outputs, int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future))
+        self._queue.append(_Pending(rows, future, span=tracing.current_context() if self._traced else None))
         self._queued_rows += len(rows)
         self._wake.set()
         return await future
@@ -122,10 +129,20 @@ class DynamicBatcher:
         self.batches += 1
         self.rows += rows
         self.sizes[rows] += 1
+        span = None
+        if self._traced:  # one span for the pass, linked to every request it served
+            links = [p.span for p in live if p.span is not None]
+            span = tracing.start_batch_span(
+                self.name, links, {"aimesh.batch.size": rows, "aimesh.batch.requests": len(live)}
+            )
         try:
             x = live[0].rows if len(live) == 1 else np.concatenate([p.rows for p in live])
             out = await loop.run_in_executor(self.executor, self.forward, x)
         except Exception as exc:
+            if span is not None:
+                tracing.mark_error(span, type(exc).__name__, str(exc))
+                span.end()
+                span = None
             if len(live) == 1:
                 if not live[0].future.done():
                     live[0].future.set_exception(exc)
@@ -133,6 +150,9 @@ class DynamicBatcher:
             for item in live:  # find the culprit: each request alone
                 await self._serve([item])
             return
+        finally:
+            if span is not None:
+                span.end()
         start = 0
         for item in live:
             n = len(item.rows)

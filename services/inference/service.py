@@ -172,6 +172,7 @@ class InferenceService(Service):
             max_batch_size=deployment.max_batch_size,
             max_wait_ms=deployment.max_wait_ms,
             executor=self._executor,
+            name=f"forward {deployment.model}",
         )
         batcher.start()
 

@@ -15,6 +15,7 @@ import numpy as np
 from aiohttp import web
 
 from services.router import oip
+from shared import tracing
 from shared.errors import MeshTimeout, Overloaded, ServiceError
 from shared.names import Header
 from shared.schemas import Split
@@ -77,7 +78,26 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
         except (ServiceError, MeshTimeout) as exc:
             return from_exception(exc)
 
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors])
+    @web.middleware
+    async def traced(request: web.Request, handler: Any) -> web.StreamResponse:
+        """A SERVER span per request (named by route template), current while it is handled, so
+        the NATS request below is its child."""
+        info = request.match_info.route.resource
+        route = info.canonical if info is not None else "unmatched"
+        span = tracing.start_server_span(request.method, route, request.path, request.headers)
+        token = tracing.activate(span)
+        try:
+            response: web.StreamResponse = await handler(request)
+            if span.is_recording():
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 500:
+                    tracing.mark_error(span, str(response.status), getattr(response, "text", "") or "")
+            return response
+        finally:
+            tracing.deactivate(token)
+            span.end()
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[traced, errors])
 
     async def live(_: web.Request) -> web.Response:
         # Open Inference Protocol v2: the status code carries the answer, the body mirrors it.

@@ -1,0 +1,324 @@
+"""Serving throughput and latency, one run, one model, the load generator in its own process.
+
+    .venv/bin/python bench/serve.py [--seconds 5]
+
+Model: MLP 256→1024→1024→10, float32, one torch thread per process.  Requests are Open
+Inference Protocol v2 with the binary tensor extension (one 256-float row each).
+
+(a) aimesh: HTTP gateway → NATS → 1 inference worker, dynamic batching;
+(b) the same with 2 workers;
+(c) in-process baseline: one aiohttp server calling the model directly, no batching;
+(d) the model's offline throughput at batch 32 (the limit);
+(e) the bare HTTP ceiling of the same server stack: aiohttp answering without a model;
+and at concurrency 1, (a) with batching off (max batch 1) to show batching costs no latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+HIDDEN = [1024, 1024]
+ROW = np.random.default_rng(0).random((1, 256), dtype=np.float32)
+HEADER = json.dumps(
+    {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "parameters": {"binary_data_size": ROW.nbytes}}]}
+).encode()
+BODY = HEADER + ROW.tobytes()
+
+
+def _model() -> Any:
+    import torch
+
+    from zoo.classifier import mlp
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    return mlp(inputs=256, classes=10, hidden=HIDDEN).eval()
+
+
+# -- roles --------------------------------------------------------------------------------------
+async def client(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    stop_at = 0.0
+    headers = {"Inference-Header-Content-Length": str(len(HEADER)), "Content-Type": "application/octet-stream"}
+
+    async def worker(http: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while (t0 := time.perf_counter()) < stop_at:
+            try:
+                async with http.post(url, data=BODY, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                        continue
+            except aiohttp.ClientError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        stop_at = time.perf_counter() + 1.0  # warm-up
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+        latencies, errors = [], 0
+        start = time.perf_counter()
+        stop_at = start + seconds
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "rps": n / elapsed,
+        "p50_ms": latencies[n // 2] * 1e3 if n else 0.0,
+        "p99_ms": latencies[min(int(n * 0.99), n - 1)] * 1e3 if n else 0.0,
+        "errors": errors,
+    }
+
+
+async def inproc_server(port: int, with_model: bool) -> None:
+    import torch
+    from aiohttp import web
+
+    from services.router import oip
+
+    model = _model() if with_model else None
+
+    async def infer(request: web.Request) -> web.Response:
+        raw = await request.read()
+        length = request.headers.get(oip.HEADER_LENGTH)
+        body, inputs = oip.parse_request(raw, int(length) if length else None)
+        if model is None:
+            return web.json_response({"model_name": "echo", "outputs": []})
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(inputs["x"].copy())).numpy()
+        payload, _ = oip.encode_response(
+            model="mlp",
+            version="1",
+            request_id=body.id,
+            outputs={"logits": logits, "class": logits.argmax(-1)},
+            binary=False,
+        )
+        return web.Response(body=payload, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v2/models/mlp/infer", infer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+def offline_rate(seconds: float) -> float:
+    import torch
+
+    model = _model()
+    x = torch.from_numpy(np.random.default_rng(1).random((32, 256), dtype=np.float32))
+    with torch.inference_mode():
+        for _ in range(20):
+            model(x)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(x)
+            n += 32
+    return n / (time.perf_counter() - start)
+
+
+# -- orchestration ------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_client(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--role",
+            "client",
+            "--url",
+            url,
+            "--concurrency",
+            str(concurrency),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+async def mesh_setup(url: str) -> tuple[Any, str]:
+    import nats
+
+    from aimesh.demo import wait_for_service
+    from shared.registry import artifacts, put_object, register
+    from shared.schemas import ColumnSpec, ModelVersion
+    from zoo.artifacts import weights_to_bytes
+
+    nc = await nats.connect(url)
+    names = __import__("shared.names", fromlist=["Names"]).Names("benchserve")
+    await wait_for_service(nc, names, "inference")
+    await wait_for_service(nc, names, "router")
+    js = nc.jetstream()
+    store = await artifacts(js, names)
+    await put_object(store, "models/mlp/bench.safetensors", weights_to_bytes(_model().state_dict()))
+    version = ModelVersion(
+        model="mlp",
+        version="",
+        artifact="models/mlp/bench.safetensors",
+        factory="zoo.classifier:mlp",
+        kwargs={"inputs": 256, "classes": 10, "hidden": HIDDEN},
+        task="classify",
+        dataset="-",
+        inputs=[ColumnSpec(name="x", dtype="float32", shape=[256])],
+    )
+    await register(await js.key_value(names.registry_bucket), version)
+    return nc, names
+
+
+async def deploy(nc: Any, names: Any, max_batch: int, workers: int) -> str:
+    from shared.client import request
+    from shared.discovery import discover
+    from shared.schemas import Deployment, DeployRequest, MicroPing
+
+    await request(nc, names.deploy, DeployRequest(model="mlp", max_batch_size=max_batch, max_wait_ms=2), Deployment)
+    while True:
+        pings = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
+        routers = await discover(nc, "PING", MicroPing, name=names.micro_name("router"), wait_s=0.3)
+        if len(pings) >= workers and all("mlp@" in p.metadata.get("serving", "") for p in pings) and routers:
+            await asyncio.sleep(0.5)
+            return routers[0].metadata["http"] + "/v2/models/mlp/infer"
+        await asyncio.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", default="bench", choices=["bench", "client", "inproc", "echo"])
+    parser.add_argument("--url")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    if args.role == "client":
+        import uvloop
+
+        print(json.dumps(uvloop.run(client(args.url, args.concurrency, args.seconds))))
+        return
+    if args.role in ("inproc", "echo"):
+        import uvloop
+
+        uvloop.run(inproc_server(args.port, with_model=args.role == "inproc"))
+        return
+
+    from shared.natsserver import NatsServer
+
+    rows: dict[str, dict[int, dict[str, float]]] = {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
+    env.update(
+        AIMESH_PREFIX="benchserve",
+        OTEL_SDK_DISABLED="true",
+        AIMESH_ROUTER_PORT="0",
+        AIMESH_METRICS_PORT="0",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
+    print(
+        f"serving benchmark: MLP 256→{'→'.join(map(str, HIDDEN))}→10, {args.seconds:g}s per row; {os.cpu_count()} cores"
+    )
+    with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
+        env["AIMESH_NATS_URL"] = server.url
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", f"services.{s}"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for s in ("router", "inference")
+        ]
+        try:
+
+            async def setup() -> tuple[Any, Any]:
+                return await mesh_setup(server.url)
+
+            loop = asyncio.new_event_loop()
+            nc, names = loop.run_until_complete(setup())
+            url = loop.run_until_complete(deploy(nc, names, max_batch=1, workers=1))
+            rows["(a) batching off, 1 worker"] = {1: run_client(url, 1, args.seconds)}
+            url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=1))
+            rows["(a) aimesh, 1 worker"] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "services.inference"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=2))
+            rows["(b) aimesh, 2 workers"] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
+            loop.run_until_complete(nc.close())
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
+    for role, label in (("inproc", "(c) in-process aiohttp + model"), ("echo", "(e) bare aiohttp, no model")):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--role", role, "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+            rows[label] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    offline = offline_rate(args.seconds)
+
+    print(f"\n  {'':<32} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for label, by_conc in rows.items():
+        for conc, r in by_conc.items():
+            print(
+                f"  {label:<32} {conc:>4} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6.0f}"
+            )
+    print(f"  {'(d) offline, batch 32':<32} {'':>4} {offline:>9,.0f}  (samples/s)")
+    a64, c64 = rows["(a) aimesh, 1 worker"][64]["rps"], rows["(c) in-process aiohttp + model"][64]["rps"]
+    e64 = rows["(e) bare aiohttp, no model"][64]["rps"]
+    p50_on, p50_off = rows["(a) aimesh, 1 worker"][1]["p50_ms"], rows["(a) batching off, 1 worker"][1]["p50_ms"]
+    b64 = rows["(b) aimesh, 2 workers"][64]["rps"]
+    print(
+        f"\n  at 64: (a)/(c) = {a64 / c64:.2f} (goal ≥ 2)   (a)/(e) = {a64 / e64:.2f} (goal ≥ 0.4)   "
+        f"(b)/(a) = {b64 / a64:.2f}"
+    )
+    print(f"  at 1: p50 with batching / without = {p50_on / p50_off:.2f} (goal ≤ 1.2)")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ timeout becomes :class:`~shared.errors.MeshTimeout` (it may have run).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -63,3 +64,46 @@ async def request(
     if response_type is bytes:
         return reply.data  # type: ignore[return-value]
     return _decoder(response_type).decode(reply.data)
+
+
+async def stream(
+    nc: NatsClient,
+    subject: str,
+    payload: Any,
+    chunk_type: type[T],
+    *,
+    done: Any,
+    timeout_s: float = 30.0,
+    template: str | None = None,
+) -> AsyncIterator[T]:
+    """Send one request and yield the stream of replies until ``done(chunk)`` is true.
+
+    Each chunk must arrive within ``timeout_s`` of the previous one.  No subscriber on
+    ``subject`` raises :class:`Unavailable` (NATS answers a request with a 503 status).
+    """
+    import asyncio
+
+    hdrs: dict[str, str] = {Header.DEADLINE: deadline_header(timeout_s)}
+    inbox = nc.new_inbox()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    sub = await nc.subscribe(inbox, cb=queue.put)
+    decoder = _decoder(chunk_type)
+    try:
+        with tracing.send_span(template or subject, subject, hdrs, request=True):
+            await nc.publish(subject, encode(payload), reply=inbox, headers=hdrs)
+        while True:
+            try:
+                msg = await asyncio.wait_for(queue.get(), timeout_s)
+            except TimeoutError:
+                raise MeshTimeout(subject, timeout_s) from None
+            if msg.headers and msg.headers.get("Status") == "503":
+                raise Unavailable(f"no service answers on {subject}: is it running?")
+            err = error_in(msg.headers)
+            if err is not None:
+                raise err
+            chunk = decoder.decode(msg.data)
+            yield chunk
+            if done(chunk):
+                return
+    finally:
+        await sub.unsubscribe()

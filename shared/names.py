@@ -119,6 +119,13 @@ class Names:
     def infer(self, model: str, version: str) -> str:
         return f"{self.prefix}.infer.{model}.{version}"
 
+    def generate(self, model: str, version: str) -> str:
+        """Token streaming for language models: one request, a stream of chunks back."""
+        return f"{self.prefix}.generate.{model}.{version}"
+
+    def generate_template(self) -> str:
+        return f"{self.prefix}.generate.{{model}}.{{version}}"
+
     def infer_template(self) -> str:
         return f"{self.prefix}.infer.{{model}}.{{version}}"
 

@@ -382,6 +382,30 @@ class InferReply(Message, frozen=True, kw_only=True):
     batch_size: int = 1  # how many requests' rows shared the forward pass that served this one
 
 
+class GenerateRequest(Message, frozen=True, kw_only=True):
+    """Text generation; the reply is a stream of GenerateChunk messages, the last one ``done``."""
+
+    prompt: str
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list[str] = []
+    seed: int | None = None
+    id: str = ""
+
+
+class GenerateChunk(Message, frozen=True, kw_only=True):
+    text: str  # the new text since the previous chunk
+    index: int  # chunk number, from 0
+    done: bool = False
+    finish_reason: str | None = None  # stop | length (on the last chunk)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+    version: str = ""
+
+
 # -- NATS micro protocol (JSON, ADR-32) -----------------------------------------------------------
 
 PING_TYPE = "io.nats.micro.v1.ping_response"

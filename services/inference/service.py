@@ -16,10 +16,12 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from nats.js.kv import KeyValue
 
+from services.inference import generate
 from services.inference.batching import DynamicBatcher
 from services.inference.model import LoadedModel
 from shared.actor import Actor, Call
@@ -27,7 +29,7 @@ from shared.clock import rfc3339_now
 from shared.errors import BadRequest, NotFound
 from shared.names import check_token
 from shared.registry import artifacts, get_version, registry_kv
-from shared.schemas import Deployment, DeployRequest, InferReply, InferRequest
+from shared.schemas import Deployment, DeployRequest, GenerateChunk, GenerateRequest, InferReply, InferRequest
 from shared.service import Service
 from shared.tensors import from_wire, to_wire
 
@@ -41,7 +43,7 @@ class Served:
     deployment: Deployment
     model: LoadedModel
     batcher: DynamicBatcher
-    actor: Actor[InferRequest]
+    actors: list[Actor[Any]]
 
 
 class InferenceService(Service):
@@ -58,6 +60,7 @@ class InferenceService(Service):
         self._loading: set[str] = set()
         self._failed: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._generators = ThreadPoolExecutor(max_workers=2, thread_name_prefix="generate")
         self._watcher: asyncio.Task[None] | None = None
         self.add_actor("deploy", self.names.deploy, self.deploy, DeployRequest, max_concurrency=4)
 
@@ -73,6 +76,7 @@ class InferenceService(Service):
         for served in self._served.values():
             await served.batcher.stop()
         self._executor.shutdown(wait=False)
+        self._generators.shutdown(wait=False)
 
     @property
     def is_ready(self) -> bool:
@@ -108,6 +112,62 @@ class InferenceService(Service):
         )
         await self.deployments.put(f"deploy.{req.model}.{req.ref}", _json.encode(deployment))
         return deployment
+
+    async def _generation_actor(self, deployment: Deployment, model: LoadedModel) -> Actor[GenerateRequest]:
+        """Token streaming: each request's chunks go to its reply subject as they are made; the
+        handler's own reply is the last chunk (``done``).  Generation runs on its own threads, so
+        a long generation never holds up the batched forward passes."""
+
+        async def handle(req: GenerateRequest, call: Call) -> GenerateChunk:
+            generate.check(req, getattr(model.module, "context", 0))
+            if not call.msg.reply:
+                raise BadRequest("generation streams its reply: send a request, not a publish")
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[generate.Piece | BaseException | None] = asyncio.Queue()
+
+            def produce() -> None:
+                try:
+                    for piece in generate.pieces(model.module, req):
+                        loop.call_soon_threadsafe(queue.put_nowait, piece)
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+                except BaseException as exc:
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+            loop.run_in_executor(self._generators, produce)
+            index, last = 0, generate.Piece("")
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                last = item
+                if item.finish_reason is None and item.text:
+                    chunk = GenerateChunk(
+                        text=item.text, index=index, model=deployment.model, version=deployment.version
+                    )
+                    await self.nc.publish(call.msg.reply, msgspec.msgpack.encode(chunk))
+                    index += 1
+            return GenerateChunk(
+                text=last.text if last.finish_reason else "",
+                index=index,
+                done=True,
+                finish_reason=last.finish_reason or "length",
+                prompt_tokens=len(req.prompt.encode()),
+                completion_tokens=last.tokens,
+                model=deployment.model,
+                version=deployment.version,
+            )
+
+        actor = self.add_actor(
+            f"generate-{deployment.model}-{deployment.version}",
+            self.names.generate(deployment.model, deployment.version),
+            handle,
+            GenerateRequest,
+            template=self.names.generate_template(),
+            queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
+            max_concurrency=8,
+            mailbox_size=64,
+        )
+        await actor.start()
+        return actor
 
     # -- following deployments ---------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -151,7 +211,8 @@ class InferenceService(Service):
     async def _retire(self, key: str) -> None:
         served = self._served.pop(key, None)
         if served is not None:
-            await self.retire_actor(served.actor)
+            for actor in served.actors:
+                await self.retire_actor(actor)
             await served.batcher.stop()
             log.info("stopped serving %s", key)
 
@@ -198,7 +259,10 @@ class InferenceService(Service):
             max_concurrency=max(64, deployment.max_batch_size * 4),
         )
         await actor.start()
-        self._served[key] = Served(deployment, model, batcher, actor)
+        actors: list[Actor[Any]] = [actor]
+        if version.task == "lm":
+            actors.append(await self._generation_actor(deployment, model))
+        self._served[key] = Served(deployment, model, batcher, actors)
         self._loading.discard(key)
         log.info("serving %s (batch ≤ %d, wait ≤ %g ms)", key, deployment.max_batch_size, deployment.max_wait_ms)
         self._reconcile()  # versions this one replaces can go now

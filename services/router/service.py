@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
@@ -19,15 +19,16 @@ from nats.js.kv import KeyValue
 
 from services.router.http import build_app
 from services.router.oip import tensor_metadata
+from services.router.openai import add_routes as add_openai_routes
 from services.router.split import choose, mirrors_for
-from shared.client import request
+from shared.client import request, stream
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
 from shared.errors import NotFound, Unavailable
 from shared.experiments import decode_split, delete_split, put_split
 from shared.httpserve import serve_app
 from shared.registry import get_version, registry_kv
-from shared.schemas import Deployment, InferReply, InferRequest, MicroPing, Split
+from shared.schemas import Deployment, GenerateChunk, GenerateRequest, InferReply, InferRequest, MicroPing, Split
 from shared.service import Service
 from shared.tensors import from_wire, to_wire
 
@@ -50,11 +51,13 @@ class RouterService(Service):
         await self.ensure_kv(self.names.registry_bucket)
         self._deployed: dict[str, Deployment] = {}
         self._splits: dict[str, Split] = {}
+        self._lm: set[str] = set()
         self._watchers: list[asyncio.Task[None]] = []
         self._mirror_slots = asyncio.Semaphore(64)
         self.mirrors_sent = 0
         self.mirrors_dropped = 0
         app = build_app(self, max_body_bytes=self.router_config.max_body_bytes)
+        add_openai_routes(app, self.lm_models, self.generate)
         self._runner, self.http_url = await serve_app(app, self.router_config.host, self.router_config.port)
 
     async def after_start(self) -> None:
@@ -89,9 +92,20 @@ class RouterService(Service):
 
     def _on_deployment(self, key: str, value: bytes | None) -> None:
         if value:
-            self._deployed[key] = _deployment.decode(value)
+            deployment = _deployment.decode(value)
+            self._deployed[key] = deployment
+            asyncio.get_running_loop().create_task(self._learn_task(deployment))
         else:
             self._deployed.pop(key, None)
+
+    async def _learn_task(self, deployment: Deployment) -> None:
+        """Remember which deployed models are language models (for /v1/models)."""
+        try:
+            version = await get_version(await registry_kv(self.js, self.names), deployment.model, deployment.version)
+        except Exception:
+            return
+        if version.task == "lm":
+            self._lm.add(deployment.model)
 
     def _on_split(self, key: str, value: bytes | None) -> None:
         model = key.split(".", 1)[1]
@@ -150,6 +164,26 @@ class RouterService(Service):
         except Unavailable:
             raise Unavailable(f"no inference worker serves {model}@{served} (deploy it, or start workers)") from None
         return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
+
+    def lm_models(self) -> list[str]:
+        return sorted({d.model for d in self._deployed.values() if d.model in self._lm})
+
+    async def generate(self, model: str, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream a completion from the version the split or the deployment picks."""
+        split = self._splits.get(model)
+        served = choose(split, req.id or None) if split is not None else self._version_for(model, None)
+        try:
+            async for chunk in stream(
+                self.nc,
+                self.names.generate(model, served),
+                req,
+                GenerateChunk,
+                done=lambda c: c.done,
+                template=self.names.generate_template(),
+            ):
+                yield chunk
+        except Unavailable:
+            raise Unavailable(f"no inference worker generates with {model}@{served}: is it a language model?") from None
 
     def _mirror(self, model: str, version: str, req: InferRequest, timeout_s: float) -> None:
         """Send a copy and forget it: never slower for the caller; dropped (and counted) when

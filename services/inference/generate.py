@@ -1,0 +1,73 @@
+"""Text generation for the byte-level language models: tokens one at a time, UTF-8 decoded
+incrementally (a character split over tokens comes out whole), stop sequences honoured (the
+text is cut before the stop sequence, which is never sent)."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import BadRequest
+from shared.schemas import GenerateRequest
+
+EOS = 256
+
+
+@dataclass
+class Piece:
+    text: str
+    finish_reason: str | None = None
+    tokens: int = 0  # generated so far
+
+
+def check(req: GenerateRequest, context: int) -> None:
+    if not 1 <= req.max_tokens <= 4096:
+        raise BadRequest(f"max_tokens must be between 1 and 4096 (got {req.max_tokens})")
+    if (
+        req.temperature < 0
+        or (req.top_p is not None and not 0 < req.top_p <= 1)
+        or (req.top_k is not None and req.top_k < 1)
+    ):
+        raise BadRequest("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 1")
+    if not req.prompt:
+        raise BadRequest("the prompt is empty")
+    if len(req.stop) > 8 or any(not s for s in req.stop):
+        raise BadRequest("at most 8 non-empty stop sequences")
+    del context
+
+
+def pieces(model: torch.nn.Module, req: GenerateRequest) -> Iterator[Piece]:
+    """Yield text as it is generated; the last piece carries the finish reason."""
+    tokens = torch.tensor([list(req.prompt.encode())], dtype=torch.long)
+    generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    held = ""  # text not yet sent because it may be the start of a stop sequence
+    longest_stop = max((len(s) for s in req.stop), default=0)
+    stream = model.generate(
+        tokens,
+        req.max_tokens,
+        temperature=req.temperature,
+        top_k=req.top_k,  # type: ignore[operator]
+        top_p=req.top_p,
+        generator=generator,
+    )
+    count = 0
+    for token in stream:
+        count += 1
+        if token == EOS:
+            yield Piece(held + decoder.decode(b"", final=True), "stop", count)
+            return
+        held += decoder.decode(bytes([token]))
+        for stop in req.stop:
+            at = held.find(stop)
+            if at >= 0:
+                yield Piece(held[:at], "stop", count)
+                return
+        safe = len(held) - max(longest_stop - 1, 0)
+        if safe > 0:
+            yield Piece(held[:safe], None, count)
+            held = held[safe:]
+    yield Piece(held + decoder.decode(b"", final=True), "length", count)

@@ -1,0 +1,108 @@
+"""Token streaming from a served language model: over NATS, and through the OpenAI-compatible
+HTTP API with the official openai client (plain and server-sent events)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import torch
+from nats.aio.client import Client as NatsClient
+
+from shared.client import request, stream
+from shared.errors import BadRequest
+from shared.names import Names
+from shared.registry import artifacts, put_object, register
+from shared.schemas import (
+    ColumnSpec,
+    Deployment,
+    DeployRequest,
+    GenerateChunk,
+    GenerateRequest,
+    ModelVersion,
+    TokenizerSpec,
+)
+from tests.helpers import ServiceProcess, eventually
+from tests.test_inference import serving
+from zoo.artifacts import weights_to_bytes
+from zoo.lm import causal_lm
+
+pytestmark = pytest.mark.slow
+KWARGS = {"dim": 32, "layers": 1, "heads": 2, "context": 64}
+
+
+async def register_lm(nc: NatsClient, names: Names) -> None:
+    torch.manual_seed(0)
+    model = causal_lm(**KWARGS)
+    js = nc.jetstream()
+    await put_object(await artifacts(js, names), "models/lm/1.safetensors", weights_to_bytes(model.state_dict()))
+    version = ModelVersion(
+        model="lm",
+        version="",
+        artifact="models/lm/1.safetensors",
+        factory="zoo.lm:causal_lm",
+        kwargs=KWARGS,
+        task="lm",
+        dataset="text@1",
+        inputs=[ColumnSpec(name="tokens", dtype="int32", shape=[65])],
+        tokenizer=TokenizerSpec(kind="bytes", vocab_size=257, eos_id=256, seq_len=64),
+    )
+    await register(await js.key_value(names.registry_bucket), version)
+
+
+async def generate(nc: NatsClient, names: Names, req: GenerateRequest) -> list[GenerateChunk]:
+    return [c async for c in stream(nc, names.generate("lm", "1"), req, GenerateChunk, done=lambda c: c.done)]
+
+
+async def test_tokens_stream_over_nats_and_the_openai_api(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    worker = spawn("services.inference")
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    await register_lm(nc, names)
+    await request(nc, names.deploy, DeployRequest(model="lm"), Deployment)
+    await eventually(lambda: serving(nc, names, "lm@1"), 30, "the worker to serve lm@1")
+
+    greedy = GenerateRequest(prompt="def main():", max_tokens=24, temperature=0)
+    chunks = await generate(nc, names, greedy)
+    assert len(chunks) > 2 and chunks[-1].done and [c.index for c in chunks] == list(range(len(chunks)))
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 24
+    text = "".join(c.text for c in chunks)
+    assert text == "".join(c.text for c in await generate(nc, names, greedy))  # greedy is deterministic
+
+    # A stop sequence ends the text before it, and is not sent.
+    stop = text[6:9]
+    stopped = await generate(
+        nc, names, GenerateRequest(prompt="def main():", max_tokens=24, temperature=0, stop=[stop])
+    )
+    assert "".join(c.text for c in stopped) == text[: text.index(stop)] and stopped[-1].finish_reason == "stop"
+    with pytest.raises(BadRequest, match="max_tokens must be between 1 and 4096"):
+        await generate(nc, names, GenerateRequest(prompt="x", max_tokens=0))
+
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+    async def listed() -> bool:
+        return [m.id for m in (await client.models.list()).data] == ["lm"]
+
+    await eventually(listed, 10, "the LM to be listed")
+    completion = await client.completions.create(model="lm", prompt="def main():", max_tokens=24, temperature=0)
+    assert completion.choices[0].text == text and completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 24
+    streamed = await client.completions.create(
+        model="lm", prompt="def main():", max_tokens=24, temperature=0, stream=True
+    )
+    parts = [event.choices[0].text async for event in streamed]
+    assert "".join(parts) == text and len(parts) > 2
+    with pytest.raises(openai.BadRequestError, match="one prompt string and n = 1"):
+        await client.completions.create(model="lm", prompt="x", n=2)
+    with pytest.raises(openai.NotFoundError, match="is not deployed"):
+        await client.completions.create(model="nothing", prompt="x")
+    await client.close()
+    for proc in (router, worker):
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 30) == 0

@@ -174,6 +174,16 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
     return load_section(IngestConfig, "ingest", env_prefix="AIMESH_INGEST_", env=env)
 
 
+class InferenceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """An inference worker: table ``[inference]``, variables ``AIMESH_INFERENCE_*``."""
+
+    durable_ack_wait_s: float = 10.0  # a durable request whose worker died is served again after this
+
+
+def load_inference_config(env: Mapping[str, str] | None = None) -> InferenceConfig:
+    return load_section(InferenceConfig, "inference", env_prefix="AIMESH_INFERENCE_", env=env)
+
+
 def load_router_config(env: Mapping[str, str] | None = None) -> RouterConfig:
     return load_section(RouterConfig, "router", env_prefix="AIMESH_ROUTER_", env=env)
 

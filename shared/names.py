@@ -139,8 +139,19 @@ class Names:
     def durable_request(self, model: str, version: str) -> str:
         return f"{self.prefix}.jobs.{model}.{version}"
 
+    def durable_template(self) -> str:
+        return f"{self.prefix}.jobs.{{model}}.{{version}}"
+
     def result(self, request_id: str) -> str:
         return f"{self.prefix}.results.{request_id}"
+
+    @property
+    def durable_subjects(self) -> str:
+        return f"{self.prefix}.jobs.>"
+
+    @property
+    def result_subjects(self) -> str:
+        return f"{self.prefix}.results.>"
 
     @property
     def requests_stream(self) -> str:

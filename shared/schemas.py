@@ -382,6 +382,19 @@ class InferReply(Message, frozen=True, kw_only=True):
     batch_size: int = 1  # how many requests' rows shared the forward pass that served this one
 
 
+class DurableResult(Message, frozen=True, kw_only=True):
+    """The outcome of a durable request (stream ``<PREFIX>_RESULTS``, subject
+    ``<prefix>.results.<id>``; the latest message of the subject is the answer)."""
+
+    id: str
+    state: str  # pending | done | error
+    model: str = ""
+    version: str = ""
+    outputs: dict[str, Tensor] = {}
+    error: str = ""
+    code: int = 0
+
+
 class GenerateRequest(Message, frozen=True, kw_only=True):
     """Text generation; the reply is a stream of GenerateChunk messages, the last one ``done``."""
 

@@ -68,7 +68,7 @@ async def test_deploy_infer_batch_and_swap(
     reply = await request(nc, names.infer("digits", "1"), InferRequest(inputs={"x": to_wire(x)}), InferReply)
     with torch.no_grad():
         expected = model1(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(from_wire(reply.outputs["logits"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(from_wire(reply.outputs["logits"]), expected, rtol=1e-5, atol=1e-6)
     assert from_wire(reply.outputs["class"]).tolist() == [int(expected.argmax())]
 
     # Many at once: they share forward passes, and each gets its own rows back.
@@ -83,7 +83,7 @@ async def test_deploy_infer_batch_and_swap(
         all_logits = model1(torch.from_numpy(xs[:, 0])).numpy()
     for i, r in enumerate(replies):
         assert r.id == str(i)
-        np.testing.assert_allclose(from_wire(r.outputs["logits"])[0], all_logits[i], rtol=1e-5)
+        np.testing.assert_allclose(from_wire(r.outputs["logits"])[0], all_logits[i], rtol=1e-5, atol=1e-6)
     assert max(r.batch_size for r in replies) > 1
 
     with pytest.raises(BadRequest, match=r"must have shape \[batch, 64\], got \[1, 3\]"):
@@ -144,7 +144,7 @@ async def test_the_http_gateway_speaks_the_open_inference_protocol(
             out = await resp.json()
         assert out["model_name"] == "digits" and out["model_version"] == "1" and out["id"] == "r1"
         logits = next(o for o in out["outputs"] if o["name"] == "logits")
-        np.testing.assert_allclose(np.array(logits["data"]).reshape(logits["shape"]), expected, rtol=1e-5)
+        np.testing.assert_allclose(np.array(logits["data"]).reshape(logits["shape"]), expected, rtol=1e-5, atol=1e-6)
 
         # The binary tensor data extension, both ways (what Triton's clients send by default).
         header = json.dumps(
@@ -166,7 +166,7 @@ async def test_the_http_gateway_speaks_the_open_inference_protocol(
         described = json.loads(raw[:length])["outputs"]
         assert [o["name"] for o in described] == ["logits"]
         got = np.frombuffer(raw[length:], dtype=np.float32).reshape(2, 10)
-        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
         cases = [
             ("/v2/models/nothing/infer", body, 404, "is not deployed"),
@@ -304,3 +304,90 @@ async def test_one_trace_from_http_to_the_batch_forward(
     assert send.parent_id == server.span_id and process.parent_id == send.span_id
     assert forward.trace_id == server.trace_id and forward.parent_id == process.span_id
     assert forward.links == [process.span_id] and forward.attributes["aimesh.batch.size"] == 1
+
+
+async def test_durable_requests_survive_a_killed_worker(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    import json
+    import os
+    import signal
+
+    import aiohttp
+
+    from shared import durable
+
+    env = {"AIMESH_INFERENCE_DURABLE_ACK_WAIT_S": "2"}
+    workers = [spawn("services.inference", **env) for _ in range(2)]
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
+    for w in workers:
+        await w.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    _, model = await register_mlp(nc, names, seed=4)
+    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "both workers to serve digits@1")
+    xs = np.random.default_rng(2).random((200, 1, 64), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(xs[:, 0])).numpy()
+
+    async with aiohttp.ClientSession() as http:
+        accepted = 0
+
+        async def submit(i: int) -> None:
+            nonlocal accepted
+            body = {
+                "id": f"d{i}",
+                "inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": xs[i].ravel().tolist()}],
+            }
+            async with http.post(
+                f"{base}/v2/models/digits/infer", json=body, headers={"Prefer": "respond-async"}
+            ) as resp:
+                assert resp.status == 202 and resp.headers["Location"] == f"/v2/results/d{i}"
+            accepted += 1
+            if accepted == 50:
+                os.kill(workers[0].pid, signal.SIGKILL)  # mid-stream: some of its requests are unacked
+
+        for start in range(0, 200, 16):
+            await asyncio.gather(*(submit(i) for i in range(start, min(start + 16, 200))))
+
+        async def all_answered() -> dict[int, list[float]] | None:
+            answers = {}
+            for i in range(200):
+                async with http.get(f"{base}/v2/results/d{i}") as resp:
+                    if resp.status == 202:
+                        return None
+                    assert resp.status == 200, await resp.text()
+                    logits = next(o for o in (await resp.json())["outputs"] if o["name"] == "logits")
+                    answers[i] = logits["data"]
+            return answers
+
+        answers = await eventually(all_answered, 60, "every durable request to be answered")
+        for i, logits in answers.items():
+            np.testing.assert_allclose(logits, expected[i], rtol=1e-5, atol=1e-6)
+        info = await nc.jetstream().stream_info(names.results_stream, subjects_filter=names.result_subjects)
+        assert len(info.state.subjects or {}) == 200 and set((info.state.subjects or {}).values()) == {1}
+
+        # The same id again is the same request: nothing new runs, the answer stands.
+        body = json.dumps(
+            {
+                "id": "d7",
+                "inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": xs[7].ravel().tolist()}],
+            }
+        )
+        async with http.post(f"{base}/v2/models/digits/infer?async=1", data=body) as resp:
+            assert resp.status == 202
+        async with http.get(f"{base}/v2/results/d7") as resp:
+            assert resp.status == 200
+        async with http.get(f"{base}/v2/results/nobody") as resp:
+            assert resp.status == 404
+
+    # Straight from a NATS client, a bad request's answer is its error.
+    bad = InferRequest(inputs={"x": to_wire(np.zeros((1, 3), dtype=np.float32))}, id="bad1")
+    rid = await durable.submit(nc.jetstream(), names, "digits", "1", bad)
+
+    async def bad_answered() -> bool:
+        return (await durable.fetch(nc.jetstream(), names, rid)).state == "error"
+
+    await eventually(bad_answered, 30, "the bad request's error")
+    outcome = await durable.fetch(nc.jetstream(), names, rid)
+    assert outcome.code == 400 and "must have shape" in outcome.error

@@ -24,18 +24,29 @@ from nats.js.kv import KeyValue
 from services.inference import generate
 from services.inference.batching import DynamicBatcher
 from services.inference.model import LoadedModel
+from shared import durable
 from shared.actor import Actor, Call
 from shared.clock import rfc3339_now
-from shared.errors import BadRequest, NotFound
+from shared.config import load_inference_config
+from shared.errors import BadRequest, NotFound, ServiceError
 from shared.names import check_token
 from shared.registry import artifacts, get_version, registry_kv
-from shared.schemas import Deployment, DeployRequest, GenerateChunk, GenerateRequest, InferReply, InferRequest
+from shared.schemas import (
+    Deployment,
+    DeployRequest,
+    DurableResult,
+    GenerateChunk,
+    GenerateRequest,
+    InferReply,
+    InferRequest,
+)
 from shared.service import Service
 from shared.tensors import from_wire, to_wire
 
 log = logging.getLogger(__name__)
 _deployment = msgspec.json.Decoder(Deployment)
 _json = msgspec.json.Encoder()
+DURABLE_MAX_DELIVER = 5
 
 
 @dataclass
@@ -53,7 +64,10 @@ class InferenceService(Service):
     deployments: KeyValue
 
     async def setup(self) -> None:
+        self.inference_config = load_inference_config()
         self.deployments = await self.ensure_kv(self.names.deployments_bucket)
+        for config in durable.stream_configs(self.names):
+            await self.ensure_stream(config)
         await self.ensure_kv(self.names.registry_bucket)
         self._records: dict[str, Deployment] = {}  # by deployments-bucket key
         self._served: dict[str, Served] = {}  # by model@version
@@ -112,6 +126,62 @@ class InferenceService(Service):
         )
         await self.deployments.put(f"deploy.{req.model}.{req.ref}", _json.encode(deployment))
         return deployment
+
+    async def _durable_actor(self, deployment: Deployment, model: LoadedModel, batcher: DynamicBatcher) -> Any:
+        """Durable requests for this version: acked only once their result is stored, so a
+        request whose worker dies is served again by another; a bad request's result is its error."""
+
+        async def handle(req: InferRequest, call: Call) -> None:
+            deliveries = call.msg.metadata.num_delivered or 1
+            try:
+                rows = model.check({name: from_wire(t, name) for name, t in req.inputs.items()})
+                outputs, _ = await batcher.submit(rows)
+                result = DurableResult(
+                    id=req.id,
+                    state="done",
+                    model=deployment.model,
+                    version=deployment.version,
+                    outputs={k: to_wire(v) for k, v in outputs.items()},
+                )
+            except ServiceError as err:
+                if err.code >= 500 and deliveries < DURABLE_MAX_DELIVER:
+                    raise
+                result = DurableResult(
+                    id=req.id,
+                    state="error",
+                    model=deployment.model,
+                    version=deployment.version,
+                    error=err.description,
+                    code=err.code,
+                )
+            except Exception as exc:
+                if deliveries < DURABLE_MAX_DELIVER:
+                    raise
+                result = DurableResult(
+                    id=req.id,
+                    state="error",
+                    model=deployment.model,
+                    version=deployment.version,
+                    error=f"internal error ({type(exc).__name__})",
+                    code=500,
+                )
+            await durable.store_result(self.js, self.names, result)
+
+        actor = self.add_jetstream_actor(
+            f"durable-{deployment.model}-{deployment.version}",
+            stream=self.names.requests_stream,
+            subject=self.names.durable_request(deployment.model, deployment.version),
+            durable=f"infer-{deployment.model}-{deployment.version}",
+            handler=handle,
+            request_type=InferRequest,
+            template=self.names.durable_template(),
+            max_concurrency=max(64, deployment.max_batch_size * 4),
+            max_deliver=DURABLE_MAX_DELIVER,
+            ack_wait_s=self.inference_config.durable_ack_wait_s,
+            retry_backoff_s=0.5,
+        )
+        await actor.start()
+        return actor
 
     async def _generation_actor(self, deployment: Deployment, model: LoadedModel) -> Actor[GenerateRequest]:
         """Token streaming: each request's chunks go to its reply subject as they are made; the
@@ -259,7 +329,7 @@ class InferenceService(Service):
             max_concurrency=max(64, deployment.max_batch_size * 4),
         )
         await actor.start()
-        actors: list[Actor[Any]] = [actor]
+        actors: list[Actor[Any]] = [actor, await self._durable_actor(deployment, model, batcher)]
         if version.task == "lm":
             actors.append(await self._generation_actor(deployment, model))
         self._served[key] = Served(deployment, model, batcher, actors)

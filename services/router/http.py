@@ -18,7 +18,8 @@ from services.router import oip
 from shared import tracing
 from shared.errors import MeshTimeout, Overloaded, ServiceError
 from shared.names import Header
-from shared.schemas import Split
+from shared.schemas import DurableResult, Split
+from shared.tensors import from_wire
 
 SERVER_NAME = "aimesh"
 VARIANT = Header.VARIANT  # which version served the request
@@ -43,6 +44,17 @@ class Gateway(Protocol):
     ) -> tuple[str, dict[str, np.ndarray]]: ...
 
     async def set_split(self, split: Split) -> Split: ...
+
+    async def submit_durable(
+        self,
+        model: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        request_id: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[str, str]: ...
+
+    async def durable_result(self, request_id: str) -> DurableResult: ...
 
     def get_split(self, model: str) -> Split | None: ...
 
@@ -127,6 +139,16 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
         except ValueError:
             return error(400, f"{oip.HEADER_LENGTH} is not a number")
         body, inputs = oip.parse_request(raw, header_length)
+        if "respond-async" in request.headers.get("Prefer", "") or request.query.get("async") in ("1", "true"):
+            rid, served = await gw.submit_durable(
+                model, version, inputs, body.id or request.headers.get("Idempotency-Key"), request.headers
+            )
+            location = f"/v2/results/{rid}"
+            return web.json_response(
+                {"id": rid, "state": "pending", "model_name": model, "model_version": served, "result_url": location},
+                status=202,
+                headers={"Location": location, VARIANT: served},
+            )
         served_version, outputs = await gw.infer(model, version, inputs, body.id, timeout_s, request.headers)
         wanted = {o.name for o in body.outputs}
         if wanted:
@@ -142,6 +164,18 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
             return web.Response(body=payload, content_type="application/json", headers=headers)
         headers[oip.HEADER_LENGTH] = str(json_length)
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+    async def result(request: web.Request) -> web.Response:
+        outcome = await gw.durable_result(request.match_info["id"])
+        if outcome.state == "pending":
+            return web.json_response({"id": outcome.id, "state": "pending"}, status=202, headers={"Retry-After": "1"})
+        if outcome.state == "error":
+            return error(outcome.code or 500, outcome.error)
+        outputs = {k: from_wire(t, k) for k, t in outcome.outputs.items()}
+        payload, _ = oip.encode_response(
+            model=outcome.model, version=outcome.version, request_id=outcome.id, outputs=outputs, binary=False
+        )
+        return web.Response(body=payload, content_type="application/json", headers={VARIANT: outcome.version})
 
     async def put_split(request: web.Request) -> web.Response:
         try:
@@ -165,6 +199,7 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/results/{id}", result)
     app.router.add_put("/admin/splits/{model}", put_split)
     app.router.add_get("/admin/splits/{model}", get_split)
     app.router.add_delete("/admin/splits/{model}", delete_split)

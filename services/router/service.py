@@ -21,6 +21,7 @@ from services.router.http import build_app
 from services.router.oip import tensor_metadata
 from services.router.openai import add_routes as add_openai_routes
 from services.router.split import choose, mirrors_for
+from shared import durable
 from shared.client import request, stream
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
@@ -28,7 +29,16 @@ from shared.errors import NotFound, Unavailable
 from shared.experiments import decode_split, delete_split, put_split
 from shared.httpserve import serve_app
 from shared.registry import get_version, registry_kv
-from shared.schemas import Deployment, GenerateChunk, GenerateRequest, InferReply, InferRequest, MicroPing, Split
+from shared.schemas import (
+    Deployment,
+    DurableResult,
+    GenerateChunk,
+    GenerateRequest,
+    InferReply,
+    InferRequest,
+    MicroPing,
+    Split,
+)
 from shared.service import Service
 from shared.tensors import from_wire, to_wire
 
@@ -49,6 +59,8 @@ class RouterService(Service):
         self.deployments: KeyValue = await self.ensure_kv(self.names.deployments_bucket)
         self.experiments: KeyValue = await self.ensure_kv(self.names.experiments_bucket)
         await self.ensure_kv(self.names.registry_bucket)
+        for config in durable.stream_configs(self.names):
+            await self.ensure_stream(config)
         self._deployed: dict[str, Deployment] = {}
         self._splits: dict[str, Split] = {}
         self._lm: set[str] = set()
@@ -132,6 +144,29 @@ class RouterService(Service):
         return default
 
     # -- the Gateway the HTTP routes use ---------------------------------------------------------
+    def _route(self, model: str, version: str | None, headers: Mapping[str, str] | None) -> tuple[str, Split | None]:
+        """The version that serves a request: the one named, else the split's pick, else the deployment."""
+        split = None if version else self._splits.get(model)
+        if split is not None:
+            key = (headers or {}).get(split.sticky) if split.sticky else None
+            return choose(split, key), split
+        return self._version_for(model, version), None
+
+    async def submit_durable(
+        self,
+        model: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        request_id: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[str, str]:
+        served, _ = self._route(model, version, headers)
+        req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id or "")
+        return await durable.submit(self.js, self.names, model, served, req), served
+
+    async def durable_result(self, request_id: str) -> DurableResult:
+        return await durable.fetch(self.js, self.names, request_id)
+
     async def infer(
         self,
         model: str,
@@ -142,12 +177,7 @@ class RouterService(Service):
         headers: Mapping[str, str] | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Serve one request: an explicit version, else the model's split, else its deployment."""
-        split = None if version else self._splits.get(model)
-        if split is not None:
-            key = (headers or {}).get(split.sticky) if split.sticky else None
-            served = choose(split, key)
-        else:
-            served = self._version_for(model, version)
+        served, split = self._route(model, version, headers)
         req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id)
         if split is not None:
             for mirror in mirrors_for(split):

@@ -341,6 +341,7 @@ class Deployment(Message, frozen=True, kw_only=True):
     model: str
     ref: str
     version: str  # resolved at deploy time
+    previous: str = ""  # the version this ref pointed at before: callers fall back to it while this one loads
     replicas: int = 1
     max_batch_size: int = 32
     max_wait_ms: float = 2.0

@@ -391,3 +391,52 @@ async def test_durable_requests_survive_a_killed_worker(
     await eventually(bad_answered, 30, "the bad request's error")
     outcome = await durable.fetch(nc.jetstream(), names, rid)
     assert outcome.code == 400 and "must have shape" in outcome.error
+
+
+async def test_moving_an_alias_swaps_versions_with_no_failed_request(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    import aiohttp
+
+    from shared.registry import set_alias
+
+    worker = spawn("services.inference")
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    await register_mlp(nc, names, seed=1)
+    await register_mlp(nc, names, seed=2)
+    kv = await nc.jetstream().key_value(names.registry_bucket)
+    await set_alias(kv, "digits", "stable", "1")
+    await request(nc, names.deploy, DeployRequest(model="digits", ref="stable"), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1 (stable)")
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    statuses: list[int] = []
+    versions: list[str] = []
+    stop = asyncio.Event()
+
+    async def load(http: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            async with http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
+                statuses.append(resp.status)
+                if resp.status == 200:
+                    versions.append(resp.headers["Aimesh-Variant"])
+
+    async with aiohttp.ClientSession() as http:
+        clients = [asyncio.create_task(load(http)) for _ in range(8)]
+        await eventually(lambda: _some(statuses, 50), 20, "load to flow")
+        await set_alias(kv, "digits", "stable", "2")  # move the alias, then redeploy the same ref
+        await request(nc, names.deploy, DeployRequest(model="digits", ref="stable"), Deployment)
+
+        async def only_v2() -> bool:
+            return versions[-20:] == ["2"] * 20 if len(versions) > 20 else False
+
+        await eventually(only_v2, 30, "traffic to move to version 2")
+        stop.set()
+        await asyncio.gather(*clients)
+    assert set(statuses) == {200}, f"failed requests during the swap: {sorted(set(statuses))}"
+    assert versions[0] == "1" and versions[-1] == "2" and len(statuses) > 100
+
+
+async def _some(items: list[int], n: int) -> bool:
+    return len(items) >= n

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.inference import generate
@@ -115,7 +116,14 @@ class InferenceService(Service):
             version = await get_version(await registry_kv(self.js, self.names), req.model, req.ref)
         except NotFound as exc:
             raise BadRequest(exc.description) from None
+        key = f"deploy.{req.model}.{req.ref}"
+        try:
+            before = _deployment.decode((await self.deployments.get(key)).value or b"")
+            previous = before.version if before.version != version.version else before.previous
+        except KeyNotFoundError:
+            previous = ""
         deployment = Deployment(
+            previous=previous,
             model=req.model,
             ref=req.ref,
             version=version.version,
@@ -124,7 +132,7 @@ class InferenceService(Service):
             max_wait_ms=req.max_wait_ms,
             updated_at=rfc3339_now(),
         )
-        await self.deployments.put(f"deploy.{req.model}.{req.ref}", _json.encode(deployment))
+        await self.deployments.put(key, _json.encode(deployment))
         return deployment
 
     async def _durable_actor(self, deployment: Deployment, model: LoadedModel, batcher: DynamicBatcher) -> Any:

@@ -126,14 +126,17 @@ class RouterService(Service):
         else:
             self._splits.pop(model, None)
 
-    def default_version(self, model: str) -> str | None:
+    def default_deployment(self, model: str) -> Deployment | None:
         """What a request naming only the model gets: the deployment of ``latest`` if there is
-        one, else the most recently deployed version."""
+        one, else the most recent deployment."""
         records = [d for d in self._deployed.values() if d.model == model]
         if not records:
             return None
-        latest = next((d for d in records if d.ref == "latest"), None)
-        return (latest or max(records, key=lambda d: d.updated_at)).version
+        return next((d for d in records if d.ref == "latest"), None) or max(records, key=lambda d: d.updated_at)
+
+    def default_version(self, model: str) -> str | None:
+        deployment = self.default_deployment(model)
+        return deployment.version if deployment else None
 
     def _version_for(self, model: str, version: str | None) -> str:
         if version:
@@ -182,18 +185,29 @@ class RouterService(Service):
         if split is not None:
             for mirror in mirrors_for(split):
                 self._mirror(model, mirror, req, timeout_s)
-        try:
-            reply = await request(
-                self.nc,
-                self.names.infer(model, served),
-                req,
-                InferReply,
-                timeout_s=timeout_s,
-                template=self.names.infer_template(),
-            )
-        except Unavailable:
-            raise Unavailable(f"no inference worker serves {model}@{served} (deploy it, or start workers)") from None
-        return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
+        # No responders means the request surely never ran, so trying again is safe: the version
+        # this deployment replaced (still served while the new one loads), then a short retry.
+        deployment = self.default_deployment(model) if version is None and split is None else None
+        candidates = [served]
+        if deployment is not None and deployment.previous and deployment.previous != served:
+            candidates.append(deployment.previous)
+        candidates.append(served)
+        for attempt, candidate in enumerate(candidates):
+            if attempt == len(candidates) - 1:
+                await asyncio.sleep(0.05)  # the last try: a worker may be (re)subscribing right now
+            try:
+                reply = await request(
+                    self.nc,
+                    self.names.infer(model, candidate),
+                    req,
+                    InferReply,
+                    timeout_s=timeout_s,
+                    template=self.names.infer_template(),
+                )
+                return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
+            except Unavailable:
+                continue
+        raise Unavailable(f"no inference worker serves {model}@{served} (deploy it, or start workers)")
 
     def lm_models(self) -> list[str]:
         return sorted({d.model for d in self._deployed.values() if d.model in self._lm})

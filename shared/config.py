@@ -16,8 +16,10 @@ that does not fit its type raises :class:`ConfigError` naming the setting and it
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -99,11 +101,12 @@ def load_section(
             raise ConfigError(f"[{section}] {key}: unknown setting (known: {', '.join(sorted(fields))})")
         values[key] = value
         sources[key] = f"[{section}] {key} in the config file"
+    list_fields = {f.name for f in msgspec.structs.fields(cls) if typing.get_origin(f.type) is list or f.type is list}
     for field in fields:
         var = f"{env_prefix}{field.upper()}"
         if var in env:
             raw = env[var]
-            values[field] = None if raw == "" else raw
+            values[field] = None if raw == "" else _env_list(raw) if field in list_fields else raw
             sources[field] = var
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -114,6 +117,16 @@ def load_section(
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, sources)) from exc
+
+
+def _env_list(raw: str) -> Any:
+    """A list from an environment variable: JSON (``["a","b"]``) or comma-separated."""
+    if raw.lstrip().startswith("["):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return [item.strip() for item in raw.split(",") if item.strip()]
 
 
 def _explain(exc: msgspec.ValidationError, sources: Mapping[str, str]) -> str:
@@ -139,6 +152,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080  # 0 picks a free port (advertised in discovery metadata as "http")
     max_body_bytes: int = 16 * 1024 * 1024
+    max_concurrency: int = 1024  # HTTP requests in flight; more get 429 with Retry-After
+    timeout_s: float = 30.0  # default deadline of a request (header Aimesh-Timeout-Ms overrides, lower only)
+    # API keys, "KEY:scope" with scope infer or admin (admin may also infer).  Empty: no keys asked.
+    api_keys: list[str] = []
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):

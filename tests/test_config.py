@@ -40,3 +40,10 @@ def test_unknown_toml_keys_are_rejected(tmp_path: Path) -> None:
 def test_missing_config_file_is_an_error() -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_mesh_config({"AIMESH_CONFIG": "/nonexistent/aimesh.toml"})
+
+
+def test_list_settings_come_from_json_or_commas() -> None:
+    from shared.config import load_router_config
+
+    assert load_router_config({"AIMESH_ROUTER_API_KEYS": '["a:infer", "b:admin"]'}).api_keys == ["a:infer", "b:admin"]
+    assert load_router_config({"AIMESH_ROUTER_API_KEYS": "a:infer, b:admin"}).api_keys == ["a:infer", "b:admin"]

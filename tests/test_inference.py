@@ -440,3 +440,37 @@ async def test_moving_an_alias_swaps_versions_with_no_failed_request(
 
 async def _some(items: list[int], n: int) -> bool:
     return len(items) >= n
+
+
+async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    import aiohttp
+
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0", AIMESH_ROUTER_API_KEYS='["user1:infer","boss:admin"]')
+    worker = spawn("services.inference")
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    await register_mlp(nc, names, seed=1)
+    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1")
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+    split = {"model": "digits", "variants": [{"version": "1", "weight": 1}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/v2/health/ready") as resp:
+            assert resp.status == 200  # probes need no key
+        async with http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
+            assert resp.status == 401 and "API key is required" in (await resp.json())["error"]
+        user = {"Authorization": "Bearer user1"}
+        async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=user) as resp:
+            assert resp.status == 200
+        async with http.put(f"{base}/admin/splits/digits", json=split, headers={"X-API-Key": "user1"}) as resp:
+            assert resp.status == 403
+        async with http.put(f"{base}/admin/splits/digits", json=split, headers={"X-API-Key": "boss"}) as resp:
+            assert resp.status == 200, await resp.text()
+        late = {**user, "Aimesh-Timeout-Ms": "0.001"}
+        async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=late) as resp:
+            assert resp.status == 504, await resp.text()
+        bad = {**user, "Aimesh-Timeout-Ms": "soon"}
+        async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=bad) as resp:
+            assert resp.status == 400

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from services.router import oip
 from shared import tracing
-from shared.errors import MeshTimeout, Overloaded, ServiceError
+from shared.errors import BadRequest, MeshTimeout, Overloaded, ServiceError
 from shared.names import Header
 from shared.schemas import DurableResult, Split
 from shared.tensors import from_wire
@@ -79,7 +79,29 @@ def from_exception(exc: Exception) -> web.Response:
     raise exc
 
 
-def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> web.Application:
+OPEN_PATHS = ("/v2/health/", "/openapi.json")
+TIMEOUT_HEADER = "Aimesh-Timeout-Ms"
+
+
+def parse_keys(entries: list[str]) -> dict[str, str]:
+    """``["k1:admin", "k2:infer"]`` → {key: scope}."""
+    keys = {}
+    for entry in entries:
+        key, _, scope = entry.rpartition(":")
+        if not key or scope not in ("infer", "admin"):
+            raise ValueError(f"API key entry {entry!r} must be KEY:infer or KEY:admin")
+        keys[key] = scope
+    return keys
+
+
+def build_app(
+    gw: Gateway,
+    *,
+    max_body_bytes: int,
+    timeout_s: float = 30.0,
+    max_concurrency: int = 1024,
+    api_keys: dict[str, str] | None = None,
+) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
@@ -109,7 +131,47 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
             tracing.deactivate(token)
             span.end()
 
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[traced, errors])
+    in_flight = 0
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        """API keys (when configured: Bearer token or X-API-Key; /admin needs the admin scope)
+        and the bound on requests in flight."""
+        nonlocal in_flight
+        if api_keys and not request.path.startswith(OPEN_PATHS):
+            auth = request.headers.get("Authorization", "")
+            key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-API-Key", "")
+            scope = api_keys.get(key)
+            if scope is None:
+                return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
+            if request.path.startswith("/admin/") and scope != "admin":
+                return error(403, "this API key may not change splits or deployments (admin scope needed)")
+        if in_flight >= max_concurrency:
+            return error(
+                429,
+                f"gateway busy ({in_flight} requests in flight, limit {max_concurrency}): retry later",
+                {"Retry-After": "1"},
+            )
+        in_flight += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            in_flight -= 1
+
+    def deadline_s(request: web.Request) -> float:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return timeout_s
+        try:
+            asked = float(raw) / 1000
+        except ValueError:
+            raise BadRequest(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+        if asked <= 0:
+            raise BadRequest(f"{TIMEOUT_HEADER} must be positive")
+        return min(asked, timeout_s)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[traced, guard, errors])
 
     async def live(_: web.Request) -> web.Response:
         # Open Inference Protocol v2: the status code carries the answer, the body mirrors it.
@@ -149,7 +211,7 @@ def build_app(gw: Gateway, *, max_body_bytes: int, timeout_s: float = 30.0) -> w
                 status=202,
                 headers={"Location": location, VARIANT: served},
             )
-        served_version, outputs = await gw.infer(model, version, inputs, body.id, timeout_s, request.headers)
+        served_version, outputs = await gw.infer(model, version, inputs, body.id, deadline_s(request), request.headers)
         wanted = {o.name for o in body.outputs}
         if wanted:
             missing = wanted - outputs.keys()

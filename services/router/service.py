@@ -17,7 +17,7 @@ import numpy as np
 from aiohttp import web
 from nats.js.kv import KeyValue
 
-from services.router.http import build_app
+from services.router.http import build_app, parse_keys
 from services.router.oip import tensor_metadata
 from services.router.openai import add_routes as add_openai_routes
 from services.router.split import choose, mirrors_for
@@ -25,7 +25,7 @@ from shared import durable
 from shared.client import request, stream
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
-from shared.errors import NotFound, Unavailable
+from shared.errors import ConfigError, NotFound, Unavailable
 from shared.experiments import decode_split, delete_split, put_split
 from shared.httpserve import serve_app
 from shared.registry import get_version, registry_kv
@@ -68,7 +68,18 @@ class RouterService(Service):
         self._mirror_slots = asyncio.Semaphore(64)
         self.mirrors_sent = 0
         self.mirrors_dropped = 0
-        app = build_app(self, max_body_bytes=self.router_config.max_body_bytes)
+        cfg = self.router_config
+        try:
+            keys = parse_keys(cfg.api_keys)
+        except ValueError as exc:
+            raise ConfigError(f"[router] api_keys: {exc}") from None
+        app = build_app(
+            self,
+            max_body_bytes=cfg.max_body_bytes,
+            timeout_s=cfg.timeout_s,
+            max_concurrency=cfg.max_concurrency,
+            api_keys=keys,
+        )
         add_openai_routes(app, self.lm_models, self.generate)
         self._runner, self.http_url = await serve_app(app, self.router_config.host, self.router_config.port)
 
@@ -84,9 +95,10 @@ class RouterService(Service):
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        for task in self._watchers:
+        watchers = getattr(self, "_watchers", [])  # empty when setup failed part-way
+        for task in watchers:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*watchers, return_exceptions=True)
 
     def metadata(self) -> dict[str, str]:
         return {"http": self.http_url} if self.http_url else {}

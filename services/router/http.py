@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 from aiohttp import web
 
-from services.router import oip
+from services.router import oip, openapi
 from shared import tracing
 from shared.errors import BadRequest, MeshTimeout, Overloaded, ServiceError
 from shared.names import Header
@@ -258,6 +258,10 @@ def build_app(
         await gw.delete_split(request.match_info["model"])
         return web.Response(status=204)
 
+    async def openapi_document(_: web.Request) -> web.Response:
+        return web.json_response(openapi.document(gw.version))
+
+    app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)

@@ -44,9 +44,9 @@ async def split(
     clear: bool,
     as_json: bool,
 ) -> int:
-    from services.router.split import parse_variants
     from shared.experiments import delete_split, put_split
     from shared.schemas import Mirror, Split
+    from shared.splits import parse_variants
 
     nc = await connect_once(url)
     try:

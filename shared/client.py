@@ -18,7 +18,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import tracing
 from shared.errors import MeshTimeout, Unavailable
-from shared.names import Header
+from shared.names import Header, Names
+from shared.routing import Route
+from shared.schemas import InferReply, InferRequest
 from shared.wire import deadline_header, encode, error_in
 
 T = TypeVar("T")
@@ -107,3 +109,24 @@ async def stream(
                 return
     finally:
         await sub.unsubscribe()
+
+
+async def infer_with_fallback(
+    nc: NatsClient, names: Names, model: str, route: Route, req: InferRequest, timeout_s: float
+) -> InferReply:
+    """One inference on ``route``.  No responders means the request surely never ran, so it is
+    safe to try again: the route's fallback (the version a redeployment replaced, still served
+    while the new one loads), then the chosen version once more after a short pause."""
+    import asyncio
+
+    candidates = [route.version, *([route.fallback] if route.fallback else []), route.version]
+    for attempt, version in enumerate(candidates):
+        if attempt == len(candidates) - 1:
+            await asyncio.sleep(0.05)  # a worker may be (re)subscribing right now
+        try:
+            return await request(
+                nc, names.infer(model, version), req, InferReply, timeout_s=timeout_s, template=names.infer_template()
+            )
+        except Unavailable:
+            continue
+    raise Unavailable(f"no inference worker serves {model}@{route.version} (deploy it, or start workers)")

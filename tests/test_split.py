@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from services.router.split import choose, mirrors_for, parse_variants
 from shared.errors import BadRequest
 from shared.schemas import Mirror, Split
+from shared.splits import choose, mirrors_for, parse_variants
 
 
 def test_sticky_keys_keep_their_variant_and_follow_the_weights() -> None:

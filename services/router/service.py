@@ -20,26 +20,26 @@ from nats.js.kv import KeyValue
 from services.router.http import build_app, parse_keys
 from services.router.oip import tensor_metadata
 from services.router.openai import add_routes as add_openai_routes
-from services.router.split import choose, mirrors_for
 from shared import durable
-from shared.client import request, stream
+from shared.client import infer_with_fallback, request, stream
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
 from shared.errors import ConfigError, NotFound, Unavailable
 from shared.experiments import decode_split, delete_split, put_split
 from shared.httpserve import serve_app
 from shared.registry import get_version, registry_kv
+from shared.routing import Route, RoutingTable
 from shared.schemas import (
     Deployment,
     DurableResult,
     GenerateChunk,
     GenerateRequest,
-    InferReply,
     InferRequest,
     MicroPing,
     Split,
 )
 from shared.service import Service
+from shared.splits import mirrors_for
 from shared.tensors import from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ class RouterService(Service):
         await self.ensure_kv(self.names.registry_bucket)
         for config in durable.stream_configs(self.names):
             await self.ensure_stream(config)
-        self._deployed: dict[str, Deployment] = {}
-        self._splits: dict[str, Split] = {}
+        self.table = RoutingTable()
         self._lm: set[str] = set()
         self._watchers: list[asyncio.Task[None]] = []
         self._mirror_slots = asyncio.Semaphore(64)
@@ -117,10 +116,10 @@ class RouterService(Service):
     def _on_deployment(self, key: str, value: bytes | None) -> None:
         if value:
             deployment = _deployment.decode(value)
-            self._deployed[key] = deployment
+            self.table.deployments[key] = deployment
             asyncio.get_running_loop().create_task(self._learn_task(deployment))
         else:
-            self._deployed.pop(key, None)
+            self.table.deployments.pop(key, None)
 
     async def _learn_task(self, deployment: Deployment) -> None:
         """Remember which deployed models are language models (for /v1/models)."""
@@ -134,38 +133,14 @@ class RouterService(Service):
     def _on_split(self, key: str, value: bytes | None) -> None:
         model = key.split(".", 1)[1]
         if value:
-            self._splits[model] = decode_split(value)
+            self.table.splits[model] = decode_split(value)
         else:
-            self._splits.pop(model, None)
+            self.table.splits.pop(model, None)
 
-    def default_deployment(self, model: str) -> Deployment | None:
-        """What a request naming only the model gets: the deployment of ``latest`` if there is
-        one, else the most recent deployment."""
-        records = [d for d in self._deployed.values() if d.model == model]
-        if not records:
-            return None
-        return next((d for d in records if d.ref == "latest"), None) or max(records, key=lambda d: d.updated_at)
-
-    def default_version(self, model: str) -> str | None:
-        deployment = self.default_deployment(model)
-        return deployment.version if deployment else None
-
-    def _version_for(self, model: str, version: str | None) -> str:
-        if version:
-            return version
-        default = self.default_version(model)
-        if default is None:
-            raise NotFound(f"model {model!r} is not deployed (aimesh deploy {model})")
-        return default
-
-    # -- the Gateway the HTTP routes use ---------------------------------------------------------
-    def _route(self, model: str, version: str | None, headers: Mapping[str, str] | None) -> tuple[str, Split | None]:
-        """The version that serves a request: the one named, else the split's pick, else the deployment."""
-        split = None if version else self._splits.get(model)
-        if split is not None:
-            key = (headers or {}).get(split.sticky) if split.sticky else None
-            return choose(split, key), split
-        return self._version_for(model, version), None
+    def _route(self, model: str, version: str | None, headers: Mapping[str, str] | None) -> Route:
+        split = None if version else self.table.splits.get(model)
+        key = (headers or {}).get(split.sticky) if split is not None and split.sticky else None
+        return self.table.route(model, version, key)
 
     async def submit_durable(
         self,
@@ -175,7 +150,7 @@ class RouterService(Service):
         request_id: str | None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[str, str]:
-        served, _ = self._route(model, version, headers)
+        served = self._route(model, version, headers).version
         req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id or "")
         return await durable.submit(self.js, self.names, model, served, req), served
 
@@ -191,43 +166,21 @@ class RouterService(Service):
         timeout_s: float,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]:
-        """Serve one request: an explicit version, else the model's split, else its deployment."""
-        served, split = self._route(model, version, headers)
+        """Serve one request where the routing table says (see shared.routing)."""
+        route = self._route(model, version, headers)
         req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id)
-        if split is not None:
-            for mirror in mirrors_for(split):
+        if route.split is not None:
+            for mirror in mirrors_for(route.split):
                 self._mirror(model, mirror, req, timeout_s)
-        # No responders means the request surely never ran, so trying again is safe: the version
-        # this deployment replaced (still served while the new one loads), then a short retry.
-        deployment = self.default_deployment(model) if version is None and split is None else None
-        candidates = [served]
-        if deployment is not None and deployment.previous and deployment.previous != served:
-            candidates.append(deployment.previous)
-        candidates.append(served)
-        for attempt, candidate in enumerate(candidates):
-            if attempt == len(candidates) - 1:
-                await asyncio.sleep(0.05)  # the last try: a worker may be (re)subscribing right now
-            try:
-                reply = await request(
-                    self.nc,
-                    self.names.infer(model, candidate),
-                    req,
-                    InferReply,
-                    timeout_s=timeout_s,
-                    template=self.names.infer_template(),
-                )
-                return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
-            except Unavailable:
-                continue
-        raise Unavailable(f"no inference worker serves {model}@{served} (deploy it, or start workers)")
+        reply = await infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
+        return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
 
     def lm_models(self) -> list[str]:
-        return sorted({d.model for d in self._deployed.values() if d.model in self._lm})
+        return sorted(self.table.models() & self._lm)
 
     async def generate(self, model: str, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream a completion from the version the split or the deployment picks."""
-        split = self._splits.get(model)
-        served = choose(split, req.id or None) if split is not None else self._version_for(model, None)
+        served = self.table.route(model, None, req.id or None).version
         try:
             async for chunk in stream(
                 self.nc,
@@ -268,15 +221,15 @@ class RouterService(Service):
     # -- admin -----------------------------------------------------------------------------------
     async def set_split(self, split: Split) -> Split:
         split = await put_split(self.js, self.names, split)
-        self._splits[split.model] = split  # this instance applies it at once; others via the watch
+        self.table.splits[split.model] = split  # this instance applies it at once; others via the watch
         return split
 
     def get_split(self, model: str) -> Split | None:
-        return self._splits.get(model)
+        return self.table.splits.get(model)
 
     async def delete_split(self, model: str) -> None:
         await delete_split(self.js, self.names, model)
-        self._splits.pop(model, None)
+        self.table.splits.pop(model, None)
 
     async def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
         v = await get_version(await registry_kv(self.js, self.names), model, version or self._deployed_ref(model))
@@ -292,11 +245,12 @@ class RouterService(Service):
         }
 
     def _deployed_ref(self, model: str) -> str:
-        return self.default_version(model) or "latest"
+        deployment = self.table.default(model)
+        return deployment.version if deployment else "latest"
 
     async def model_ready(self, model: str, version: str | None) -> bool:
         try:
-            served = self._version_for(model, version)
+            served = self.table.route(model, version).version
         except NotFound:
             return False
         pings = await discover(self.nc, "PING", MicroPing, name=self.names.micro_name("inference"), wait_s=0.3)

@@ -1,0 +1,50 @@
+"""Which version serves a request (pure: no NATS): the router and the Python client share it.
+
+1. A version named by the caller.
+2. Else the model's split (sticky by a key, else weighted at random).
+3. Else the model's deployment: the one of ``latest`` if deployed, else the most recent.
+   While a redeployed ref's new version loads, the version it replaced is the fallback, tried
+   only when no worker answered (the request never ran).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.errors import NotFound
+from shared.schemas import Deployment, Split
+from shared.splits import choose
+
+
+@dataclass
+class Route:
+    version: str
+    split: Split | None = None
+    fallback: str | None = None
+
+
+@dataclass
+class RoutingTable:
+    deployments: dict[str, Deployment] = field(default_factory=dict)  # by deployments-bucket key
+    splits: dict[str, Split] = field(default_factory=dict)  # by model
+
+    def default(self, model: str) -> Deployment | None:
+        records = [d for d in self.deployments.values() if d.model == model]
+        if not records:
+            return None
+        return next((d for d in records if d.ref == "latest"), None) or max(records, key=lambda d: d.updated_at)
+
+    def route(self, model: str, version: str | None = None, key: str | None = None) -> Route:
+        if version:
+            return Route(version)
+        split = self.splits.get(model)
+        if split is not None:
+            return Route(choose(split, key), split)
+        deployment = self.default(model)
+        if deployment is None:
+            raise NotFound(f"model {model!r} is not deployed (aimesh deploy {model})")
+        fallback = deployment.previous if deployment.previous and deployment.previous != deployment.version else None
+        return Route(deployment.version, None, fallback)
+
+    def models(self) -> set[str]:
+        return {d.model for d in self.deployments.values()}

@@ -11,6 +11,7 @@ from nats.js.errors import KeyNotFoundError
 
 from shared.clock import rfc3339_now
 from shared.errors import BadRequest
+from shared.kv import open_bucket
 from shared.names import Names, check_token
 from shared.registry import get_version, registry_kv
 from shared.schemas import Split
@@ -36,7 +37,8 @@ async def put_split(js: JetStreamContext, names: Names, split: Split) -> Split:
     for version in {v.version for v in split.variants} | {m.version for m in split.mirrors}:
         await get_version(registry, split.model, version)  # 404 when there is no such version
     split = msgspec.structs.replace(split, updated_at=rfc3339_now())
-    kv = await js.key_value(names.experiments_bucket)
+    kv = await open_bucket(js, names.experiments_bucket, create=True)
+    assert kv is not None
     await kv.put(split_key(split.model), msgspec.json.encode(split))
     return split
 

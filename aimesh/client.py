@@ -1,0 +1,165 @@
+"""A small typed async client for programs that talk to the mesh over NATS directly.
+
+    from aimesh.client import MeshClient
+
+    async with await MeshClient.connect("nats://127.0.0.1:4222") as mesh:
+        result = await mesh.infer("digits", {"x": rows})             # splits and deployments apply
+        async for text in mesh.generate("pylm", "def main():", max_tokens=64):
+            print(text, end="")
+        rid = await mesh.submit("digits", {"x": rows})              # durable, at-least-once
+        outcome = await mesh.result(rid, wait_s=30)
+
+Routing is the router's (``shared.routing``): a version you name, else the model's split
+(``sticky_key`` pins you to a variant), else its deployment, with the same fallback when no worker
+answers.  Errors are the mesh's typed errors (``shared.errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import nats
+import numpy as np
+from nats.aio.client import Client as NatsClient
+
+from shared import durable
+from shared.client import infer_with_fallback, stream
+from shared.errors import MeshTimeout
+from shared.experiments import decode_split
+from shared.kv import open_bucket
+from shared.names import Names
+from shared.routing import RoutingTable
+from shared.schemas import Deployment, DurableResult, GenerateChunk, GenerateRequest, InferRequest
+from shared.tensors import from_wire, to_wire
+
+_deployment = msgspec.json.Decoder(Deployment)
+
+
+@dataclass
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    model: str
+    version: str
+    batch_size: int
+
+
+class MeshClient:
+    def __init__(self, nc: NatsClient, names: Names) -> None:
+        self.nc = nc
+        self.names = names
+        self.table = RoutingTable()
+        self._watchers: list[Any] = []
+
+    @classmethod
+    async def connect(cls, url: str = "nats://127.0.0.1:4222", prefix: str = "aimesh") -> MeshClient:
+        client = cls(await nats.connect(url), Names(prefix))
+        await client._follow()
+        return client
+
+    async def _follow(self) -> None:
+        js = self.nc.jetstream()
+        # Buckets not made yet (no worker or router has run) just mean nothing deployed or split.
+        deployments = await open_bucket(js, self.names.deployments_bucket, create=True)
+        experiments = await open_bucket(js, self.names.experiments_bucket, create=True)
+        assert deployments is not None and experiments is not None
+        self._watchers = [await deployments.watch("deploy.>"), await experiments.watch("split.*")]
+        self._task = asyncio.get_running_loop().create_task(self._apply())
+        # The watchers deliver the current values first: wait for them, so routing is known.
+        for _ in range(50):
+            if self.table.deployments:
+                break
+            await asyncio.sleep(0.01)
+
+    async def _apply(self) -> None:
+        async def drain(watcher: Any, apply: Any) -> None:
+            async for entry in watcher:
+                if entry is not None:
+                    apply(entry.key, entry.value or None)
+
+        await asyncio.gather(drain(self._watchers[0], self._on_deployment), drain(self._watchers[1], self._on_split))
+
+    def _on_deployment(self, key: str, value: bytes | None) -> None:
+        if value:
+            self.table.deployments[key] = _deployment.decode(value)
+        else:
+            self.table.deployments.pop(key, None)
+
+    def _on_split(self, key: str, value: bytes | None) -> None:
+        model = key.split(".", 1)[1]
+        if value:
+            self.table.splits[model] = decode_split(value)
+        else:
+            self.table.splits.pop(model, None)
+
+    async def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray] | np.ndarray,
+        *,
+        version: str | None = None,
+        sticky_key: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> InferResult:
+        arrays = inputs if isinstance(inputs, dict) else {"x": inputs}
+        route = self.table.route(model, version, sticky_key)
+        req = InferRequest(inputs={k: to_wire(np.asarray(v)) for k, v in arrays.items()})
+        reply = await infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
+        outputs = {k: from_wire(t, k) for k, t in reply.outputs.items()}
+        return InferResult(outputs, reply.model, reply.version, reply.batch_size)
+
+    async def generate(
+        self, model: str, prompt: str, *, version: str | None = None, timeout_s: float = 30.0, **params: Any
+    ) -> AsyncIterator[str]:
+        """Yield text as the model produces it; ``params``: max_tokens, temperature, top_k, top_p,
+        stop, seed."""
+        route = self.table.route(model, version)
+        req = GenerateRequest(prompt=prompt, **params)
+        async for chunk in stream(
+            self.nc,
+            self.names.generate(model, route.version),
+            req,
+            GenerateChunk,
+            done=lambda c: c.done,
+            timeout_s=timeout_s,
+        ):
+            if chunk.text:
+                yield chunk.text
+
+    async def submit(
+        self, model: str, inputs: dict[str, np.ndarray] | np.ndarray, *, version: str | None = None, id: str = ""
+    ) -> str:
+        """Queue a durable request; the same ``id`` twice is one request."""
+        arrays = inputs if isinstance(inputs, dict) else {"x": inputs}
+        route = self.table.route(model, version)
+        req = InferRequest(inputs={k: to_wire(np.asarray(v)) for k, v in arrays.items()}, id=id)
+        return await durable.submit(self.nc.jetstream(), self.names, model, route.version, req)
+
+    async def result(self, request_id: str, *, wait_s: float = 0.0) -> DurableResult:
+        """The durable request's outcome; with ``wait_s``, wait up to that long for it to finish."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            outcome = await durable.fetch(self.nc.jetstream(), self.names, request_id)
+            if outcome.state != "pending" or wait_s <= 0:
+                return outcome
+            if loop.time() > deadline:
+                raise MeshTimeout(self.names.result(request_id), wait_s)
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.nc.close()
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.close()

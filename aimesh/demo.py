@@ -3,8 +3,10 @@
 So far: ingest the demo digits (CSV from scikit-learn's bundled set, 4 shards) and the Python
 standard library text corpus (byte-level tokens) and print their manifests; train a digits
 classifier data-parallel on the two trainer nodes and the small language model pipeline-parallel
-(two stages), and print the registered versions; deploy the digits model on the inference workers
-and classify a few digits through the HTTP gateway.  Later issues add splits and experiments.
+(two stages), and a second digits version (a CNN); deploy them, split digits 50/50 sticky by user,
+classify digits through the HTTP gateway as several users (showing the variant each got), and
+stream a completion from the LM through the OpenAI-compatible API.  The metrics issue adds
+feedback and experiment verdicts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 
@@ -22,15 +25,27 @@ from aimesh.train_cmd import train, version_text
 from shared.client import request
 from shared.discovery import discover
 from shared.errors import MeshError
+from shared.experiments import put_split
 from shared.names import Names
 from shared.registry import get_version, registry_kv
-from shared.schemas import Deployment, DeployRequest, IngestRequest, MicroPing, TrainRequest
+from shared.schemas import Deployment, DeployRequest, IngestRequest, MicroPing, Split, TrainRequest, Variant
 
 DEMO_TRAINING = (
     TrainRequest(
         model="digits",
         factory="zoo.classifier:mlp",
         kwargs={"inputs": 64, "classes": 10},
+        dataset="digits",
+        nodes=2,
+        parallel="dp",
+        epochs=10,
+        batch_size=64,
+        lr=3e-3,
+    ),
+    TrainRequest(
+        model="digits",
+        factory="zoo.classifier:cnn",
+        kwargs={"side": 8, "classes": 10},
         dataset="digits",
         nodes=2,
         parallel="dp",
@@ -84,41 +99,75 @@ async def _train(nc: NatsClient, names: Names) -> int:
 
 
 async def _serve(nc: NatsClient, names: Names) -> int:
-    """Deploy the digits model and classify a few digits through the HTTP gateway (OIP v2)."""
+    """Deploy both digits versions and the LM; split digits 50/50 sticky by user; call the HTTP
+    gateway (Open Inference Protocol v2) as several users; stream a completion (OpenAI API)."""
     import aiohttp
     import numpy as np
     from sklearn.datasets import load_digits
 
     await wait_for_service(nc, names, "inference")
-    deployment = await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    print(f"\n== serve digits@{deployment.version} over HTTP (Open Inference Protocol v2)", flush=True)
+    for model, ref in (("digits", "1"), ("digits", "2"), ("pylm", "latest")):
+        await request(nc, names.deploy, DeployRequest(model=model, ref=ref), Deployment)
+    await put_split(
+        nc.jetstream(),
+        names,
+        Split(
+            model="digits", sticky="X-User", variants=[Variant(version="1", weight=50), Variant(version="2", weight=50)]
+        ),
+    )
+    print(
+        "\n== serve digits@1 (MLP) and digits@2 (CNN), split 50/50 sticky by X-User; pylm for completions", flush=True
+    )
+    base = await _gateway_when_serving(nc, names, {"digits@1", "digits@2", "pylm@1"})
+    if not base:
+        print("demo: the models did not come up on the inference workers", file=sys.stderr)
+        return 1
+    digits = load_digits()
+    x, y = digits.data[-6:].astype(np.float32), digits.target[-6:]
+    async with aiohttp.ClientSession() as http:
+        print(f"POST {base}/v2/models/digits/infer  (one digit per user)")
+        for i, user in enumerate(("ada", "bob", "cy", "dee", "eve", "fay")):
+            body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": x[i].tolist()}]}
+            async with http.post(f"{base}/v2/models/digits/infer", json=body, headers={"X-User": user}) as resp:
+                if resp.status != 200:
+                    print(f"demo: inference failed: {resp.status} {await resp.text()}", file=sys.stderr)
+                    return 1
+                out = await resp.json()
+                predicted = next(o for o in out["outputs"] if o["name"] == "class")["data"][0]
+                print(
+                    f"  user {user:<4} served by digits@{resp.headers['Aimesh-Variant']}: true {y[i]}, "
+                    f"predicted {predicted}"
+                )
+        prompt = "def main():"
+        print(f"POST {base}/v1/completions  (stream: true)\n  {prompt}", end="", flush=True)
+        completion: dict[str, object] = {
+            "model": "pylm",
+            "prompt": prompt,
+            "max_tokens": 60,
+            "temperature": 0.8,
+            "seed": 1,
+            "stream": True,
+        }
+        async with http.post(f"{base}/v1/completions", json=completion) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    print(msgspec.json.decode(line[6:])["choices"][0]["text"], end="", flush=True)
+        print(flush=True)
+    return 0
+
+
+async def _gateway_when_serving(nc: NatsClient, names: Names, wanted: set[str], timeout_s: float = 60.0) -> str:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    base = ""
+    deadline = loop.time() + timeout_s
     while loop.time() < deadline:
         workers = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
         routers = await discover(nc, "PING", MicroPing, name=names.micro_name("router"), wait_s=0.3)
-        want = f"digits@{deployment.version}"
-        if workers and all(want in w.metadata.get("serving", "").split(",") for w in workers) and routers:
-            base = routers[0].metadata.get("http", "")
-            break
+        served = [set(w.metadata.get("serving", "").split(",")) for w in workers]
+        if served and all(wanted <= s for s in served) and routers:
+            await asyncio.sleep(0.5)  # the router follows the split bucket
+            return routers[0].metadata.get("http", "")
         await asyncio.sleep(0.2)
-    if not base:
-        print("demo: the digits model did not come up on the inference workers", file=sys.stderr)
-        return 1
-    digits = load_digits()
-    x, y = digits.data[-8:].astype(np.float32), digits.target[-8:]
-    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    async with aiohttp.ClientSession() as http, http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
-        if resp.status != 200:
-            print(f"demo: inference failed: {resp.status} {await resp.text()}", file=sys.stderr)
-            return 1
-        out = await resp.json()
-    predicted = next(o for o in out["outputs"] if o["name"] == "class")["data"]
-    print(f"POST {base}/v2/models/digits/infer  (8 digits)")
-    print(f"  true:      {' '.join(map(str, y.tolist()))}")
-    print(f"  predicted: {' '.join(map(str, predicted))}", flush=True)
-    return 0
+    return ""
 
 
 async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *, exit_when_done: bool) -> int:

@@ -244,9 +244,12 @@ async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: N
     assert "model digits@1: classify" in out.stdout and "model pylm@1: lm" in out.stdout
     accuracy = float(out.stdout.split("eval_accuracy ", 1)[1].split(",", 1)[0])
     assert accuracy >= 0.9
-    true = out.stdout.split("  true:      ", 1)[1].splitlines()[0].split()
-    predicted = out.stdout.split("  predicted: ", 1)[1].splitlines()[0].split()
-    assert len(true) == len(predicted) == 8 and sum(t == p for t, p in zip(true, predicted, strict=True)) >= 6
+    served = [line for line in out.stdout.splitlines() if line.startswith("  user ")]
+    assert len(served) == 6 and {line.split("served by digits@")[1][0] for line in served} <= {"1", "2"}
+    right = sum(line.split("true ")[1].split(",")[0] == line.rsplit("predicted ", 1)[1] for line in served)
+    assert right >= 4
+    assert "model digits@2: classify, zoo.classifier:cnn" in out.stdout
+    assert "POST " in out.stdout and "/v1/completions  (stream: true)" in out.stdout
 
 
 async def test_ingest_and_datasets_commands(

@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) .aimesh .mypy_cache .ruff_cache .pytest_cache

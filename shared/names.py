@@ -119,6 +119,14 @@ class Names:
     def infer(self, model: str, version: str) -> str:
         return f"{self.prefix}.infer.{model}.{version}"
 
+    def infer_routed(self, model: str) -> str:
+        """Inference without a version: the router applies the model's split or deployment."""
+        return f"{self.prefix}.infer.{model}"
+
+    @property
+    def infer_routed_subjects(self) -> str:
+        return f"{self.prefix}.infer.*"
+
     def generate(self, model: str, version: str) -> str:
         """Token streaming for language models: one request, a stream of chunks back."""
         return f"{self.prefix}.generate.{model}.{version}"

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NatsClient
 
 from shared.client import request
 from shared.discovery import discover
-from shared.errors import BadRequest, Unavailable
+from shared.errors import BadRequest, NotFound, Unavailable
 from shared.names import Names
 from shared.registry import artifacts, put_object, register
 from shared.schemas import ColumnSpec, Deployment, DeployRequest, InferReply, InferRequest, MicroPing, ModelVersion
@@ -474,3 +474,38 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
         bad = {**user, "Aimesh-Timeout-Ms": "soon"}
         async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=bad) as resp:
             assert resp.status == 400
+
+
+async def test_nats_programs_get_the_split_on_the_unversioned_subject(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    from shared.experiments import put_split
+    from shared.schemas import Split, Variant
+
+    worker = spawn("services.inference")
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    await router.wait_ready(nats_url, names.micro_name("router"))
+    for seed in (1, 2):
+        await register_mlp(nc, names, seed=seed)
+        await request(nc, names.deploy, DeployRequest(model="digits", ref=str(seed)), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1")
+    await eventually(lambda: serving(nc, names, "digits@2"), 30, "digits@2")
+    split = Split(
+        model="digits", sticky="X-User", variants=[Variant(version="1", weight=1), Variant(version="2", weight=1)]
+    )
+    await put_split(nc.jetstream(), names, split)
+    req = InferRequest(inputs={"x": to_wire(np.zeros((1, 64), dtype=np.float32))})
+
+    async def routed(user: str) -> str:
+        reply = await request(nc, names.infer_routed("digits"), req, InferReply, headers={"X-User": user})
+        return reply.version
+
+    async def split_seen() -> bool:
+        return len({await routed(f"u{i}") for i in range(12)}) == 2
+
+    await eventually(split_seen, 10, "the router to apply the split")
+    first = {u: await routed(u) for u in ("ann", "ben", "cat", "dan")}
+    assert first == {u: await routed(u) for u in first}  # sticky by the NATS header
+    with pytest.raises(NotFound, match="is not deployed"):
+        await request(nc, names.infer_routed("nothing"), req, InferReply)

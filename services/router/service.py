@@ -21,6 +21,7 @@ from services.router.http import build_app, parse_keys
 from services.router.oip import tensor_metadata
 from services.router.openai import add_routes as add_openai_routes
 from shared import durable
+from shared.actor import Call
 from shared.client import infer_with_fallback, request, stream
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
@@ -34,6 +35,7 @@ from shared.schemas import (
     DurableResult,
     GenerateChunk,
     GenerateRequest,
+    InferReply,
     InferRequest,
     MicroPing,
     Split,
@@ -65,6 +67,14 @@ class RouterService(Service):
         self._lm: set[str] = set()
         self._watchers: list[asyncio.Task[None]] = []
         self._mirror_slots = asyncio.Semaphore(64)
+        self.add_actor(
+            "infer-routed",
+            self.names.infer_routed_subjects,
+            self.infer_routed,
+            InferRequest,
+            template=self.names.infer_routed("{model}"),
+            queue_group=self.names.queue_group("router"),
+        )
         self.mirrors_sent = 0
         self.mirrors_dropped = 0
         cfg = self.router_config
@@ -141,6 +151,16 @@ class RouterService(Service):
         split = None if version else self.table.splits.get(model)
         key = (headers or {}).get(split.sticky) if split is not None and split.sticky else None
         return self.table.route(model, version, key)
+
+    async def infer_routed(self, req: InferRequest, call: Call) -> InferReply:
+        """``<prefix>.infer.<model>`` for NATS programs: the same split, stickiness (the split's
+        header, sent as a NATS header), mirrors and fallback as over HTTP."""
+        model = call.subject.rsplit(".", 1)[1]
+        route = self._route(model, None, call.headers)
+        if route.split is not None:
+            for mirror in mirrors_for(route.split):
+                self._mirror(model, mirror, req, call.remaining_s() or 30.0)
+        return await infer_with_fallback(self.nc, self.names, model, route, req, call.remaining_s() or 30.0)
 
     async def submit_durable(
         self,

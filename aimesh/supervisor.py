@@ -160,8 +160,6 @@ class Supervisor:
 
     async def _spawn(self, slot: Slot) -> asyncio.subprocess.Process:
         env = os.environ | self.child_env | {"AIMESH_NATS_URL": self.nats_url or ""}
-        if slot.service == "router" and slot.index > 0:
-            env["AIMESH_ROUTER_PORT"] = "0"  # one listener per port: extra routers take free ones
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

@@ -90,7 +90,8 @@ class RouterService(Service):
             api_keys=keys,
         )
         add_openai_routes(app, self.lm_models, self.generate)
-        self._runner, self.http_url = await serve_app(app, self.router_config.host, self.router_config.port)
+        # SO_REUSEPORT: several routers on one host share the port (aimesh up --router N).
+        self._runner, self.http_url = await serve_app(app, cfg.host, cfg.port, reuse_port=cfg.port != 0)
 
     async def after_start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from shared.schemas import (
     TokenizerSpec,
 )
 from tests.helpers import ServiceProcess, eventually
-from tests.test_inference import serving
+from tests.test_inference import serving, start_gateway
 from zoo.artifacts import weights_to_bytes
 from zoo.lm import causal_lm
 
@@ -58,10 +58,7 @@ async def generate(nc: NatsClient, names: Names, req: GenerateRequest) -> list[G
 async def test_tokens_stream_over_nats_and_the_openai_api(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
 ) -> None:
-    worker = spawn("services.inference")
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    worker, router, base = await start_gateway(spawn, nats_url, names)
     await register_lm(nc, names)
     await request(nc, names.deploy, DeployRequest(model="lm"), Deployment)
     await eventually(lambda: serving(nc, names, "lm@1"), 30, "the worker to serve lm@1")

@@ -51,6 +51,22 @@ async def serving(nc: NatsClient, names: Names, want: str) -> bool:
     return bool(pings) and all(want in p.metadata.get("serving", "") for p in pings)
 
 
+async def start_gateway(
+    spawn: Callable[..., ServiceProcess],
+    nats_url: str,
+    names: Names,
+    *,
+    router_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> tuple[ServiceProcess, ServiceProcess, str]:
+    """An inference worker and a router (on a free port), both ready; returns them and the URL."""
+    worker = spawn("services.inference", **(worker_env or {}))
+    router = spawn("services.router", AIMESH_ROUTER_PORT="0", **(router_env or {}))
+    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    return worker, router, base
+
+
 async def test_deploy_infer_batch_and_swap(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
 ) -> None:
@@ -115,10 +131,9 @@ async def test_the_http_gateway_speaks_the_open_inference_protocol(
 
     import aiohttp
 
-    worker = spawn("services.inference")
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0", AIMESH_ROUTER_MAX_BODY_BYTES="100000")
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    worker, router, base = await start_gateway(
+        spawn, nats_url, names, router_env={"AIMESH_ROUTER_MAX_BODY_BYTES": "100000"}
+    )
     _, model = await register_mlp(nc, names, seed=3)
     await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
     await eventually(lambda: serving(nc, names, "digits@1"), 30, "the worker to serve digits@1")
@@ -206,10 +221,7 @@ async def test_ab_split_is_sticky_live_and_reversible(
     from tests.helpers import ROOT
     from tests.test_cli import AIMESH, _clean_env
 
-    worker = spawn("services.inference")
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    _, _, base = await start_gateway(spawn, nats_url, names)
     await register_mlp(nc, names, seed=1)
     await register_mlp(nc, names, seed=2)
     for ref in ("1", "2"):
@@ -281,10 +293,7 @@ async def test_one_trace_from_http_to_the_batch_forward(
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "AIMESH_TRACE_SAMPLE_RATIO": "1",
     }
-    worker = spawn("services.inference", **traced)
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0", **traced)
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    worker, router, base = await start_gateway(spawn, nats_url, names, router_env=traced, worker_env=traced)
     await register_mlp(nc, names, seed=1)
     await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
     await eventually(lambda: serving(nc, names, "digits@1"), 30, "the worker to serve digits@1")
@@ -400,10 +409,7 @@ async def test_moving_an_alias_swaps_versions_with_no_failed_request(
 
     from shared.registry import set_alias
 
-    worker = spawn("services.inference")
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    _, _, base = await start_gateway(spawn, nats_url, names)
     await register_mlp(nc, names, seed=1)
     await register_mlp(nc, names, seed=2)
     kv = await nc.jetstream().key_value(names.registry_bucket)
@@ -482,10 +488,7 @@ async def test_nats_programs_get_the_split_on_the_unversioned_subject(
     from shared.experiments import put_split
     from shared.schemas import Split, Variant
 
-    worker = spawn("services.inference")
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0")
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    await router.wait_ready(nats_url, names.micro_name("router"))
+    await start_gateway(spawn, nats_url, names)
     for seed in (1, 2):
         await register_mlp(nc, names, seed=seed)
         await request(nc, names.deploy, DeployRequest(model="digits", ref=str(seed)), Deployment)

@@ -103,3 +103,21 @@ async def test_tokens_stream_over_nats_and_the_openai_api(
     for proc in (router, worker):
         proc.terminate()
         assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+async def test_the_gateway_bounds_requests_in_flight(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    import aiohttp
+
+    _, _, base = await start_gateway(spawn, nats_url, names, router_env={"AIMESH_ROUTER_MAX_CONCURRENCY": "1"})
+    await register_lm(nc, names)
+    await request(nc, names.deploy, DeployRequest(model="lm"), Deployment)
+    await eventually(lambda: serving(nc, names, "lm@1"), 30, "the worker to serve lm@1")
+    long = {"model": "lm", "prompt": "x", "max_tokens": 2000, "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as http, http.post(f"{base}/v1/completions", json=long) as streaming:
+        assert streaming.status == 200
+        await streaming.content.readline()  # the first event: the request is in flight
+        async with http.post(f"{base}/v1/completions", json={**long, "stream": False}) as refused:
+            assert refused.status == 429 and refused.headers["Retry-After"] == "1"
+            assert "1 requests in flight, limit 1" in (await refused.json())["error"]

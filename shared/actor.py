@@ -101,6 +101,7 @@ class ActorCore(Generic[Req]):
         self.processing_ns = 0
         self.last_error = ""
         self.latency = LatencyHistogram()
+        self.extra_stats: Callable[[], dict[str, Any]] | None = None  # merged into discovery STATS data
 
     async def start(self) -> None:
         """Begin taking messages."""
@@ -199,6 +200,7 @@ class ActorCore(Generic[Req]):
             processing_time_ns=self.processing_ns,
             last_error=self.last_error,
             latency_buckets=self.latency.cumulative(),
+            extra=self.extra_stats() if self.extra_stats else {},
         )
 
 

@@ -113,6 +113,7 @@ class Discovery:
                         "max_concurrency": a.max_concurrency,
                         "mailbox_size": a.mailbox_size,
                         "latency_buckets": a.latency_buckets,
+                        **a.extra,
                     },
                 )
             )

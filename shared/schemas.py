@@ -41,6 +41,7 @@ class ActorStats(Message, frozen=True, kw_only=True):
     last_error: str = ""
     # Cumulative counts per bound of shared.histogram.LATENCY_BOUNDS_S, then +Inf.
     latency_buckets: list[int] = []
+    extra: dict[str, Any] = {}  # what the actor's owner adds (e.g. batching counters)
 
 
 class ServiceStatus(Message, frozen=True, kw_only=True):

@@ -15,7 +15,16 @@ from shared.discovery import discover
 from shared.errors import BadRequest, NotFound, Unavailable
 from shared.names import Names
 from shared.registry import artifacts, put_object, register
-from shared.schemas import ColumnSpec, Deployment, DeployRequest, InferReply, InferRequest, MicroPing, ModelVersion
+from shared.schemas import (
+    ColumnSpec,
+    Deployment,
+    DeployRequest,
+    InferReply,
+    InferRequest,
+    MicroPing,
+    MicroStats,
+    ModelVersion,
+)
 from shared.tensors import from_wire, to_wire
 from tests.helpers import ServiceProcess, eventually
 from zoo.artifacts import weights_to_bytes
@@ -101,6 +110,12 @@ async def test_deploy_infer_batch_and_swap(
         assert r.id == str(i)
         np.testing.assert_allclose(from_wire(r.outputs["logits"])[0], all_logits[i], rtol=1e-5, atol=1e-6)
     assert max(r.batch_size for r in replies) > 1
+    # The batcher's counters reach discovery (and from there Prometheus).
+    stats = await discover(nc, "STATS", MicroStats, name=names.micro_name("inference"))
+    data = next(e for e in stats[0].endpoints if e.name == "infer-digits-1").data or {}
+    assert (
+        data["batch_rows"] == 65 and data["batches"] < 65 and set(data["batch_reasons"]) <= {"free", "full", "max_wait"}
+    )
 
     with pytest.raises(BadRequest, match=r"must have shape \[batch, 64\], got \[1, 3\]"):
         await request(nc, names.infer("digits", "1"), InferRequest(inputs={"x": to_wire(x[:, :3])}), InferReply)

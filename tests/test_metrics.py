@@ -54,3 +54,33 @@ def test_render_escapes_labels_and_skips_malformed_histograms() -> None:
     text = render([snap])
     assert 'aimesh_requests_total{service="we\\"ird",instance="ID",endpoint="e"} 2' in text
     assert "aimesh_request_duration_seconds_bucket" not in text
+
+
+def test_batching_counters_become_prometheus_series() -> None:
+    snap = MicroStats(
+        name="m-inference",
+        id="W1",
+        version="0.1.0",
+        started="2026-01-01T00:00:00.000Z",
+        metadata={"service": "inference"},
+        endpoints=[
+            MicroEndpointStats(
+                name="infer-digits-1",
+                subject="s",
+                num_requests=11,
+                data={
+                    "batches": 3,
+                    "batch_rows": 11,
+                    "batch_reasons": {"free": 2, "full": 1},
+                    "batch_sizes": {"1": 2, "9": 1},
+                },
+            )
+        ],
+    )
+    text = render([snap])
+    labels = 'service="inference",instance="W1",endpoint="infer-digits-1"'
+    assert f'aimesh_batches_total{{{labels},reason="full"}} 1' in text
+    assert f"aimesh_batch_rows_total{{{labels}}} 11" in text
+    assert f'aimesh_batch_size_bucket{{{labels},le="8"}} 2' in text
+    assert f'aimesh_batch_size_bucket{{{labels},le="16"}} 3' in text
+    assert f"aimesh_batch_size_sum{{{labels}}} 11" in text

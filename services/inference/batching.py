@@ -84,6 +84,16 @@ class DynamicBatcher:
         self._wake.set()
         return await future
 
+    def stats(self) -> dict[str, object]:
+        """Counters for discovery and Prometheus: passes, rows, release reasons, size histogram."""
+        return {
+            "batches": self.batches,
+            "batch_rows": self.rows,
+            "batch_reasons": dict(self.reasons),
+            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "batch_queued": self.queued,
+        }
+
     @property
     def queued(self) -> int:
         return len(self._queue)

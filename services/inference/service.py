@@ -336,6 +336,7 @@ class InferenceService(Service):
             queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
             max_concurrency=max(64, deployment.max_batch_size * 4),
         )
+        actor.extra_stats = batcher.stats
         await actor.start()
         actors: list[Actor[Any]] = [actor, await self._durable_actor(deployment, model, batcher)]
         if version.task == "lm":

@@ -13,6 +13,7 @@ Input: the ``$SRV.STATS`` replies of one mesh.  Output: text format 0.0.4.  Seri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from shared.histogram import LATENCY_BOUNDS_S
 from shared.schemas import MicroStats
@@ -28,7 +29,11 @@ _HELP = {
     "aimesh_in_flight": ("gauge", "Handlers running now."),
     "aimesh_queued": ("gauge", "Messages waiting in the mailbox now."),
     "aimesh_request_duration_seconds": ("histogram", "Handler latency."),
+    "aimesh_batches_total": ("counter", "Forward passes of a dynamic batcher, by release reason."),
+    "aimesh_batch_rows_total": ("counter", "Rows served by a dynamic batcher's forward passes."),
+    "aimesh_batch_size": ("histogram", "Rows per forward pass."),
 }
+_BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def _escape(value: str) -> str:
@@ -37,6 +42,27 @@ def _escape(value: str) -> str:
 
 def _labels(pairs: dict[str, str]) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items()) + "}"
+
+
+def _batch_series(series: dict[str, list[str]], labels: dict[str, str], data: dict[str, Any]) -> None:
+    for reason, count in sorted((data.get("batch_reasons") or {}).items()):
+        series["aimesh_batches_total"].append(
+            f"aimesh_batches_total{_labels(labels | {'reason': reason})} {int(count)}"
+        )
+    series["aimesh_batch_rows_total"].append(
+        f"aimesh_batch_rows_total{_labels(labels)} {int(data.get('batch_rows', 0))}"
+    )
+    sizes = {int(k): int(v) for k, v in (data.get("batch_sizes") or {}).items()}
+    for bound in _BATCH_BOUNDS:
+        cumulative = sum(v for k, v in sizes.items() if k <= bound)
+        series["aimesh_batch_size"].append(
+            f"aimesh_batch_size_bucket{_labels(labels | {'le': str(bound)})} {cumulative}"
+        )
+    total = sum(sizes.values())
+    rows = sum(k * v for k, v in sizes.items())
+    series["aimesh_batch_size"].append(f"aimesh_batch_size_bucket{_labels(labels | {'le': '+Inf'})} {total}")
+    series["aimesh_batch_size"].append(f"aimesh_batch_size_count{_labels(labels)} {total}")
+    series["aimesh_batch_size"].append(f"aimesh_batch_size_sum{_labels(labels)} {rows}")
 
 
 def render(snapshots: Sequence[MicroStats]) -> str:
@@ -64,6 +90,8 @@ def render(snapshots: Sequence[MicroStats]) -> str:
                     hist.append(f"aimesh_request_duration_seconds_bucket{le} {count}")
                 hist.append(f"aimesh_request_duration_seconds_count{lab} {buckets[-1]}")
                 hist.append(f"aimesh_request_duration_seconds_sum{lab} {ep.processing_time / 1e9:.9f}")
+            if "batches" in data:
+                _batch_series(series, base | {"endpoint": ep.name}, data)
     out: list[str] = []
     for name, (kind, text) in _HELP.items():
         out.append(f"# HELP {name} {text}")

@@ -102,62 +102,55 @@ def build_app(
     max_concurrency: int = 1024,
     api_keys: dict[str, str] | None = None,
 ) -> web.Application:
-    @web.middleware
-    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            response: web.StreamResponse = await handler(request)
-            return response
-        except web.HTTPRequestEntityTooLarge:
-            return error(413, f"request body over the limit of {max_body_bytes} bytes")
-        except (ServiceError, MeshTimeout) as exc:
-            return from_exception(exc)
+    in_flight = 0
+    traced = not tracing.tracing_disabled()
 
     @web.middleware
-    async def traced(request: web.Request, handler: Any) -> web.StreamResponse:
-        """A SERVER span per request (named by route template), current while it is handled, so
-        the NATS request below is its child."""
-        info = request.match_info.route.resource
-        route = info.canonical if info is not None else "unmatched"
-        span = tracing.start_server_span(request.method, route, request.path, request.headers)
-        token = tracing.activate(span)
+    async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+        """Everything around a handler, in one layer (each middleware layer costs per request):
+        the SERVER span (named by route template, current while the handler runs, so the NATS
+        request is its child), API keys (Bearer or X-API-Key; /admin needs the admin scope), the
+        bound on requests in flight, and errors as {"error"} with their status."""
+        nonlocal in_flight
+        span = token = None
+        if traced:
+            info = request.match_info.route.resource
+            route = info.canonical if info is not None else "unmatched"
+            span = tracing.start_server_span(request.method, route, request.path, request.headers)
+            token = tracing.activate(span)
         try:
-            response: web.StreamResponse = await handler(request)
-            if span.is_recording():
+            if api_keys and not request.path.startswith(OPEN_PATHS):
+                auth = request.headers.get("Authorization", "")
+                key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-API-Key", "")
+                scope = api_keys.get(key)
+                if scope is None:
+                    return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
+                if request.path.startswith("/admin/") and scope != "admin":
+                    return error(403, "this API key may not change splits or deployments (admin scope needed)")
+            if in_flight >= max_concurrency:
+                return error(
+                    429,
+                    f"gateway busy ({in_flight} requests in flight, limit {max_concurrency}): retry later",
+                    {"Retry-After": "1"},
+                )
+            in_flight += 1
+            try:
+                response: web.StreamResponse = await handler(request)
+            except web.HTTPRequestEntityTooLarge:
+                response = error(413, f"request body over the limit of {max_body_bytes} bytes")
+            except (ServiceError, MeshTimeout) as exc:
+                response = from_exception(exc)
+            finally:
+                in_flight -= 1
+            if span is not None and span.is_recording():
                 span.set_attribute("http.response.status_code", response.status)
                 if response.status >= 500:
                     tracing.mark_error(span, str(response.status), getattr(response, "text", "") or "")
             return response
         finally:
-            tracing.deactivate(token)
-            span.end()
-
-    in_flight = 0
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-        """API keys (when configured: Bearer token or X-API-Key; /admin needs the admin scope)
-        and the bound on requests in flight."""
-        nonlocal in_flight
-        if api_keys and not request.path.startswith(OPEN_PATHS):
-            auth = request.headers.get("Authorization", "")
-            key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-API-Key", "")
-            scope = api_keys.get(key)
-            if scope is None:
-                return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
-            if request.path.startswith("/admin/") and scope != "admin":
-                return error(403, "this API key may not change splits or deployments (admin scope needed)")
-        if in_flight >= max_concurrency:
-            return error(
-                429,
-                f"gateway busy ({in_flight} requests in flight, limit {max_concurrency}): retry later",
-                {"Retry-After": "1"},
-            )
-        in_flight += 1
-        try:
-            response: web.StreamResponse = await handler(request)
-            return response
-        finally:
-            in_flight -= 1
+            if span is not None:
+                tracing.deactivate(token)
+                span.end()
 
     def deadline_s(request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -171,7 +164,7 @@ def build_app(
             raise BadRequest(f"{TIMEOUT_HEADER} must be positive")
         return min(asked, timeout_s)
 
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[traced, guard, errors])
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[gate])
 
     async def live(_: web.Request) -> web.Response:
         # Open Inference Protocol v2: the status code carries the answer, the body mirrors it.

@@ -34,8 +34,14 @@ import numpy as np  # noqa: E402
 
 HIDDEN = [1024, 1024]
 ROW = np.random.default_rng(0).random((1, 256), dtype=np.float32)
+# As Triton's Python client sends by default: binary inputs, and binary outputs asked for.
 HEADER = json.dumps(
-    {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "parameters": {"binary_data_size": ROW.nbytes}}]}
+    {
+        "inputs": [
+            {"name": "x", "shape": [1, 256], "datatype": "FP32", "parameters": {"binary_data_size": ROW.nbytes}}
+        ],
+        "parameters": {"binary_data_output": True},
+    }
 ).encode()
 BODY = HEADER + ROW.tobytes()
 
@@ -108,14 +114,15 @@ async def inproc_server(port: int, with_model: bool) -> None:
             return web.json_response({"model_name": "echo", "outputs": []})
         with torch.inference_mode():
             logits = model(torch.from_numpy(inputs["x"].copy())).numpy()
-        payload, _ = oip.encode_response(
+        payload, length = oip.encode_response(
             model="mlp",
             version="1",
             request_id=body.id,
             outputs={"logits": logits, "class": logits.argmax(-1)},
-            binary=False,
+            binary=oip.binary_outputs(body),
         )
-        return web.Response(body=payload, content_type="application/json")
+        headers = {oip.HEADER_LENGTH: str(length)} if length is not None else {}
+        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
     app = web.Application()
     app.router.add_post("/v2/models/mlp/infer", infer)

@@ -114,14 +114,14 @@ async def inproc_server(port: int, with_model: bool) -> None:
             return web.json_response({"model_name": "echo", "outputs": []})
         with torch.inference_mode():
             logits = model(torch.from_numpy(inputs["x"].copy())).numpy()
-        payload, length = oip.encode_response(
+        payload, json_length = oip.encode_response(
             model="mlp",
             version="1",
             request_id=body.id,
             outputs={"logits": logits, "class": logits.argmax(-1)},
             binary=oip.binary_outputs(body),
         )
-        headers = {oip.HEADER_LENGTH: str(length)} if length is not None else {}
+        headers = {oip.HEADER_LENGTH: str(json_length)} if json_length is not None else {}
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
     app = web.Application()

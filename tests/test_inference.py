@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -527,3 +528,53 @@ async def test_nats_programs_get_the_split_on_the_unversioned_subject(
     assert first == {u: await routed(u) for u in first}  # sticky by the NATS header
     with pytest.raises(NotFound, match="is not deployed"):
         await request(nc, names.infer_routed("nothing"), req, InferReply)
+
+
+async def test_deployments_are_followed_across_a_nats_restart(
+    spawn: Callable[..., ServiceProcess], names: Names, tmp_path: Path
+) -> None:
+    import aiohttp
+    import nats
+
+    from shared.natsserver import NatsServer
+    from tests.test_lifecycle import _free_port
+
+    server = NatsServer(store_dir=tmp_path / "store", port=_free_port(), http_port=None)
+    server.start()
+    try:
+        worker = spawn("services.inference", url=server.url)
+        router = spawn("services.router", url=server.url, AIMESH_ROUTER_PORT="0")
+        await worker.wait_ready(server.url, names.micro_name("inference"), timeout_s=60)
+        base = (await router.wait_ready(server.url, names.micro_name("router"))).metadata["http"]
+        nc = await nats.connect(server.url)
+        await register_mlp(nc, names, seed=1)
+        await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+        await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1")
+        await nc.close()
+
+        server.stop()
+        server.start()  # same port, same store: the KV watches of both services must carry on
+        nc = await nats.connect(server.url)
+        try:
+            await register_mlp(nc, names, seed=2)
+
+            async def deployed() -> Deployment | None:
+                try:
+                    return await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+                except Exception:
+                    return None  # the worker is still reconnecting
+
+            assert (await eventually(deployed, 30, "the deploy endpoint")).version == "2"
+            await eventually(lambda: serving(nc, names, "digits@2"), 30, "digits@2 after the restart")
+            body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+            async with aiohttp.ClientSession() as http:
+
+                async def routed_to_v2() -> bool:
+                    async with http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
+                        return resp.status == 200 and resp.headers.get("Aimesh-Variant") == "2"
+
+                await eventually(routed_to_v2, 30, "the router to route to version 2")
+        finally:
+            await nc.close()
+    finally:
+        server.stop()

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import msgspec
 import nats
 import numpy as np
 from nats.aio.client import Client as NatsClient
@@ -30,14 +29,11 @@ from nats.aio.client import Client as NatsClient
 from shared import durable
 from shared.client import infer_with_fallback, stream
 from shared.errors import MeshTimeout
-from shared.experiments import decode_split
-from shared.kv import open_bucket
+from shared.kv import follow, open_bucket
 from shared.names import Names
 from shared.routing import RoutingTable
-from shared.schemas import Deployment, DurableResult, GenerateChunk, GenerateRequest, InferRequest
+from shared.schemas import DurableResult, GenerateChunk, GenerateRequest, InferRequest
 from shared.tensors import from_wire, to_wire
-
-_deployment = msgspec.json.Decoder(Deployment)
 
 
 @dataclass
@@ -53,7 +49,7 @@ class MeshClient:
         self.nc = nc
         self.names = names
         self.table = RoutingTable()
-        self._watchers: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def connect(cls, url: str = "nats://127.0.0.1:4222", prefix: str = "aimesh") -> MeshClient:
@@ -67,34 +63,16 @@ class MeshClient:
         deployments = await open_bucket(js, self.names.deployments_bucket, create=True)
         experiments = await open_bucket(js, self.names.experiments_bucket, create=True)
         assert deployments is not None and experiments is not None
-        self._watchers = [await deployments.watch("deploy.>"), await experiments.watch("split.*")]
-        self._task = asyncio.get_running_loop().create_task(self._apply())
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(follow(kv, keys, lambda e: self.table.apply(e.key, e.value)))
+            for kv, keys in ((deployments, "deploy.>"), (experiments, "split.*"))
+        ]
         # The watchers deliver the current values first: wait for them, so routing is known.
         for _ in range(50):
             if self.table.deployments:
                 break
             await asyncio.sleep(0.01)
-
-    async def _apply(self) -> None:
-        async def drain(watcher: Any, apply: Any) -> None:
-            async for entry in watcher:
-                if entry is not None:
-                    apply(entry.key, entry.value or None)
-
-        await asyncio.gather(drain(self._watchers[0], self._on_deployment), drain(self._watchers[1], self._on_split))
-
-    def _on_deployment(self, key: str, value: bytes | None) -> None:
-        if value:
-            self.table.deployments[key] = _deployment.decode(value)
-        else:
-            self.table.deployments.pop(key, None)
-
-    def _on_split(self, key: str, value: bytes | None) -> None:
-        model = key.split(".", 1)[1]
-        if value:
-            self.table.splits[model] = decode_split(value)
-        else:
-            self.table.splits.pop(model, None)
 
     async def infer(
         self,
@@ -152,10 +130,9 @@ class MeshClient:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        task = getattr(self, "_task", None)
-        if task is not None:
+        for task in self._tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.nc.close()
 
     async def __aenter__(self) -> MeshClient:

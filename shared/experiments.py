@@ -16,8 +16,6 @@ from shared.names import Names, check_token
 from shared.registry import get_version, registry_kv
 from shared.schemas import Split
 
-_split = msgspec.json.Decoder(Split)
-
 
 def split_key(model: str) -> str:
     return f"split.{model}"
@@ -47,7 +45,3 @@ async def delete_split(js: JetStreamContext, names: Names, model: str) -> None:
     kv = await js.key_value(names.experiments_bucket)
     with contextlib.suppress(KeyNotFoundError):
         await kv.delete(split_key(model))
-
-
-def decode_split(value: bytes) -> Split:
-    return _split.decode(value)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable, Callable
+
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -16,6 +19,22 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False
         if not create:
             return None
         return await js.create_key_value(KeyValueConfig(bucket=bucket, storage=StorageType.FILE, replicas=replicas))
+
+
+async def follow(kv: KeyValue, keys: str, apply: Callable[[KeyValue.Entry], Awaitable[None] | object]) -> None:
+    """Apply every change of ``keys`` (current values first, then updates, deletes with an empty
+    value) for as long as the caller's task runs.  nats-py's watcher re-creates its consumer
+    after a NATS restart, so this keeps following (tested across a restart)."""
+    watcher = await kv.watch(keys)
+    while True:
+        try:
+            entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+        except Exception:  # a timeout, or a disconnect the watcher recovers from
+            continue
+        if entry is not None:
+            result = apply(entry)
+            if inspect.isawaitable(result):
+                await result
 
 
 async def next_number(kv: KeyValue, key: str) -> int:

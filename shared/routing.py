@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from shared.errors import NotFound
 from shared.schemas import Deployment, Split
 from shared.splits import choose
+
+_deployment = msgspec.json.Decoder(Deployment)
+_split = msgspec.json.Decoder(Split)
 
 
 @dataclass
@@ -45,6 +50,26 @@ class RoutingTable:
             raise NotFound(f"model {model!r} is not deployed (aimesh deploy {model})")
         fallback = deployment.previous if deployment.previous and deployment.previous != deployment.version else None
         return Route(deployment.version, None, fallback)
+
+    def apply(self, key: str, value: bytes | None) -> Deployment | Split | None:
+        """Take one entry of the deployments (``deploy.*``) or experiments (``split.*``) bucket;
+        an empty value is a delete.  Returns what was stored, if anything."""
+        kind, _, rest = key.partition(".")
+        if kind == "deploy":
+            if not value:
+                self.deployments.pop(key, None)
+                return None
+            deployment = _deployment.decode(value)
+            self.deployments[key] = deployment
+            return deployment
+        if kind == "split":
+            if not value:
+                self.splits.pop(rest, None)
+                return None
+            split = _split.decode(value)
+            self.splits[rest] = split
+            return split
+        return None
 
     def models(self) -> set[str]:
         return {d.model for d in self.deployments.values()}

@@ -30,6 +30,7 @@ from shared.actor import Actor, Call
 from shared.clock import rfc3339_now
 from shared.config import load_inference_config
 from shared.errors import BadRequest, NotFound, ServiceError
+from shared.kv import follow
 from shared.names import check_token
 from shared.registry import artifacts, get_version, registry_kv
 from shared.schemas import (
@@ -80,7 +81,9 @@ class InferenceService(Service):
         self.add_actor("deploy", self.names.deploy, self.deploy, DeployRequest, max_concurrency=4)
 
     async def after_start(self) -> None:
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="deployments")
+        self._watcher = asyncio.get_running_loop().create_task(
+            follow(self.deployments, "deploy.>", self._on_record), name="deployments"
+        )
 
     async def stop_intake(self) -> None:
         if self._watcher is not None:
@@ -248,20 +251,12 @@ class InferenceService(Service):
         return actor
 
     # -- following deployments ---------------------------------------------------------------------
-    async def _watch(self) -> None:
-        watcher = await self.deployments.watch("deploy.>")
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5)
-            except Exception:
-                continue
-            if entry is None:
-                continue
-            if entry.value:
-                self._records[entry.key] = _deployment.decode(entry.value)
-            else:  # deleted
-                self._records.pop(entry.key, None)
-            self._reconcile()
+    def _on_record(self, entry: KeyValue.Entry) -> None:
+        if entry.value:
+            self._records[entry.key] = _deployment.decode(entry.value)
+        else:  # deleted
+            self._records.pop(entry.key, None)
+        self._reconcile()
 
     def _desired(self) -> dict[str, Deployment]:
         desired: dict[str, Deployment] = {}

@@ -12,7 +12,6 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import msgspec
 import numpy as np
 from aiohttp import web
 from nats.js.kv import KeyValue
@@ -26,8 +25,9 @@ from shared.client import infer_with_fallback, request, stream
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
 from shared.errors import ConfigError, NotFound, Unavailable
-from shared.experiments import decode_split, delete_split, put_split
+from shared.experiments import delete_split, put_split
 from shared.httpserve import serve_app
+from shared.kv import follow
 from shared.registry import get_version, registry_kv
 from shared.routing import Route, RoutingTable
 from shared.schemas import (
@@ -45,7 +45,6 @@ from shared.splits import mirrors_for
 from shared.tensors import from_wire, to_wire
 
 log = logging.getLogger(__name__)
-_deployment = msgspec.json.Decoder(Deployment)
 
 
 class RouterService(Service):
@@ -96,8 +95,8 @@ class RouterService(Service):
     async def after_start(self) -> None:
         loop = asyncio.get_running_loop()
         self._watchers = [
-            loop.create_task(self._follow(self.deployments, "deploy.>", self._on_deployment), name="deployments"),
-            loop.create_task(self._follow(self.experiments, "split.*", self._on_split), name="splits"),
+            loop.create_task(follow(self.deployments, "deploy.>", self._on_entry), name="deployments"),
+            loop.create_task(follow(self.experiments, "split.*", self._on_entry), name="splits"),
         ]
 
     async def stop_intake(self) -> None:
@@ -113,24 +112,11 @@ class RouterService(Service):
     def metadata(self) -> dict[str, str]:
         return {"http": self.http_url} if self.http_url else {}
 
-    async def _follow(self, kv: KeyValue, keys: str, apply: Any) -> None:
-        """Keep a local copy of some keys of a bucket, live (changes apply without a restart)."""
-        watcher = await kv.watch(keys)
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
-            except Exception:
-                continue
-            if entry is not None:
-                apply(entry.key, entry.value or None)
-
-    def _on_deployment(self, key: str, value: bytes | None) -> None:
-        if value:
-            deployment = _deployment.decode(value)
-            self.table.deployments[key] = deployment
-            asyncio.get_running_loop().create_task(self._learn_task(deployment))
-        else:
-            self.table.deployments.pop(key, None)
+    def _on_entry(self, entry: KeyValue.Entry) -> None:
+        """A deployment or split changed: routing follows it at once (no restart)."""
+        stored = self.table.apply(entry.key, entry.value)
+        if isinstance(stored, Deployment):
+            asyncio.get_running_loop().create_task(self._learn_task(stored))
 
     async def _learn_task(self, deployment: Deployment) -> None:
         """Remember which deployed models are language models (for /v1/models)."""
@@ -140,13 +126,6 @@ class RouterService(Service):
             return
         if version.task == "lm":
             self._lm.add(deployment.model)
-
-    def _on_split(self, key: str, value: bytes | None) -> None:
-        model = key.split(".", 1)[1]
-        if value:
-            self.table.splits[model] = decode_split(value)
-        else:
-            self.table.splits.pop(model, None)
 
     def _route(self, model: str, version: str | None, headers: Mapping[str, str] | None) -> Route:
         split = None if version else self.table.splits.get(model)

@@ -42,6 +42,7 @@ from shared.clock import rfc3339_now
 from shared.config import TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
 from shared.errors import BadRequest, NotFound
+from shared.kv import follow
 from shared.names import check_token
 from shared.natsserver import die_with_parent
 from shared.registry import artifacts
@@ -81,7 +82,7 @@ class TrainerService(Service):
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._heartbeat()),
-            loop.create_task(self._watch()),
+            loop.create_task(follow(self.jobs, "job.*", self._on_job)),
             loop.create_task(self._tick()),
         ]
 
@@ -195,18 +196,12 @@ class TrainerService(Service):
                 log.warning("heartbeat failed", exc_info=True)
             await asyncio.sleep(self.trainer_config.heartbeat_s)
 
-    async def _watch(self) -> None:
-        watcher = await self.jobs.watch("job.*")
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5)
-            except Exception:
-                continue
-            if entry is None or not entry.value:
-                continue
-            job = _job.decode(entry.value)
-            self._known[job.job_id] = (job, entry.revision or 0)
-            await self._act(job, entry.revision or 0)
+    async def _on_job(self, entry: KeyValue.Entry) -> None:
+        if not entry.value:
+            return
+        job = _job.decode(entry.value)
+        self._known[job.job_id] = (job, entry.revision or 0)
+        await self._act(job, entry.revision or 0)
 
     async def _tick(self) -> None:
         """Deadlines and lost members: what no watch event announces."""

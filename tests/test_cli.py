@@ -39,6 +39,16 @@ def _status(data_dir: Path, names: Names) -> list[dict[str, Any]]:
     return rows
 
 
+def _up(data_dir: Path, names: Names, *flags: str, stdout: Any, **env: str) -> subprocess.Popen[bytes]:
+    """``aimesh up`` on free ports in ``data_dir`` for this test's mesh (router and metrics on
+    free ports too, unless ``env`` says otherwise)."""
+    env = {"AIMESH_ROUTER_PORT": "0", "AIMESH_METRICS_PORT": "0", **env}
+    command = [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix]
+    return subprocess.Popen(
+        [*command, *flags], cwd=ROOT, env=_clean_env(**env), stdout=stdout, stderr=subprocess.STDOUT
+    )
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMESH_", "OTEL_", "NATS_"))}
     env.update(PYTHONPATH=str(ROOT), OTEL_SDK_DISABLED="true", **extra)
@@ -48,13 +58,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 async def test_up_status_restart_and_sigterm_leave_nothing_behind(tmp_path: Path, names: Names) -> None:
     data_dir = tmp_path / "mesh"
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen(
-        [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix],
-        cwd=ROOT,
-        env=_clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    up = _up(data_dir, names, stdout=log)
     try:
 
         async def seven() -> list[dict[str, Any]]:
@@ -124,28 +128,7 @@ async def test_router_runs_in_the_foreground_with_health(
 
 async def test_a_killed_supervisor_leaves_no_orphans(tmp_path: Path, names: Names) -> None:
     data_dir = tmp_path / "mesh"
-    up = subprocess.Popen(
-        [
-            *AIMESH,
-            "up",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--prefix",
-            names.prefix,
-            "--trainer",
-            "1",
-            "--inference",
-            "1",
-        ],
-        cwd=ROOT,
-        env=_clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    up = _up(data_dir, names, "--trainer", "1", "--inference", "1", stdout=subprocess.DEVNULL)
     try:
 
         async def five() -> list[dict[str, Any]]:
@@ -171,33 +154,21 @@ async def test_a_crash_loop_is_reported_loudly(tmp_path: Path, names: Names) -> 
     data_dir = tmp_path / "mesh"
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
-        up = subprocess.Popen(
-            [
-                *AIMESH,
-                "up",
-                "--port",
-                "0",
-                "--http-port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                "--prefix",
-                names.prefix,
-                "--ingest",
-                "0",
-                "--trainer",
-                "0",
-                "--inference",
-                "0",
-                "--metrics",
-                "0",
-            ],
-            cwd=ROOT,
+        up = _up(
+            data_dir,
+            names,
+            "--ingest",
+            "0",
+            "--trainer",
+            "0",
+            "--inference",
+            "0",
+            "--metrics",
+            "0",
             stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_clean_env(
-                AIMESH_ROUTER_PORT="eighty", AIMESH_UP_RESTART_BACKOFF_S="0.05", AIMESH_UP_CRASH_LOOP_RESTARTS="3"
-            ),
+            AIMESH_ROUTER_PORT="eighty",
+            AIMESH_UP_RESTART_BACKOFF_S="0.05",
+            AIMESH_UP_CRASH_LOOP_RESTARTS="3",
         )
         try:
 

@@ -37,7 +37,6 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig  # noqa: E402
 from services.ingest.publish import BatchPublisher  # noqa: E402
 from services.ingest.sharding import ShardBatch, Sharder, batch_rows_for  # noqa: E402
 from services.ingest.sources import RejectLog, open_source  # noqa: E402
-from services.ingest.sources.csv import CsvSource  # noqa: E402
 from shared.batches import encode_batch  # noqa: E402
 from shared.client import request  # noqa: E402
 from shared.datasets import DatasetReader  # noqa: E402
@@ -70,8 +69,7 @@ def make_csv(rows: int, cols: int) -> Path:
 
 
 def parse_only(req: IngestRequest, threads: int = 2) -> tuple[float, int]:
-    CsvSource.parse_threads = threads
-    source = open_source(req)
+    source = open_source(req, parse_threads=threads)
     start = time.perf_counter()
     records = sum(len(block) for block in source.blocks(RejectLog()))
     return time.perf_counter() - start, records

@@ -23,7 +23,6 @@ from services.ingest import demo
 from services.ingest.fingerprint import fingerprint
 from services.ingest.job import IngestRun
 from services.ingest.sources import open_source
-from services.ingest.sources.csv import CsvSource
 from shared import tracing
 from shared.actor import Call
 from shared.clock import rfc3339_now
@@ -72,7 +71,6 @@ class IngestService(Service):
             )
         )
         self.ingest_config = load_ingest_config()
-        CsvSource.parse_threads = max(1, self.ingest_config.parse_threads)
         self.jobs_kv = await self.ensure_kv(names.ingest_bucket)
         self.datasets_kv = await self.ensure_kv(names.datasets_bucket)
         self.add_actor("submit", names.ingest_submit, self.submit, IngestRequest, max_concurrency=8)
@@ -161,7 +159,7 @@ class IngestService(Service):
         job = msgspec.structs.replace(job, state="running", attempts=deliveries, error="", updated_at=rfc3339_now())
         await self._report(job)
         try:
-            source = await asyncio.to_thread(open_source, job.request)
+            source = await asyncio.to_thread(open_source, job.request, parse_threads=self.ingest_config.parse_threads)
             job = msgspec.structs.replace(job, bytes_total=source.bytes_total)
 
             async def progress(figures: dict[str, object]) -> None:

@@ -52,9 +52,10 @@ class Source(ABC):
 
     format: str
 
-    def __init__(self, paths: list[Path], request: IngestRequest) -> None:
+    def __init__(self, paths: list[Path], request: IngestRequest, parse_threads: int = 2) -> None:
         self.paths = paths
         self.request = request
+        self.parse_threads = max(1, parse_threads)  # how many chunks a columnar parser works on at once
         self.bytes_total = sum(p.stat().st_size for p in paths)
         self.label: str | None = request.label
         self.label_classes: list[str] = []
@@ -105,7 +106,7 @@ def text_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def open_source(request: IngestRequest) -> Source:
+def open_source(request: IngestRequest, *, parse_threads: int = 2) -> Source:
     """Validate the request against its input and return the source to read it."""
     from services.ingest.sources.arrays import NpySource, NpzSource
     from services.ingest.sources.csv import CsvSource
@@ -133,7 +134,7 @@ def open_source(request: IngestRequest) -> Source:
         "npz": NpzSource,
         "text": TextSource,
     }
-    return kinds[fmt](paths, request)
+    return kinds[fmt](paths, request, parse_threads)
 
 
 def pack_features(

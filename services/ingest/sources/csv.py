@@ -55,7 +55,6 @@ class _Parsed:
 
 class CsvSource(Source):
     format = "csv"
-    parse_threads = 2  # chunks parsed at once (set from the ingest config)
 
     def blocks(self, rejects: RejectLog) -> Iterator[Block]:
         self._encoder = LabelEncoder(self.label_classes)

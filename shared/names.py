@@ -93,9 +93,6 @@ class Names:
     def data_version_subjects(self, dataset: str, version: str) -> str:
         return f"{self.prefix}.data.{dataset}.{version}.>"
 
-    def data_template(self) -> str:
-        return f"{self.prefix}.data.{{dataset}}.{{version}}.{{shard}}"
-
     @property
     def data_stream(self) -> str:
         return f"{self.prefix.upper()}_DATA"
@@ -108,12 +105,6 @@ class Names:
     @property
     def train_submit(self) -> str:
         return f"{self.prefix}.train.submit"
-
-    def train_events(self, job: str) -> str:
-        return f"{self.prefix}.train.{job}.events"
-
-    def train_template(self) -> str:
-        return f"{self.prefix}.train.{{job}}.events"
 
     # -- inference ---------------------------------------------------------------------------
     def infer(self, model: str, version: str) -> str:

@@ -54,6 +54,10 @@ class MeshConfig(msgspec.Struct, frozen=True, kw_only=True):
     # that carries a trace context always follows its caller's sampling decision).  1% keeps
     # tracing cheap on a hot path; `aimesh up` records every trace for local development.
     trace_sample_ratio: float = 0.01
+    # Metric snapshots on <prefix>.metrics.<service>.<instance> this often; 0 turns them off.
+    metrics_interval_s: float = 2.0
+    # Recorded spans also go to the metrics service (<prefix>.spans.<service>) for the dashboard.
+    trace_to_mesh: bool = True
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path | None:
@@ -163,7 +167,35 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     host: str = "127.0.0.1"
     port: int = 9464  # 0 picks a free port
-    scrape_interval_s: float = 5.0
+    scrape_interval_s: float = 5.0  # discovery, queue lag and training progress are read this often
+    tick_s: float = 1.0  # experiments and the autoscaler are evaluated this often
+    history_s: float = 900.0  # how much of the time series the dashboard keeps
+    max_exposures: int = 200_000  # request ids remembered for joining feedback to a variant
+
+
+class AutoscaleConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The autoscaler of the inference pool: table ``[autoscale]``, variables ``AIMESH_AUTOSCALE_*``.
+
+    Desired replicas = ceil(max(in-flight / target_in_flight, queue lag / target_lag)), raised
+    by one while p99 is over ``p99_ceiling_ms``; within [min_replicas, max_replicas]; up at once
+    (after ``up_cooldown_s`` since the last change), down only after ``down_cooldown_s`` of
+    lower demand; to zero (when ``min_replicas`` is 0) after ``idle_to_zero_s`` with no requests
+    and nothing queued.  From zero, one queued durable request brings one worker back."""
+
+    enabled: bool = False
+    pool: str = "inference"
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_in_flight: float = 16.0  # requests in flight per worker
+    target_lag: float = 64.0  # durable requests pending + unacknowledged per worker
+    p99_ceiling_ms: float | None = None
+    up_cooldown_s: float = 5.0
+    down_cooldown_s: float = 30.0
+    idle_to_zero_s: float = 60.0
+
+
+def load_autoscale_config(env: Mapping[str, str] | None = None) -> AutoscaleConfig:
+    return load_section(AutoscaleConfig, "autoscale", env_prefix="AIMESH_AUTOSCALE_", env=env)
 
 
 class IngestConfig(msgspec.Struct, frozen=True, kw_only=True):

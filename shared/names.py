@@ -164,11 +164,51 @@ class Names:
     def feedback(self, model: str) -> str:
         return f"{self.prefix}.feedback.{model}"
 
+    @property
+    def feedback_subjects(self) -> str:
+        return f"{self.prefix}.feedback.*"
+
+    def exposures(self, model: str) -> str:
+        return f"{self.prefix}.events.exposures.{model}"
+
+    def experiment_events(self, model: str) -> str:
+        """Promotions and rollbacks, with their evidence."""
+        return f"{self.prefix}.events.experiments.{model}"
+
+    @property
+    def events_stream(self) -> str:
+        """Exposures, feedback and experiment decisions: the experiments' state, replayable."""
+        return f"{self.prefix.upper()}_EVENTS"
+
+    @property
+    def events_stream_subjects(self) -> list[str]:
+        return [f"{self.prefix}.events.>", f"{self.prefix}.feedback.*"]
+
     def metrics(self, service: str, instance: str) -> str:
         return f"{self.prefix}.metrics.{service}.{instance}"
 
+    @property
+    def metrics_subjects(self) -> str:
+        return f"{self.prefix}.metrics.*.*"
+
+    @property
+    def experiments_query(self) -> str:
+        """Ask the metrics service for an experiment's report (ExperimentQuery → ExperimentReport)."""
+        return f"{self.prefix}.experiments.show"
+
+    def spans(self, service: str) -> str:
+        return f"{self.prefix}.spans.{service}"
+
+    @property
+    def spans_subjects(self) -> str:
+        return f"{self.prefix}.spans.*"
+
     def scale(self, pool: str) -> str:
         return f"{self.prefix}.scale.{pool}"
+
+    @property
+    def scale_subjects(self) -> str:
+        return f"{self.prefix}.scale.*"
 
     def dead_letter(self, actor: str) -> str:
         """Where a JetStream actor moves a message it gave up on, with the reason in headers."""

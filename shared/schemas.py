@@ -42,6 +42,7 @@ class ActorStats(Message, frozen=True, kw_only=True):
     # Cumulative counts per bound of shared.histogram.LATENCY_BOUNDS_S, then +Inf.
     latency_buckets: list[int] = []
     extra: dict[str, Any] = {}  # what the actor's owner adds (e.g. batching counters)
+    labels: dict[str, str] = {}  # e.g. model and version, for metrics series
 
 
 class ServiceStatus(Message, frozen=True, kw_only=True):
@@ -359,14 +360,44 @@ class Mirror(Message, frozen=True, kw_only=True):
     percent: float  # of requests copied; replies discarded
 
 
+class Guardrails(Message, frozen=True, kw_only=True):
+    """What an experiment's candidates must keep to, and when the metrics service may act.
+
+    A candidate that breaks ``max_error_rate`` or ``max_p99_ms`` (once it has served
+    ``min_requests``) is rolled back; one whose reward beats the control's in the sequential test
+    by at least ``min_reward_lift`` (absolute, in reward units) is promoted.  No verdict on
+    rewards before every variant has ``min_samples`` of them."""
+
+    max_error_rate: float | None = None  # share of requests answered with an error
+    max_p99_ms: float | None = None
+    min_reward_lift: float = 0.0
+    min_samples: int = 200  # rewards per variant before the sequential test may decide
+    min_requests: int = 50  # requests per variant before error and latency guardrails apply
+    alpha: float = 0.05  # the sequential test's error bound (always valid under peeking)
+    auto: bool = True  # write the verdict to the split (promote / roll back), or only report it
+
+
 class Split(Message, frozen=True, kw_only=True):
-    """A model's traffic split (bucket ``<prefix>-experiments``, key ``split.<model>``)."""
+    """A model's traffic split (bucket ``<prefix>-experiments``, key ``split.<model>``).
+
+    With ``guardrails`` set it is an experiment: ``control`` (default: the first variant) is
+    compared with every other variant, and the metrics service moves ``state`` from
+    ``running`` to ``promoted`` or ``rolled_back`` (rewriting ``variants``) when it decides."""
 
     model: str
     variants: list[Variant]
     sticky: str | None = None  # an HTTP header / NATS header whose value pins a caller to a variant
     mirrors: list[Mirror] = []
     updated_at: str = ""
+    control: str = ""
+    guardrails: Guardrails | None = None
+    state: str = "running"  # running | promoted | rolled_back
+    experiment: str = ""  # id, new whenever a user writes the split; statistics are kept per id
+    decided_at: str = ""
+
+    @property
+    def control_version(self) -> str:
+        return self.control or (self.variants[0].version if self.variants else "")
 
 
 class InferRequest(Message, frozen=True, kw_only=True):
@@ -419,6 +450,163 @@ class GenerateChunk(Message, frozen=True, kw_only=True):
     completion_tokens: int = 0
     model: str = ""
     version: str = ""
+
+
+# -- experiments: exposures, outcomes, decisions ------------------------------------------------
+
+
+class Exposure(Message, frozen=True, kw_only=True):
+    """One request served under an experiment: which variant, how fast, how it ended."""
+
+    id: str  # the request id (what feedback names)
+    model: str
+    variant: str
+    experiment: str
+    latency_s: float
+    code: int = 200  # the HTTP-style status the caller got
+    ts: float  # epoch seconds
+
+
+class ExposureBatch(Message, frozen=True, kw_only=True):
+    """What a router publishes (subject ``<prefix>.events.exposures.<model>``): exposures are
+    batched so an experiment costs one JetStream publish per batch, not per request."""
+
+    router: str
+    exposures: list[Exposure]
+
+
+class Feedback(Message, frozen=True, kw_only=True):
+    """An outcome for a served request (``<prefix>.feedback.<model>``, MessagePack or JSON)."""
+
+    id: str  # the request id the outcome belongs to
+    reward: float = 1.0  # a reward, or a conversion as 1 / 0
+    model: str = ""  # taken from the subject when empty
+    variant: str = ""  # known from the request's exposure when empty
+    ts: float = 0.0
+
+
+class VariantReport(Message, frozen=True, kw_only=True):
+    version: str
+    weight: float = 0.0
+    requests: int = 0
+    errors: int = 0
+    error_rate: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    rewards: int = 0  # outcomes received
+    reward_mean: float = 0.0
+    reward_ci_low: float = 0.0  # 95% confidence interval of the mean reward
+    reward_ci_high: float = 0.0
+    lift: float = 0.0  # reward_mean − the control's
+    p_value: float = 1.0  # always-valid p-value of "no difference from the control" (1 for the control)
+    guardrail: str = ""  # which guardrail it breaks, if any
+
+
+class ExperimentReport(Message, frozen=True, kw_only=True):
+    model: str
+    experiment: str
+    state: str  # running | promoted | rolled_back | none
+    control: str
+    variants: list[VariantReport]
+    verdict: str  # waiting | promote | rollback | promoted | rolled_back
+    reason: str
+    winner: str = ""
+    min_samples: int = 0
+    alpha: float = 0.05
+    updated_at: float = 0.0
+
+
+class ExperimentDecision(Message, frozen=True, kw_only=True):
+    """A promotion or rollback, with its evidence (``<prefix>.events.experiments.<model>``)."""
+
+    model: str
+    experiment: str
+    action: str  # promote | rollback
+    version: str  # the version that now takes all traffic
+    candidate: str  # the version the decision is about
+    reason: str
+    evidence: ExperimentReport
+    ts: float
+
+
+class ExperimentQuery(Message, frozen=True, kw_only=True):
+    model: str
+
+
+# -- metrics and scaling ---------------------------------------------------------------------------
+
+
+class ProcessStats(Message, frozen=True, kw_only=True):
+    cpu_s: float  # user + system CPU seconds since the process started
+    rss_bytes: int
+    threads: int = 0
+
+
+class GpuStats(Message, frozen=True, kw_only=True):
+    index: int
+    name: str = ""
+    utilization: float = -1.0  # 0–1; −1 when unknown (no NVML)
+    memory_used_bytes: int = 0
+    memory_total_bytes: int = 0
+
+
+class RouteStats(Message, frozen=True, kw_only=True):
+    """The router's counters per model and served version (the variant)."""
+
+    model: str
+    version: str
+    requests: int = 0
+    errors: dict[str, int] = {}  # by status code
+    latency_buckets: list[int] = []  # cumulative, per shared.histogram.LATENCY_BOUNDS_S then +Inf
+    latency_sum_s: float = 0.0
+
+
+class MetricsSnapshot(Message, frozen=True, kw_only=True):
+    """What every service publishes every ``metrics_interval_s`` (``<prefix>.metrics.<service>.<instance>``)."""
+
+    service: str
+    instance: str
+    host: str
+    pid: int
+    ts: float
+    interval_s: float
+    state: str = "ready"
+    process: ProcessStats
+    gpus: list[GpuStats] = []
+    actors: list[ActorStats] = []
+    routes: list[RouteStats] = []
+
+
+class ScaleDecision(Message, frozen=True, kw_only=True):
+    """The autoscaler's target for a pool (``<prefix>.scale.<pool>``)."""
+
+    pool: str
+    desired: int
+    current: int
+    reason: str
+    ts: float
+
+
+class SpanRecord(Message, frozen=True, kw_only=True):
+    trace_id: str  # 32 hex digits
+    span_id: str
+    parent_id: str = ""
+    name: str
+    kind: str  # SERVER | CLIENT | PRODUCER | CONSUMER | INTERNAL
+    service: str
+    start_ns: int
+    end_ns: int
+    error: bool = False
+    attributes: dict[str, str] = {}
+
+
+class SpanBatch(Message, frozen=True, kw_only=True):
+    """Finished spans a service sends to the metrics service (``<prefix>.spans.<service>``)."""
+
+    service: str
+    instance: str
+    spans: list[SpanRecord]
 
 
 # -- NATS micro protocol (JSON, ADR-32) -----------------------------------------------------------

@@ -12,6 +12,9 @@ Exporters (the standard variables, nothing of our own):
   localhost:4318, which on a laptop would only log connection errors.
 - ``OTEL_TRACES_SAMPLER`` / ``_ARG`` choose the sampler as usual (default: parent-based,
   always on).
+- ``setup_tracing(to_mesh=True)`` adds one of our own, besides: finished spans published on the
+  mesh for the metrics service's dashboard (``shared.spanexport``), once the service has
+  connected and called :func:`attach_mesh_exporter`.
 
 Span shape (messaging semantic conventions): a request is a CLIENT span ``send <template>``, a
 publish a PRODUCER span ``send <template>``, handling a message a CONSUMER span
@@ -24,14 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+if TYPE_CHECKING:
+    from shared.spanexport import MeshSpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,8 @@ MESSAGE_ID = "messaging.message.id"
 ERROR_TYPE = "error.type"
 
 _provider: Any = None  # the SDK TracerProvider we installed, for flushing at shutdown
+_mesh_exporter: MeshSpanExporter | None = None  # with setup_tracing(to_mesh=True)
+MESH_EXPORT_DELAY_MS = 1000.0
 
 
 def tracing_disabled() -> bool:
@@ -57,14 +65,29 @@ def tracing_disabled() -> bool:
 _DISABLED = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
-def setup_tracing(service: str, instance_id: str, version: str, namespace: str, sample_ratio: float = 1.0) -> None:
+def setup_tracing(
+    service: str,
+    instance_id: str,
+    version: str,
+    namespace: str,
+    sample_ratio: float = 1.0,
+    *,
+    to_mesh: bool = False,
+) -> None:
     """Install the global tracer provider for this process (once; later calls keep it).
 
     ``sample_ratio`` is the share of *root* traces recorded when ``OTEL_TRACES_SAMPLER`` is not
     set; a message whose headers carry a trace context follows its caller's decision.
+    ``to_mesh`` also sends finished spans to the metrics service (besides the ``OTEL_*``
+    exporters) once :func:`attach_mesh_exporter` is given a way to publish; a later call with
+    ``to_mesh`` adds that exporter to the provider already installed.
     """
     global _provider
-    if _provider is not None or tracing_disabled():
+    if tracing_disabled():
+        return
+    if _provider is not None:
+        if to_mesh:
+            _add_mesh_exporter(_provider, service, instance_id)
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -90,8 +113,45 @@ def setup_tracing(service: str, instance_id: str, version: str, namespace: str, 
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         provider.add_span_processor(BatchSpanProcessor(exporter))
+    if to_mesh:
+        _add_mesh_exporter(provider, service, instance_id)
     trace.set_tracer_provider(provider)
     _provider = provider
+
+
+def _add_mesh_exporter(provider: Any, service: str, instance_id: str) -> None:
+    global _mesh_exporter
+    if _mesh_exporter is not None:
+        return
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from shared.spanexport import MeshSpanExporter
+
+    exporter = MeshSpanExporter(os.environ.get("OTEL_SERVICE_NAME") or service, instance_id)
+    # About a second between batches (the dashboard polls every 2 s), unless OTEL_BSP_SCHEDULE_DELAY says.
+    delay_ms = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else MESH_EXPORT_DELAY_MS
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=delay_ms))
+    _mesh_exporter = exporter
+
+
+def attach_mesh_exporter(publish: Callable[[bytes], None]) -> None:
+    """Send finished spans through ``publish(encoded SpanBatch)``, which is called from the span
+    processor's thread: it must be thread-safe and must not block (``shared.spanexport.
+    LoopPublisher`` around ``nc.publish``).  A no-op unless ``setup_tracing(to_mesh=True)`` ran."""
+    if _mesh_exporter is not None:
+        _mesh_exporter.attach(publish)
+
+
+def detach_mesh_exporter(publish: Callable[[bytes], None] | None = None) -> None:
+    """Stop sending spans to the mesh (they are dropped and counted until attached again); with
+    ``publish``, only if that is the one attached."""
+    if _mesh_exporter is not None:
+        _mesh_exporter.detach(publish)
+
+
+def mesh_exporter() -> MeshSpanExporter | None:
+    """The mesh exporter installed by ``setup_tracing(to_mesh=True)``, for its counts."""
+    return _mesh_exporter
 
 
 def _exporters_from_env() -> list[Any]:

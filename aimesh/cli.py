@@ -20,7 +20,7 @@ from services import SERVICE_NAMES
 from shared.config import config_path, load_mesh_config, load_up_config, read_toml
 from shared.errors import ConfigError, MeshError
 from shared.names import Names
-from shared.schemas import ColumnSpec, DeployRequest, IngestRequest, TrainRequest
+from shared.schemas import ColumnSpec, DeployRequest, Guardrails, IngestRequest, TrainRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -45,6 +45,11 @@ def _add_up_flags(p: argparse.ArgumentParser) -> None:
     for name in SERVICE_NAMES:
         p.add_argument(f"--{name}", type=int, metavar="N", help=f"instances of {name}")
     p.add_argument("--log-format", choices=["text", "json"], help="service log format")
+    p.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="let the metrics service scale the inference workers (policy: [autoscale] / AIMESH_AUTOSCALE_*)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy PERCENT%% of requests to VERSION, replies discarded",
     )
     split.add_argument("--clear", action="store_true", help="remove the split (back to the deployed version)")
+    guard = split.add_argument_group(
+        "experiment", "with any of these the split is an experiment the metrics service judges and acts on"
+    )
+    guard.add_argument("--control", metavar="VERSION", help="the baseline variant (default: the first)")
+    guard.add_argument("--max-error-rate", type=float, help="roll a candidate back above this error share")
+    guard.add_argument("--max-p99-ms", type=float, help="roll a candidate back above this p99 latency")
+    guard.add_argument("--min-lift", type=float, help="promote only with at least this reward lift (absolute)")
+    guard.add_argument("--min-samples", type=int, help="rewards per variant before a verdict (default 200)")
+    guard.add_argument("--alpha", type=float, help="the sequential test's error bound (default 0.05)")
+    guard.add_argument("--report-only", action="store_true", help="judge, but never change the split")
     _add_client_flags(split)
+
+    experiments = sub.add_parser("experiments", help="an experiment's statistics and verdict: experiments show MODEL")
+    experiments.add_argument("action", choices=["show"])
+    experiments.add_argument("model")
+    _add_client_flags(experiments)
+
+    feedback = sub.add_parser("feedback", help="record an outcome for a served request: feedback MODEL ID REWARD")
+    feedback.add_argument("model")
+    feedback.add_argument("id", help="the request id (the response's id / Aimesh-Request-Id)")
+    feedback.add_argument("reward", type=float, help="a reward, or 1 / 0 for a conversion")
+    _add_client_flags(feedback, json_flag=False)
 
     datasets = sub.add_parser("datasets", help="list datasets, or `datasets show NAME[@VERSION]`")
     datasets.add_argument("action", nargs="?", choices=["show"], help="show one dataset version")
@@ -157,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "models": cmd_models,
         "deploy": cmd_deploy,
         "split": cmd_split,
+        "experiments": cmd_experiments,
+        "feedback": cmd_feedback,
     }
     try:
         code = commands[args.command](args)
@@ -199,6 +227,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     child_env = _mesh_env(args)
     if args.log_format:
         child_env["AIMESH_LOG_FORMAT"] = args.log_format
+    if args.autoscale:
+        child_env["AIMESH_AUTOSCALE_ENABLED"] = "true"
     mesh = load_mesh_config(overrides={"prefix": args.prefix})
     nats_url = args.nats_url or os.environ.get("AIMESH_NATS_URL") or os.environ.get("NATS_URL")
     setup_logging("up", "supervisor", fmt=args.log_format or mesh.log_format, level=mesh.log_level)
@@ -436,6 +466,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return run(deploy(_resolve_nats_url(args), _names(args), req, args.json))
 
 
+def guardrails_from(args: argparse.Namespace) -> Guardrails | None:
+    given = {
+        "max_error_rate": args.max_error_rate,
+        "max_p99_ms": args.max_p99_ms,
+        "min_reward_lift": args.min_lift,
+        "min_samples": args.min_samples,
+        "alpha": args.alpha,
+    }
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if not chosen and not args.report_only and not args.control:
+        return None
+    return Guardrails(**chosen, auto=not args.report_only)
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     from aimesh.datasets_cmd import run
     from aimesh.serve_cmd import split
@@ -450,5 +494,21 @@ def cmd_split(args: argparse.Namespace) -> int:
             args.mirror,
             clear=args.clear,
             as_json=args.json,
+            control=args.control or "",
+            guardrails=guardrails_from(args),
         )
     )
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import run
+    from aimesh.experiments_cmd import show
+
+    return run(show(_resolve_nats_url(args), _names(args), args.model, args.json))
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from aimesh.datasets_cmd import run
+    from aimesh.experiments_cmd import feedback
+
+    return run(feedback(_resolve_nats_url(args), _names(args), args.model, args.id, args.reward))

@@ -5,13 +5,15 @@ standard library text corpus (byte-level tokens) and print their manifests; trai
 classifier data-parallel on the two trainer nodes and the small language model pipeline-parallel
 (two stages), and a second digits version (a CNN); deploy them, split digits 50/50 sticky by user,
 classify digits through the HTTP gateway as several users (showing the variant each got), and
-stream a completion from the LM through the OpenAI-compatible API.  The metrics issue adds
-feedback and experiment verdicts.
+stream a completion from the LM through the OpenAI-compatible API; then run an experiment on
+digits (v1 control, v2 candidate) with simulated user feedback in which v2 converts better, until
+the metrics service's sequential test promotes v2; and print the dashboard and Prometheus URLs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 
 import msgspec
@@ -28,7 +30,18 @@ from shared.errors import MeshError
 from shared.experiments import put_split
 from shared.names import Names
 from shared.registry import get_version, registry_kv
-from shared.schemas import Deployment, DeployRequest, IngestRequest, MicroPing, Split, TrainRequest, Variant
+from shared.schemas import (
+    Deployment,
+    DeployRequest,
+    ExperimentQuery,
+    ExperimentReport,
+    Guardrails,
+    IngestRequest,
+    MicroPing,
+    Split,
+    TrainRequest,
+    Variant,
+)
 
 DEMO_TRAINING = (
     TrainRequest(
@@ -170,6 +183,89 @@ async def _gateway_when_serving(nc: NatsClient, names: Names, wanted: set[str], 
     return ""
 
 
+# Simulated users convert (reward 1) with these chances when a prediction is correct: v2 is better.
+CONVERSION = {"1": 0.15, "2": 0.30}
+EXPERIMENT_ROUNDS = 40  # at most this many rounds of 100 requests
+
+
+async def _experiment(nc: NatsClient, names: Names) -> int:
+    """An A/B experiment on digits: sticky by user, feedback from simulated users in which v2
+    converts twice as often, until the sequential test promotes v2 (or the rounds run out)."""
+    import aiohttp
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from aimesh.experiments_cmd import render_report
+
+    split = await put_split(
+        nc.jetstream(),
+        names,
+        Split(
+            model="digits",
+            sticky="X-User",
+            variants=[Variant(version="1", weight=50), Variant(version="2", weight=50)],
+            control="1",
+            guardrails=Guardrails(max_error_rate=0.05, min_samples=100, alpha=0.05),
+        ),
+    )
+    print(
+        f"\n== experiment {split.experiment} on digits: control v1, candidate v2, sticky by X-User; simulated users "
+        f"convert with chance {CONVERSION['1']:.0%} (v1) / {CONVERSION['2']:.0%} (v2) on a correct prediction",
+        flush=True,
+    )
+    base = await _gateway_when_serving(nc, names, {"digits@1", "digits@2"})
+    await asyncio.sleep(1.0)  # every router follows the new split
+    digits = load_digits()
+    x, y = digits.data.astype(np.float32), digits.target
+    rng = random.Random(7)
+    report: ExperimentReport | None = None
+    sent = 0
+    async with aiohttp.ClientSession() as http:
+
+        async def one(user: int) -> None:
+            i = rng.randrange(len(x))
+            body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": x[i].tolist()}]}
+            async with http.post(
+                f"{base}/v2/models/digits/infer", json=body, headers={"X-User": f"user{user}"}
+            ) as resp:
+                if resp.status != 200:
+                    return
+                out = await resp.json()
+            variant = resp.headers.get("Aimesh-Variant", "")
+            correct = next(o for o in out["outputs"] if o["name"] == "class")["data"][0] == y[i]
+            reward = 1.0 if correct and rng.random() < CONVERSION.get(variant, 0.0) else 0.0
+            await http.post(f"{base}/v1/feedback", json={"id": out["id"], "model": "digits", "reward": reward})
+
+        for _ in range(EXPERIMENT_ROUNDS):
+            await asyncio.gather(*(one(sent + k) for k in range(100)))
+            sent += 100
+            await asyncio.sleep(1.5)  # exposures are batched; the metrics service ticks every second
+            try:
+                report = await request(nc, names.experiments_query, ExperimentQuery(model="digits"), ExperimentReport)
+            except MeshError:
+                continue
+            line = ", ".join(f"v{v.version}: {v.rewards} rewards, mean {v.reward_mean:.3f}" for v in report.variants)
+            print(f"  {sent} requests  {line}  → {report.verdict}", flush=True)
+            if report.verdict in ("promoted", "rolled_back"):
+                break
+    if report is None:
+        print("demo: the metrics service did not report on the experiment", file=sys.stderr)
+        return 1
+    print(render_report(report), flush=True)
+    return 0
+
+
+async def _metrics_url(url: str | None, names: Names) -> str:
+    if url is None:
+        return ""
+    nc = await nats.connect(url)
+    try:
+        found = await discover(nc, "PING", MicroPing, name=names.micro_name("metrics"), wait_s=0.5)
+    finally:
+        await nc.close()
+    return found[0].metadata.get("http", "") if found else ""
+
+
 async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *, exit_when_done: bool) -> int:
     await supervisor.started.wait()
     assert supervisor.nats_url is not None
@@ -189,13 +285,18 @@ async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *,
             code = await _train(nc, names)
         if not code:
             code = await _serve(nc, names)
+        if not code:
+            code = await _experiment(nc, names)
     except MeshError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         code = 1
     finally:
         await nc.close()
+    metrics = await _metrics_url(supervisor.nats_url, names)
+    if metrics:
+        print(f"\ndashboard: {metrics}/   Prometheus: {metrics}/metrics", flush=True)
     print(
-        f"\nNATS: {supervisor.nats_url}   status: aimesh status --data-dir {supervisor.data_dir}"
+        f"NATS: {supervisor.nats_url}   status: aimesh status --data-dir {supervisor.data_dir}"
         f"   datasets: aimesh datasets --data-dir {supervisor.data_dir}"
         f"   models: aimesh models --data-dir {supervisor.data_dir}",
         flush=True,

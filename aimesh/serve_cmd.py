@@ -10,7 +10,7 @@ from aimesh.datasets_cmd import connect_once, exit_code
 from shared.client import request
 from shared.errors import MeshError
 from shared.names import Names
-from shared.schemas import Deployment, DeployRequest
+from shared.schemas import Deployment, DeployRequest, Guardrails
 
 
 async def deploy(url: str, names: Names, req: DeployRequest, as_json: bool) -> int:
@@ -43,6 +43,8 @@ async def split(
     *,
     clear: bool,
     as_json: bool,
+    control: str = "",
+    guardrails: Guardrails | None = None,
 ) -> int:
     from shared.experiments import delete_split, put_split
     from shared.schemas import Mirror, Split
@@ -58,7 +60,14 @@ async def split(
         stored = await put_split(
             nc.jetstream(),
             names,
-            Split(model=model, variants=parse_variants(variants), sticky=sticky, mirrors=mirror_list),
+            Split(
+                model=model,
+                variants=parse_variants(variants),
+                sticky=sticky,
+                mirrors=mirror_list,
+                control=control.lstrip("v"),
+                guardrails=guardrails,
+            ),
         )
     except MeshError as exc:
         print(f"aimesh split: {exc}", file=sys.stderr)
@@ -71,5 +80,16 @@ async def split(
         shares = ", ".join(f"v{v.version} {v.weight:g}" for v in stored.variants)
         extra = f"; sticky by {stored.sticky}" if stored.sticky else ""
         extra += "".join(f"; mirror {m.percent:g}% to v{m.version}" for m in stored.mirrors)
+        if stored.guardrails is not None:
+            g = stored.guardrails
+            rules = [f"control v{stored.control_version}", f"alpha {g.alpha:g}", f"min samples {g.min_samples}"]
+            if g.max_error_rate is not None:
+                rules.append(f"max error rate {g.max_error_rate:g}")
+            if g.max_p99_ms is not None:
+                rules.append(f"max p99 {g.max_p99_ms:g} ms")
+            if g.min_reward_lift:
+                rules.append(f"min lift {g.min_reward_lift:g}")
+            rules.append("acts automatically" if g.auto else "report only")
+            extra += f"; experiment {stored.experiment}: " + ", ".join(rules)
         print(f"{model}: {shares}{extra}")
     return 0

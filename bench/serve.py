@@ -10,7 +10,11 @@ Inference Protocol v2 with the binary tensor extension (one 256-float row each).
 (c) in-process baseline: one aiohttp server calling the model directly, no batching;
 (d) the model's offline throughput at batch 32 (the limit);
 (e) the bare HTTP ceiling of the same server stack: aiohttp answering without a model;
-and at concurrency 1, (a) with batching off (max batch 1) to show batching costs no latency.
+and at concurrency 1, (a) with batching off (max batch 1) to show batching costs no latency;
+(f) the metrics path's cost: (a) at concurrency 64 with tracing off and no metric snapshots,
+    against the same with the metrics service running, snapshots every 2 s, tracing on
+    (default sampling, spans to the metrics service) and the model under a split, so every
+    request is also an experiment exposure.  ``--overhead`` runs only (f).
 """
 
 from __future__ import annotations
@@ -206,12 +210,15 @@ async def mesh_setup(url: str) -> tuple[Any, str]:
     return nc, names
 
 
-async def deploy(nc: Any, names: Any, max_batch: int, workers: int) -> str:
+async def deploy(nc: Any, names: Any, max_batch: int, workers: int, split: bool = False) -> str:
     from shared.client import request
     from shared.discovery import discover
-    from shared.schemas import Deployment, DeployRequest, MicroPing
+    from shared.experiments import put_split
+    from shared.schemas import Deployment, DeployRequest, MicroPing, Split, Variant
 
     await request(nc, names.deploy, DeployRequest(model="mlp", max_batch_size=max_batch, max_wait_ms=2), Deployment)
+    if split:
+        await put_split(nc.jetstream(), names, Split(model="mlp", variants=[Variant(version="1", weight=100)]))
     while True:
         pings = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
         routers = await discover(nc, "PING", MicroPing, name=names.micro_name("router"), wait_s=0.3)
@@ -221,6 +228,55 @@ async def deploy(nc: Any, names: Any, max_batch: int, workers: int) -> str:
         await asyncio.sleep(0.2)
 
 
+def _mesh_rows(env: dict[str, str], services: tuple[str, ...], split: bool, seconds: float) -> dict[str, float]:
+    """Start ``services`` on a fresh NATS, deploy the model (under a split when asked), and load
+    the gateway at concurrency 64."""
+    from shared.natsserver import NatsServer
+
+    with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
+        env = env | {"AIMESH_NATS_URL": server.url}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", f"services.{s}"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for s in services
+        ]
+        try:
+            loop = asyncio.new_event_loop()
+            nc, names = loop.run_until_complete(mesh_setup(server.url))
+            url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=1, split=split))
+            result = run_client(url, 64, seconds)
+            loop.run_until_complete(nc.close())
+            return result
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
+
+
+def overhead(env: dict[str, str], seconds: float) -> None:
+    off = env | {"OTEL_SDK_DISABLED": "true", "AIMESH_METRICS_INTERVAL_S": "0"}
+    on = {k: v for k, v in env.items() if k != "OTEL_SDK_DISABLED"} | {"AIMESH_TRACE_TO_MESH": "true"}
+    rows = {}
+    for label, run_env, services, split in (
+        ("off: no tracing, no snapshots", off, ("router", "inference"), False),
+        ("on: metrics, tracing, split", on, ("router", "inference", "metrics"), True),
+        ("off again", off, ("router", "inference"), False),
+    ):
+        rows[label] = _mesh_rows(run_env, services, split, seconds)
+    print(f"\n  {'(f) metrics path, concurrency 64':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for label, r in rows.items():
+        print(f"  {label:<32} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6.0f}")
+    off_rps = (rows["off: no tracing, no snapshots"]["rps"] + rows["off again"]["rps"]) / 2
+    cost = 1 - rows["on: metrics, tracing, split"]["rps"] / off_rps
+    print(f"\n  throughput cost of metrics + tracing: {cost:.1%} of the mean of the two off rows (goal < 5%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", default="bench", choices=["bench", "client", "inproc", "echo"])
@@ -228,6 +284,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--overhead", action="store_true", help="only (f): metrics and tracing on versus off")
     args = parser.parse_args()
     if args.role == "client":
         import uvloop
@@ -255,6 +312,9 @@ def main() -> None:
     print(
         f"serving benchmark: MLP 256→{'→'.join(map(str, HIDDEN))}→10, {args.seconds:g}s per row; {os.cpu_count()} cores"
     )
+    if args.overhead:
+        overhead(env, args.seconds)
+        return
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
         env["AIMESH_NATS_URL"] = server.url
         procs = [
@@ -325,6 +385,7 @@ def main() -> None:
         f"(b)/(a) = {b64 / a64:.2f}"
     )
     print(f"  at 1: p50 with batching / without = {p50_on / p50_off:.2f} (goal ≤ 1.2)")
+    overhead(env, args.seconds)
 
 
 if __name__ == "__main__":

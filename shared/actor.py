@@ -77,6 +77,7 @@ class ActorCore(Generic[Req]):
         queue_group: str | None = None,
         max_concurrency: int = 64,
         mailbox_size: int = 256,
+        labels: dict[str, str] | None = None,
     ) -> None:
         if max_concurrency < 1 or mailbox_size < 0:
             raise ValueError(f"{name}: max_concurrency must be ≥ 1 and mailbox_size ≥ 0")
@@ -85,6 +86,7 @@ class ActorCore(Generic[Req]):
         self.template = template or subject
         self._span_name = f"process {self.template}"
         self.queue_group = queue_group
+        self.labels = labels or {}
         self.max_concurrency = max_concurrency
         self.mailbox_size = mailbox_size
         self._handler = handler
@@ -201,6 +203,7 @@ class ActorCore(Generic[Req]):
             last_error=self.last_error,
             latency_buckets=self.latency.cumulative(),
             extra=self.extra_stats() if self.extra_stats else {},
+            labels=self.labels,
         )
 
 

@@ -50,7 +50,9 @@ from shared.discovery import Discovery
 from shared.health import HealthServer
 from shared.jsactor import JetStreamActor
 from shared.names import Names
-from shared.schemas import ActorStats, ServiceStatus, StatusRequest
+from shared.schemas import ActorStats, GpuStats, RouteStats, ServiceStatus, StatusRequest
+from shared.snapshots import SnapshotPublisher
+from shared.spanexport import LoopPublisher
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class Service:
         self._js: JetStreamContext | None = None
         self._discovery: Discovery | None = None
         self._health: HealthServer | None = None
+        self._snapshots: SnapshotPublisher | None = None
+        self._spans_out: LoopPublisher | None = None
         self._lifecycle = asyncio.Lock()
         self.ready = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -108,6 +112,14 @@ class Service:
     def metadata(self) -> dict[str, str]:
         """Extra key/values for discovery (``aimesh status`` shows them)."""
         return {}
+
+    def route_stats(self) -> list[RouteStats]:
+        """Per-route counters for metric snapshots (the router's per model and version)."""
+        return []
+
+    def gpu_stats(self) -> list[GpuStats]:
+        """GPU utilisation and memory for metric snapshots (services that have torch)."""
+        return []
 
     # -- accessors -----------------------------------------------------------------------------
     @property
@@ -142,6 +154,7 @@ class Service:
         queue_group: str | None = None,
         max_concurrency: int | None = None,
         mailbox_size: int | None = None,
+        labels: dict[str, str] | None = None,
     ) -> Actor[Req]:
         """A core-NATS actor; by default in the service's queue group, so instances share work."""
         actor: Actor[Req] = Actor(
@@ -154,6 +167,7 @@ class Service:
             queue_group=self.names.queue_group(self.name) if queue_group is None else queue_group or None,
             max_concurrency=max_concurrency or self.config.max_concurrency,
             mailbox_size=self.config.mailbox_size if mailbox_size is None else mailbox_size,
+            labels=labels,
         )
         self._actors.append(actor)
         return actor
@@ -172,6 +186,7 @@ class Service:
         max_deliver: int = 5,
         ack_wait_s: float = 30.0,
         retry_backoff_s: float = 1.0,
+        labels: dict[str, str] | None = None,
     ) -> JetStreamActor[Req]:
         actor: JetStreamActor[Req] = JetStreamActor(
             self.js,
@@ -188,6 +203,7 @@ class Service:
             template=template,
             queue_group=durable,
             max_concurrency=max_concurrency or self.config.max_concurrency,
+            labels=labels,
         )
         self._actors.append(actor)
         return actor
@@ -243,6 +259,7 @@ class Service:
                 await self._start()
             except BaseException:
                 self.state = ServiceState.FAILED
+                await self._detach_spans()
                 await self._close_connection()
                 raise
             self.state = ServiceState.READY
@@ -251,7 +268,12 @@ class Service:
 
     async def _start(self) -> None:
         tracing.setup_tracing(
-            self.name, self.instance_id, self.version, self.config.prefix, self.config.trace_sample_ratio
+            self.name,
+            self.instance_id,
+            self.version,
+            self.config.prefix,
+            self.config.trace_sample_ratio,
+            to_mesh=self.config.trace_to_mesh,
         )
         self._nc = await connect(
             self.config,
@@ -260,6 +282,10 @@ class Service:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
+        if self.config.trace_to_mesh:
+            # Spans to the metrics service (its dashboard's recent traces), from the span thread.
+            self._spans_out = LoopPublisher(asyncio.get_running_loop(), self.nc.publish, self.names.spans(self.name))
+            tracing.attach_mesh_exporter(self._spans_out)
         self.add_actor(
             "status",
             self.names.service_status(self.name),
@@ -285,6 +311,18 @@ class Service:
             actors=self.actor_stats,
         )
         await self._discovery.start()
+        self._snapshots = SnapshotPublisher(
+            self.nc,
+            subject=self.names.metrics(self.name, self.instance_id),
+            service=self.name,
+            instance=self.instance_id,
+            interval_s=self.config.metrics_interval_s,
+            state=lambda: self.state.value,
+            actors=self.actor_stats,
+            routes=self.route_stats,
+            gpus=self.gpu_stats,
+        )
+        self._snapshots.start()
         await self.after_start()
         await self.nc.flush()
 
@@ -308,12 +346,15 @@ class Service:
                         cancelled = await actor.cancel()
                         log.error("%s: drain timed out; cancelled %d unfinished handlers", actor.name, cancelled)
                 await self._run_step("close_resources", self.close_resources)
+                if self._snapshots is not None:
+                    await self._snapshots.stop()
                 if self._discovery is not None:
                     await self._discovery.stop()
                 if self._health is not None:
                     await self._health.stop()
             finally:
                 await asyncio.to_thread(tracing.flush_tracing)
+                await self._detach_spans()
                 await self._close_connection()
                 self.state = ServiceState.STOPPED
                 self.stopped.set()
@@ -334,6 +375,12 @@ class Service:
             await step()
         except Exception:
             log.exception("%s: %s failed during drain; continuing", self.name, what)
+
+    async def _detach_spans(self) -> None:
+        spans, self._spans_out = self._spans_out, None
+        if spans is not None:
+            await spans.wait_sent(2.0)
+            tracing.detach_mesh_exporter(spans)
 
     async def _close_connection(self) -> None:
         nc, self._nc = self._nc, None

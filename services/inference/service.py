@@ -39,11 +39,13 @@ from shared.schemas import (
     DurableResult,
     GenerateChunk,
     GenerateRequest,
+    GpuStats,
     InferReply,
     InferRequest,
 )
 from shared.service import Service
 from shared.tensors import from_wire, to_wire
+from zoo.devices import device_stats
 
 log = logging.getLogger(__name__)
 _deployment = msgspec.json.Decoder(Deployment)
@@ -99,6 +101,9 @@ class InferenceService(Service):
     @property
     def is_ready(self) -> bool:
         return super().is_ready and not self._loading
+
+    def gpu_stats(self) -> list[GpuStats]:
+        return device_stats()
 
     def metadata(self) -> dict[str, str]:
         meta = {"serving": ",".join(sorted(self._served))}
@@ -190,6 +195,7 @@ class InferenceService(Service):
             max_deliver=DURABLE_MAX_DELIVER,
             ack_wait_s=self.inference_config.durable_ack_wait_s,
             retry_backoff_s=0.5,
+            labels={"model": deployment.model, "version": deployment.version},
         )
         await actor.start()
         return actor
@@ -246,6 +252,7 @@ class InferenceService(Service):
             queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
             max_concurrency=8,
             mailbox_size=64,
+            labels={"model": deployment.model, "version": deployment.version},
         )
         await actor.start()
         return actor
@@ -330,6 +337,7 @@ class InferenceService(Service):
             template=self.names.infer_template(),
             queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
             max_concurrency=max(64, deployment.max_batch_size * 4),
+            labels={"model": deployment.model, "version": deployment.version},
         )
         actor.extra_stats = batcher.stats
         await actor.start()

@@ -7,6 +7,7 @@ with ``Retry-After``, 503, 504).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -18,12 +19,14 @@ from services.router import oip, openapi
 from shared import tracing
 from shared.errors import BadRequest, MeshTimeout, Overloaded, ServiceError
 from shared.names import Header
-from shared.schemas import DurableResult, Split
+from shared.schemas import DurableResult, Feedback, Split
 from shared.tensors import from_wire
 
 SERVER_NAME = "aimesh"
 VARIANT = Header.VARIANT  # which version served the request
+REQUEST_ID = "Aimesh-Request-Id"  # the id feedback names (also the OIP response's "id")
 _split = msgspec.json.Decoder(Split)
+_feedback = msgspec.json.Decoder(Feedback)
 
 
 class Gateway(Protocol):
@@ -63,6 +66,8 @@ class Gateway(Protocol):
     async def model_metadata(self, model: str, version: str | None) -> dict[str, Any]: ...
 
     async def model_ready(self, model: str, version: str | None) -> bool: ...
+
+    async def feedback(self, fb: Feedback, idempotency_key: str | None) -> None: ...
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -204,7 +209,11 @@ def build_app(
                 status=202,
                 headers={"Location": location, VARIANT: served},
             )
-        served_version, outputs = await gw.infer(model, version, inputs, body.id, deadline_s(request), request.headers)
+        # Every request gets an id (the caller's, else a new one): feedback names it later.
+        request_id = body.id or uuid.uuid4().hex
+        served_version, outputs = await gw.infer(
+            model, version, inputs, request_id, deadline_s(request), request.headers
+        )
         wanted = {o.name for o in body.outputs}
         if wanted:
             missing = wanted - outputs.keys()
@@ -212,9 +221,9 @@ def build_app(
                 return error(400, f"unknown outputs {sorted(missing)}; the model has {sorted(outputs)}")
             outputs = {k: v for k, v in outputs.items() if k in wanted}
         payload, json_length = oip.encode_response(
-            model=model, version=served_version, request_id=body.id, outputs=outputs, binary=oip.binary_outputs(body)
+            model=model, version=served_version, request_id=request_id, outputs=outputs, binary=oip.binary_outputs(body)
         )
-        headers = {VARIANT: served_version}
+        headers = {VARIANT: served_version, REQUEST_ID: request_id}
         if json_length is None:
             return web.Response(body=payload, content_type="application/json", headers=headers)
         headers[oip.HEADER_LENGTH] = str(json_length)
@@ -251,6 +260,14 @@ def build_app(
         await gw.delete_split(request.match_info["model"])
         return web.Response(status=204)
 
+    async def feedback(request: web.Request) -> web.Response:
+        try:
+            fb = _feedback.decode(await request.read())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return error(400, f"invalid feedback: {exc}")
+        await gw.feedback(fb, request.headers.get("Idempotency-Key"))
+        return web.json_response({"id": fb.id, "model": fb.model, "accepted": True}, status=202)
+
     async def openapi_document(_: web.Request) -> web.Response:
         return web.json_response(openapi.document(gw.version))
 
@@ -259,6 +276,7 @@ def build_app(
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/results/{id}", result)
+    app.router.add_post("/v1/feedback", feedback)
     app.router.add_put("/admin/splits/{model}", put_split)
     app.router.add_get("/admin/splits/{model}", get_split)
     app.router.add_delete("/admin/splits/{model}", delete_split)

@@ -165,11 +165,36 @@ def document(version: str) -> dict[str, Any]:
                         "parameters": {"type": "object"},
                     },
                 },
+                "Feedback": {
+                    "type": "object",
+                    "required": ["id", "model"],
+                    "properties": {
+                        "id": {"type": "string", "description": "the request id (Aimesh-Request-Id / OIP id)"},
+                        "model": {"type": "string"},
+                        "reward": {"type": "number", "description": "a reward, or a conversion as 1 / 0"},
+                        "variant": {"type": "string", "description": "optional: known from the request"},
+                    },
+                },
+                "Guardrails": {
+                    "type": "object",
+                    "properties": {
+                        "max_error_rate": {"type": ["number", "null"]},
+                        "max_p99_ms": {"type": ["number", "null"]},
+                        "min_reward_lift": {"type": "number"},
+                        "min_samples": {"type": "integer"},
+                        "min_requests": {"type": "integer"},
+                        "alpha": {"type": "number"},
+                        "auto": {"type": "boolean"},
+                    },
+                },
                 "Split": {
                     "type": "object",
                     "required": ["model", "variants"],
                     "properties": {
                         "model": {"type": "string"},
+                        "control": {"type": "string", "description": "the baseline variant (default: the first)"},
+                        "guardrails": {"oneOf": [{"$ref": "#/components/schemas/Guardrails"}, {"type": "null"}]},
+                        "state": {"type": "string", "enum": ["running", "promoted", "rolled_back"]},
                         "sticky": {"type": ["string", "null"]},
                         "variants": {
                             "type": "array",
@@ -205,6 +230,19 @@ def document(version: str) -> dict[str, Any]:
                 }
             },
             "/admin/splits/{model}": split_ops,
+            "/v1/feedback": {
+                "post": {
+                    "summary": "Record an outcome (reward or conversion) for a served request id",
+                    "parameters": [
+                        {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Feedback"}}},
+                    },
+                    "responses": _responses("stored", 400, 401, 404, ok_code=202),
+                }
+            },
             "/v1/models": {"get": {"summary": "Language models (OpenAI-compatible)", "responses": _responses("list")}},
             "/v1/completions": {
                 "post": {

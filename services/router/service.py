@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import msgspec
 import numpy as np
 from aiohttp import web
 from nats.js.kv import KeyValue
@@ -19,12 +21,13 @@ from nats.js.kv import KeyValue
 from services.router.http import build_app, parse_keys
 from services.router.oip import tensor_metadata
 from services.router.openai import add_routes as add_openai_routes
-from shared import durable
+from services.router.stats import ExposureLog, RouteCounters
+from shared import durable, events
 from shared.actor import Call
 from shared.client import infer_with_fallback, request, stream
 from shared.config import RouterConfig, load_router_config
 from shared.discovery import discover
-from shared.errors import ConfigError, NotFound, Unavailable
+from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
 from shared.experiments import delete_split, put_split
 from shared.httpserve import serve_app
 from shared.kv import follow
@@ -33,11 +36,14 @@ from shared.routing import Route, RoutingTable
 from shared.schemas import (
     Deployment,
     DurableResult,
+    ExposureBatch,
+    Feedback,
     GenerateChunk,
     GenerateRequest,
     InferReply,
     InferRequest,
     MicroPing,
+    RouteStats,
     Split,
 )
 from shared.service import Service
@@ -62,6 +68,10 @@ class RouterService(Service):
         await self.ensure_kv(self.names.registry_bucket)
         for config in durable.stream_configs(self.names):
             await self.ensure_stream(config)
+        await self.ensure_stream(events.stream_config(self.names))
+        self.counters = RouteCounters()
+        self.exposures = ExposureLog()
+        self._exposures_task: asyncio.Task[None] | None = None
         self.table = RoutingTable()
         self._lm: set[str] = set()
         self._watchers: list[asyncio.Task[None]] = []
@@ -98,6 +108,7 @@ class RouterService(Service):
             loop.create_task(follow(self.deployments, "deploy.>", self._on_entry), name="deployments"),
             loop.create_task(follow(self.experiments, "split.*", self._on_entry), name="splits"),
         ]
+        self._exposures_task = loop.create_task(self._publish_exposures_forever(), name="exposures")
 
     async def stop_intake(self) -> None:
         # Close the listener and finish in-flight HTTP requests before the actors drain.
@@ -108,6 +119,50 @@ class RouterService(Service):
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
+
+    async def close_resources(self) -> None:
+        # Requests have finished: the exposures they left are sent before NATS drains.
+        task, self._exposures_task = getattr(self, "_exposures_task", None), None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            while len(self.exposures) and await self._publish_exposures():
+                pass
+
+    def route_stats(self) -> list[RouteStats]:
+        return self.counters.stats() if hasattr(self, "counters") else []
+
+    # -- experiments: exposures and feedback -----------------------------------------------------
+    async def _publish_exposures_forever(self, interval_s: float = 0.25) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            while len(self.exposures) and await self._publish_exposures():
+                pass
+
+    async def _publish_exposures(self) -> bool:
+        """One batch per model to the events stream; False (batch kept) when JetStream is away."""
+        for model, batch in self.exposures.take().items():
+            body = msgspec.msgpack.encode(ExposureBatch(router=self.instance_id, exposures=batch))
+            try:
+                await self.js.publish(self.names.exposures(model), body)
+            except Exception:
+                self.exposures.put_back(batch)
+                log.warning(
+                    "exposures not stored (%d pending, %d dropped so far)",
+                    len(self.exposures),
+                    self.exposures.dropped,
+                    exc_info=True,
+                )
+                return False
+        return True
+
+    async def feedback(self, fb: Feedback, idempotency_key: str | None) -> None:
+        fb = events.check_feedback(fb)
+        if fb.model not in self.table.models() and fb.model not in self.table.splits:
+            raise NotFound(f"model {fb.model!r} is not deployed: feedback names a model that served the request")
+        if not fb.ts:
+            fb = msgspec.structs.replace(fb, ts=time.time())
+        await events.publish_feedback(self.js, self.names, fb, idempotency_key)
 
     def metadata(self) -> dict[str, str]:
         return {"http": self.http_url} if self.http_url else {}
@@ -140,7 +195,7 @@ class RouterService(Service):
         if route.split is not None:
             for mirror in mirrors_for(route.split):
                 self._mirror(model, mirror, req, call.remaining_s() or 30.0)
-        return await infer_with_fallback(self.nc, self.names, model, route, req, call.remaining_s() or 30.0)
+        return await self._serve(model, route, req, call.remaining_s() or 30.0)
 
     async def submit_durable(
         self,
@@ -172,8 +227,38 @@ class RouterService(Service):
         if route.split is not None:
             for mirror in mirrors_for(route.split):
                 self._mirror(model, mirror, req, timeout_s)
-        reply = await infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
+        reply = await self._serve(model, route, req, timeout_s)
         return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
+
+    async def _serve(self, model: str, route: Route, req: InferRequest, timeout_s: float) -> InferReply:
+        """One inference, counted per served version; an exposure when an experiment routed it."""
+        t0 = time.perf_counter()
+        served, code = route.version, 200
+        try:
+            reply = await infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
+            served = reply.version
+            return reply
+        except ServiceError as exc:
+            code = exc.code
+            raise
+        except MeshTimeout:
+            code = 504
+            raise
+        except Exception:
+            code = 500
+            raise
+        finally:
+            elapsed = time.perf_counter() - t0
+            self.counters.record(model, served, code, elapsed)
+            if route.split is not None and req.id:
+                self.exposures.record(
+                    request_id=req.id,
+                    model=model,
+                    variant=served,
+                    experiment=route.split.experiment,
+                    latency_s=elapsed,
+                    code=code,
+                )
 
     def lm_models(self) -> list[str]:
         return sorted(self.table.models() & self._lm)

@@ -46,7 +46,7 @@ from shared.kv import follow
 from shared.names import check_token
 from shared.natsserver import die_with_parent
 from shared.registry import artifacts
-from shared.schemas import TrainAccepted, TrainerNode, TrainJob, TrainRequest, TrainResult
+from shared.schemas import GpuStats, TrainAccepted, TrainerNode, TrainJob, TrainRequest, TrainResult
 from shared.service import Service
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,15 @@ class TrainerService(Service):
             loop.create_task(follow(self.jobs, "job.*", self._on_job)),
             loop.create_task(self._tick()),
         ]
+
+    def gpu_stats(self) -> list[GpuStats]:
+        # The agent itself never loads torch (it starts fast); once it has (device detection),
+        # the device figures cover every process on the GPU, its ranks included.
+        if "torch" not in sys.modules:
+            return []
+        from zoo.devices import device_stats
+
+        return device_stats()
 
     def metadata(self) -> dict[str, str]:
         job = self._child_job

@@ -1,0 +1,288 @@
+"""Experiments end to end: real worker and router processes, two real model versions, requests and
+feedback over HTTP and NATS, the metrics service's verdict written to the split, and its state
+rebuilt from JetStream after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from services.metrics.service import MetricsService
+from shared.client import request
+from shared.config import MeshConfig
+from shared.errors import NotFound
+from shared.names import Names
+from shared.schemas import (
+    Deployment,
+    DeployRequest,
+    ExperimentDecision,
+    ExperimentQuery,
+    ExperimentReport,
+    Split,
+)
+from tests.helpers import ServiceProcess, eventually
+from tests.test_inference import register_mlp, serving, start_gateway
+
+pytestmark = pytest.mark.slow
+
+X = np.random.default_rng(0).random((1, 64), dtype=np.float32)
+BODY = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": X[0].tolist()}]}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def fast(mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
+    monkeypatch.setenv("AIMESH_METRICS_PORT", "0")
+    monkeypatch.setenv("AIMESH_METRICS_TICK_S", "0.2")
+    return msgspec.structs.replace(mesh_config, metrics_interval_s=0.5)
+
+
+async def two_versions(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> tuple[ServiceProcess, str]:
+    _, router, base = await start_gateway(spawn, nats_url, names)
+    for seed in (1, 2):
+        await register_mlp(nc, names, seed=seed)
+    for ref in ("1", "2"):
+        await request(nc, names.deploy, DeployRequest(model="digits", ref=ref), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@2"), 60, "digits@1 and @2 to be served")
+    await eventually(lambda: serving(nc, names, "digits@1"), 60, "digits@1 to be served")
+    return router, base
+
+
+async def put_split(http: aiohttp.ClientSession, base: str, split: dict[str, object]) -> Split:
+    async with http.put(f"{base}/admin/splits/digits", json=split) as resp:
+        assert resp.status == 200, await resp.text()
+        return msgspec.json.decode(await resp.read(), type=Split)
+
+
+async def report_of(nc: NatsClient, names: Names) -> ExperimentReport:
+    return await request(nc, names.experiments_query, ExperimentQuery(model="digits"), ExperimentReport)
+
+
+async def report_when(nc: NatsClient, names: Names, ok: Callable[[ExperimentReport], bool]) -> ExperimentReport | None:
+    """The report if ``ok`` says so; None while the metrics service has none yet (it is still
+    reading the split) or it does not fit."""
+    try:
+        report = await report_of(nc, names)
+    except NotFound:
+        return None
+    return report if ok(report) else None
+
+
+async def first_decision(nc: NatsClient, names: Names) -> ExperimentDecision:
+    sub = await nc.jetstream().subscribe(names.experiment_events("digits"), ordered_consumer=True)
+    try:
+        return msgspec.msgpack.decode((await sub.next_msg(timeout=5)).data, type=ExperimentDecision)
+    finally:
+        await sub.unsubscribe()
+
+
+async def traffic(
+    http: aiohttp.ClientSession, base: str, n: int, rewards: dict[str, float], rng: random.Random
+) -> dict[str, int]:
+    """``n`` requests through the gateway, each followed by Bernoulli feedback with the served
+    variant's chance; returns requests per variant."""
+    served: dict[str, int] = {}
+
+    async def one() -> None:
+        async with http.post(f"{base}/v2/models/digits/infer", json=BODY) as resp:
+            assert resp.status == 200, await resp.text()
+            out = await resp.json()
+            variant = resp.headers["Aimesh-Variant"]
+            assert resp.headers["Aimesh-Request-Id"] == out["id"] and out["id"]
+        served[variant] = served.get(variant, 0) + 1
+        reward = 1.0 if rng.random() < rewards[variant] else 0.0
+        async with http.post(f"{base}/v1/feedback", json={"id": out["id"], "model": "digits", "reward": reward}) as fb:
+            assert fb.status == 202, await fb.text()
+
+    for _ in range(n // 50):
+        await asyncio.gather(*(one() for _ in range(50)))
+    return served
+
+
+async def test_a_better_candidate_is_promoted_and_the_state_survives_a_restart(
+    spawn: Callable[..., ServiceProcess],
+    nats_url: str,
+    names: Names,
+    nc: NatsClient,
+    fast: MeshConfig,
+    http: aiohttp.ClientSession,
+) -> None:
+    _, base = await two_versions(spawn, nats_url, names, nc)
+    metrics = MetricsService(fast)
+    await metrics.start()
+    try:
+        split = await put_split(
+            http,
+            base,
+            {
+                "model": "digits",
+                "variants": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+                "control": "1",
+                "guardrails": {"min_samples": 60, "min_requests": 20, "alpha": 0.05},
+            },
+        )
+        assert split.experiment and split.state == "running"
+        await asyncio.sleep(0.5)  # the router follows the split bucket
+        rng = random.Random(3)
+        sent = 0
+
+        async def promoted() -> ExperimentReport | None:
+            return await report_when(nc, names, lambda r: r.verdict == "promoted")
+
+        report: ExperimentReport | None = None
+        while report is None and sent < 3000:
+            await traffic(http, base, 200, {"1": 0.2, "2": 0.6}, rng)
+            sent += 200
+            try:
+                report = await eventually(promoted, 2, "a verdict")
+            except AssertionError:
+                report = None
+        assert report is not None, f"no promotion after {sent} requests: {await report_of(nc, names)}"
+        assert report.winner == "2" or report.state == "promoted"
+        by = {v.version: v for v in report.variants}
+        assert by["2"].reward_mean > by["1"].reward_mean and by["2"].p_value <= 0.05
+        assert by["1"].rewards >= 60 and by["2"].rewards >= 60
+
+        # The split now sends everything to v2, written by the metrics service.
+        kv = await nc.jetstream().key_value(names.experiments_bucket)
+        stored = msgspec.json.decode((await kv.get("split.digits")).value or b"", type=Split)
+        assert stored.state == "promoted" and [(v.version, v.weight) for v in stored.variants] == [("2", 100.0)]
+        assert stored.experiment == split.experiment
+        # ... and the decision is an event with its evidence.
+        decision = await first_decision(nc, names)
+        assert (decision.action, decision.version, decision.candidate) == ("promote", "2", "2")
+        assert decision.evidence.variants and decision.reason
+        # The gateway follows: v2 serves everything.
+        assert (await traffic(http, base, 50, {"1": 0.0, "2": 0.0}, rng)).keys() == {"2"}
+
+        # The HTTP API of the metrics service says the same.
+        async with http.get(f"{metrics.http_url}/api/experiments/digits") as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        assert body["verdict"] == "promoted"
+        before = {v.version: (v.requests, v.rewards) for v in (await report_of(nc, names)).variants}
+    finally:
+        await metrics.drain()
+
+    # A new metrics service rebuilds the same statistics from the events stream.
+    again = MetricsService(fast)
+    await again.start()
+    try:
+
+        async def rebuilt() -> ExperimentReport | None:
+            return await report_when(
+                nc, names, lambda r: {v.version: (v.requests, v.rewards) for v in r.variants} == before
+            )
+
+        report = await eventually(rebuilt, 20, f"the restarted metrics service to count {before}")
+        assert report.verdict == "promoted"
+    finally:
+        await again.drain()
+
+
+async def test_a_candidate_over_its_latency_guardrail_is_rolled_back(
+    spawn: Callable[..., ServiceProcess],
+    nats_url: str,
+    names: Names,
+    nc: NatsClient,
+    fast: MeshConfig,
+    http: aiohttp.ClientSession,
+) -> None:
+    _, base = await two_versions(spawn, nats_url, names, nc)
+    async with MetricsService(fast):
+        await put_split(
+            http,
+            base,
+            {
+                "model": "digits",
+                "variants": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+                "control": "1",
+                # No real request takes under 10 µs over HTTP and NATS: v2 must break this.
+                "guardrails": {"max_p99_ms": 0.01, "min_requests": 20},
+            },
+        )
+        await asyncio.sleep(0.5)
+        await traffic(http, base, 100, {"1": 0.5, "2": 0.5}, random.Random(1))
+
+        async def rolled_back() -> ExperimentReport | None:
+            return await report_when(nc, names, lambda r: r.verdict == "rolled_back")
+
+        await eventually(rolled_back, 15, "the rollback")
+        decision = await first_decision(nc, names)
+        assert (decision.action, decision.version, decision.candidate) == ("rollback", "1", "2")
+        assert "p99" in decision.reason and "guardrail" in decision.reason
+        kv = await nc.jetstream().key_value(names.experiments_bucket)
+        stored = msgspec.json.decode((await kv.get("split.digits")).value or b"", type=Split)
+        assert stored.state == "rolled_back" and [v.version for v in stored.variants] == ["1"]
+
+
+async def test_feedback_errors_nats_feedback_and_serving_without_metrics(
+    spawn: Callable[..., ServiceProcess],
+    nats_url: str,
+    names: Names,
+    nc: NatsClient,
+    fast: MeshConfig,
+    http: aiohttp.ClientSession,
+) -> None:
+    _, base = await two_versions(spawn, nats_url, names, nc)
+    for bad, why in (
+        ({"model": "digits"}, "invalid feedback"),
+        ({"id": "r1", "model": "digits", "reward": "lots"}, "invalid feedback"),
+        ({"id": "has space", "model": "digits"}, "request id"),
+    ):
+        async with http.post(f"{base}/v1/feedback", json=bad) as resp:
+            assert resp.status == 400 and why in (await resp.json())["error"]
+    async with http.post(f"{base}/v1/feedback", data=b'{"id": "r1", "model": "digits", "reward": NaN}') as resp:
+        assert resp.status == 400
+    async with http.post(f"{base}/v1/feedback", json={"id": "r1", "model": "nope"}) as resp:
+        assert resp.status == 404 and "not deployed" in (await resp.json())["error"]
+
+    # With no metrics service running, the gateway serves and feedback is still stored.
+    await put_split(
+        http,
+        base,
+        {
+            "model": "digits",
+            "variants": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+            "guardrails": {"min_samples": 1000},
+        },
+    )
+    await asyncio.sleep(0.5)
+    with pytest.raises(Exception, match=r"no service answers|timed out"):
+        await request(nc, names.experiments_query, ExperimentQuery(model="digits"), ExperimentReport, timeout_s=1)
+    served = await traffic(http, base, 100, {"1": 1.0, "2": 0.0}, random.Random(2))
+    # NATS programs publish feedback too (JSON here; MessagePack works the same), plus garbage.
+    await nc.jetstream().publish(names.feedback("digits"), json.dumps({"id": "nats-1", "variant": "2"}).encode())
+    await nc.publish(names.feedback("digits"), b"\x01garbage")
+    await nc.flush()
+
+    async with MetricsService(fast) as metrics:
+
+        def all_in(report: ExperimentReport) -> bool:
+            by = {v.version: v for v in report.variants}
+            got = {k: by[k].requests for k in served if k in by}
+            return got == served and sum(v.rewards for v in by.values()) == 101
+
+        async def counted() -> ExperimentReport | None:
+            return await report_when(nc, names, all_in)
+
+        report = await eventually(counted, 20, f"the stored requests {served} and 101 rewards")
+        assert report.verdict == "waiting"
+        by = {v.version: v for v in report.variants}
+        assert by["1"].reward_mean == 1.0 and by["1"].rewards == served["1"]
+        assert metrics.rejected["feedback"] >= 1

@@ -9,11 +9,16 @@
 - A crashed instance is restarted after a back-off that doubles per recent crash; a crash
   loop (``crash_loop_restarts`` crashes within ``crash_loop_window_s``) is logged at CRITICAL
   on every further crash and shown in the state file, never hidden.
-- Shutdown (SIGTERM or Ctrl-C): every instance gets SIGTERM and drains (up to the services'
-  drain timeout plus a margin), stragglers are killed, then the server stops.  Exit code 0
-  when everything stopped in order, 1 when something had to be killed.
+- Scale decisions (``ScaleDecision`` on ``<prefix>.scale.<service>``, from the metrics
+  service's autoscaler) are carried out with ``scale()``: new instances start, surplus ones get
+  SIGTERM and drain.  A message that does not decode is logged and counted, never fatal.
+- Shutdown (SIGTERM or Ctrl-C): scale decisions stop being followed (the supervisor's NATS
+  connection closes while the server is still up), every instance gets SIGTERM and drains (up
+  to the services' drain timeout plus a margin), stragglers are killed, then the server stops.
+  Exit code 0 when everything stopped in order, 1 when something had to be killed.
 
-``<data_dir>/mesh.json`` records the NATS URL, so ``aimesh status`` finds the running mesh.
+``<data_dir>/mesh.json`` records the NATS URL, so ``aimesh status`` finds the running mesh, and
+the instances each service is meant to have now.
 """
 
 from __future__ import annotations
@@ -28,14 +33,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
 from aimesh.restart import RestartPolicy
 from services import SERVICE_NAMES
-from shared.config import UpConfig
+from shared.config import UpConfig, load_mesh_config
+from shared.connect import connect
+from shared.names import Names
 from shared.natsserver import NatsServer, die_with_parent
+from shared.schemas import ScaleDecision
 
 log = logging.getLogger("aimesh.up")
 
 STATE_FILE = "mesh.json"
+MAX_REPLICAS = 64  # per service: a decision above this is refused (a bug or a bad message, not load)
 
 
 @dataclass
@@ -76,7 +89,12 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._stopping = False
         self.started = asyncio.Event()  # set once the server is up and the services launched
+        self.following = asyncio.Event()  # set once subscribed to scale decisions
+        self.bad_decisions = 0  # scale messages that did not decode or asked for the impossible
         self._server_task: asyncio.Task[None] | None = None
+        self._follow_task: asyncio.Task[None] | None = None
+        self._nc: NatsClient | None = None
+        self._decoder = msgspec.msgpack.Decoder(ScaleDecision)
 
     # -- running ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> int:
@@ -102,12 +120,17 @@ class Supervisor:
             self._server_task = asyncio.create_task(self._watch_server())
         else:
             log.info("using NATS at %s (no embedded server)", self.nats_url)
-        self._write_state()
         for service in SERVICE_NAMES:
             self.scale(service, getattr(self.up, service))
+        self._write_state()
+        self._follow_task = asyncio.create_task(self._follow_decisions(), name="scale-decisions")
         self.started.set()
         await stop.wait()
         return await self.shutdown()
+
+    def replicas(self, service: str) -> int:
+        """Instances ``service`` is meant to have now (draining ones not counted)."""
+        return sum(1 for s in self.slots if s.service == service and not s.retired)
 
     def scale(self, service: str, replicas: int) -> None:
         """Run ``replicas`` instances of ``service`` (the autoscaler calls this too)."""
@@ -134,9 +157,14 @@ class Supervisor:
         while not self._stopping and not slot.retired:
             slot.starts += 1
             slot.proc = await self._spawn(slot)
+            if slot.retired and slot.proc.returncode is None:
+                slot.proc.send_signal(signal.SIGTERM)  # scaled down while it was being started
             code = await slot.proc.wait()
             slot.last_exit = code
-            if self._stopping or slot.retired:
+            if self._stopping:
+                return
+            if slot.retired:
+                log.log(logging.INFO if code == 0 else logging.WARNING, "%s stopped (code %s)", slot.label, code)
                 return
             delay, looping = slot.policy.on_crash(time.monotonic())
             slot.crash_loop = looping
@@ -171,6 +199,82 @@ class Supervisor:
         log.info("started %s (pid %d)", slot.label, proc.pid)
         return proc
 
+    # -- scale decisions ----------------------------------------------------------------------
+    async def _follow_decisions(self) -> None:
+        """Connect (retrying until NATS answers; reconnecting forever after) and subscribe to the
+        scale decisions.  Runs after the services were launched, so a slow NATS delays nothing."""
+        env = os.environ | self.child_env | {"AIMESH_NATS_URL": self.nats_url or ""}
+        try:
+            config = load_mesh_config(env=env)
+            self._nc = await connect(
+                config,
+                f"{config.prefix}-supervisor",
+                error_cb=self._on_nats_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+            subject = Names(config.prefix).scale_subjects
+            await self._nc.subscribe(subject, cb=self._on_decision)
+            await self._nc.flush()
+        except Exception:
+            log.exception("cannot follow scale decisions; the service counts stay as they are")
+            return
+        log.info("following scale decisions on %s", subject)
+        self.following.set()
+
+    async def _on_decision(self, msg: Msg) -> None:
+        try:
+            decision = self._decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self.bad_decisions += 1
+            log.warning(
+                "undecodable scale decision on %s skipped (%s); %d so far", msg.subject, exc, self.bad_decisions
+            )
+            return
+        self.apply(decision)
+
+    def apply(self, decision: ScaleDecision) -> None:
+        """Carry out one decision: the count it asks for, if it names a service and is possible."""
+        if self._stopping:
+            return
+        if decision.pool not in SERVICE_NAMES:
+            self.bad_decisions += 1
+            log.warning("scale decision for %r skipped: not a service (%s)", decision.pool, ", ".join(SERVICE_NAMES))
+            return
+        if not 0 <= decision.desired <= MAX_REPLICAS:
+            self.bad_decisions += 1
+            log.warning(
+                "scale decision for %s skipped: %d instances asked, between 0 and %d possible",
+                decision.pool,
+                decision.desired,
+                MAX_REPLICAS,
+            )
+            return
+        before = self.replicas(decision.pool)
+        if decision.desired == before:
+            return  # decisions are repeated; only changes are news
+        log.info("scale %s: %d → %d (%s)", decision.pool, before, decision.desired, decision.reason)
+        self.scale(decision.pool, decision.desired)
+        self._write_state()
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        log.debug("NATS: %s", exc or type(exc).__name__)  # the server's own fate is logged by its watcher
+
+    async def _on_disconnected(self) -> None:
+        if not self._stopping:
+            log.warning("disconnected from NATS; scale decisions wait until it is back")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS; following scale decisions again")
+
+    async def _stop_following(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
+        if self._nc is not None:
+            await self._nc.close()
+            self._nc = None
+
     async def _watch_server(self) -> None:
         server = self.server
         assert server is not None and server.process is not None
@@ -189,6 +293,7 @@ class Supervisor:
     # -- stopping -----------------------------------------------------------------------------
     async def shutdown(self) -> int:
         self._stopping = True
+        await self._stop_following()  # no scaling while stopping; the server is still up to close to
         clean = True
         live = [s for s in self.slots if s.proc is not None and s.proc.returncode is None]
         log.info("stopping %d service processes (drain up to %gs)", len(live), self.drain_timeout_s)
@@ -229,6 +334,7 @@ class Supervisor:
             "supervisor_pid": os.getpid(),
             "prefix": self.child_env.get("AIMESH_PREFIX", "aimesh"),
             "crash_loops": [s.label for s in self.slots if s.crash_loop],
+            "replicas": {service: self.replicas(service) for service in SERVICE_NAMES},
         }
         path = self.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")

@@ -33,6 +33,7 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from services.metrics.autoscale import Autoscaler, PoolObservation
 from services.metrics.dashboard import add_routes as add_dashboard_routes
 from services.metrics.experiments import ExperimentBook
 from services.metrics.prometheus import CONTENT_TYPE, MeshView, QueueLag, TrainingFigures, render
@@ -95,11 +96,7 @@ class MetricsService(Service):
         self.book = ExperimentBook(self.metrics_config.max_exposures)
         self.history = History(self.metrics_config.history_s)
         self.traces = TraceStore()
-        self.autoscaler = None
-        if self.autoscale_config.enabled:
-            from services.metrics.autoscale import Autoscaler
-
-            self.autoscaler = Autoscaler(self.autoscale_config)
+        self.autoscaler = Autoscaler(self.autoscale_config) if self.autoscale_config.enabled else None
         self.splits: dict[str, tuple[Split, int]] = {}  # model → (split, bucket revision)
         self.reports: dict[str, ExperimentReport] = {}
         self.decisions: deque[ExperimentDecision] = deque(maxlen=200)
@@ -266,8 +263,6 @@ class MetricsService(Service):
             if acts and report.verdict in ("promote", "rollback"):
                 await self._decide(split, revision, report, now)
         if self.autoscaler is not None:
-            from services.metrics.autoscale import PoolObservation
-
             decision = self.autoscaler.decide(
                 now,
                 PoolObservation(

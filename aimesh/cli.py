@@ -293,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = asyncio.run(gather_status(url, prefix, service=args.service, wait_s=args.wait))
     except OSError as exc:
-        print(f"aimesh status: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        print(f"aimesh status: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -27,9 +27,13 @@ def exit_code(exc: MeshError) -> int:
     return 2 if getattr(exc, "code", 500) < 500 else 1
 
 
-async def connect_once(url: str) -> NatsClient:
+async def connect_once(url: str, timeout_s: float = 5.0) -> NatsClient:
+    """One connection for a command: fails within ``timeout_s`` when NATS does not answer (nats-py
+    keeps retrying a refused first connection, even with reconnects off)."""
     try:
-        return await nats.connect(url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=0)
+        return await asyncio.wait_for(
+            nats.connect(url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=0), timeout_s
+        )
     except (nats.errors.NoServersError, TimeoutError, OSError) as exc:
         raise ConnectionError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from exc
 

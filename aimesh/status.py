@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import nats
-
 from shared.discovery import discover
 from shared.schemas import MicroInfo, MicroStats
 
@@ -14,10 +12,9 @@ async def gather_status(
     url: str, prefix: str, *, service: str | None = None, wait_s: float = 0.5
 ) -> list[dict[str, Any]]:
     """One row per instance of mesh ``prefix``: identity, endpoints and their counters."""
-    try:
-        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
-    except (nats.errors.NoServersError, TimeoutError) as exc:
-        raise OSError(str(exc) or type(exc).__name__) from exc
+    from aimesh.datasets_cmd import connect_once
+
+    nc = await connect_once(url)  # ConnectionError (an OSError) when NATS does not answer
     try:
         name = f"{prefix}-{service}" if service else None
         infos = await discover(nc, "INFO", MicroInfo, name=name, wait_s=wait_s)

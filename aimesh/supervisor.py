@@ -120,6 +120,7 @@ class Supervisor:
             self._server_task = asyncio.create_task(self._watch_server())
         else:
             log.info("using NATS at %s (no embedded server)", self.nats_url)
+        self._write_state()  # at once, so `aimesh status` finds the mesh while services start
         for service in SERVICE_NAMES:
             self.scale(service, getattr(self.up, service))
         self._write_state()

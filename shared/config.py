@@ -192,6 +192,10 @@ class AutoscaleConfig(msgspec.Struct, frozen=True, kw_only=True):
     up_cooldown_s: float = 5.0
     down_cooldown_s: float = 30.0
     idle_to_zero_s: float = 60.0
+    # No decisions until the metrics service has watched this long: right after it starts it has
+    # not heard from every worker (a worker still importing torch sends nothing yet), and a pool
+    # judged on that partial view would be scaled down.
+    warmup_s: float = 20.0
 
 
 def load_autoscale_config(env: Mapping[str, str] | None = None) -> AutoscaleConfig:

@@ -14,7 +14,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from shared.errors import BadRequest
+from shared.errors import BadRequest, Unavailable
 from shared.names import Header, Names, check_token
 from shared.schemas import Feedback
 
@@ -40,7 +40,7 @@ def stream_config(names: Names) -> StreamConfig:
 def decode_feedback(data: bytes, subject_model: str) -> Feedback:
     """A feedback message in MessagePack or JSON; a BadRequest saying what is wrong otherwise."""
     try:
-        fb = _json.decode(data) if data[:1] == b"{" else _msgpack.decode(data)
+        fb = _json.decode(data) if data.lstrip()[:1] == b"{" else _msgpack.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadRequest(f"invalid feedback: {exc}") from None
     return check_feedback(fb if fb.model else msgspec.structs.replace(fb, model=subject_model))
@@ -49,12 +49,22 @@ def decode_feedback(data: bytes, subject_model: str) -> Feedback:
 def check_feedback(fb: Feedback) -> Feedback:
     try:
         check_token(fb.model, "model name")
-        check_token(fb.id, "request id")
     except ValueError as exc:
         raise BadRequest(f"invalid feedback: {exc}") from None
+    check_request_id(fb.id)
     if not math.isfinite(fb.reward):
         raise BadRequest(f"invalid feedback: reward must be a finite number, not {fb.reward}")
     return fb
+
+
+def check_request_id(request_id: str) -> str:
+    """A request id as feedback and exposures carry it: 1–256 characters, none of them blank or
+    control characters (OIP lets callers choose their ids, so dots and colons are fine)."""
+    if not request_id or len(request_id) > 256 or any(c.isspace() or not c.isprintable() for c in request_id):
+        raise BadRequest(
+            f"invalid feedback: request id {request_id[:64]!r} must be 1–256 printable characters without spaces"
+        )
+    return request_id
 
 
 async def publish_feedback(
@@ -62,4 +72,10 @@ async def publish_feedback(
 ) -> None:
     """Store one outcome; returns once JetStream has it (an idempotency key dedupes retries)."""
     headers = {Header.MSG_ID: f"feedback:{idempotency_key}"} if idempotency_key else None
-    await js.publish(names.feedback(fb.model), msgspec.msgpack.encode(fb), headers=headers)
+    try:
+        await js.publish(names.feedback(fb.model), msgspec.msgpack.encode(fb), headers=headers)
+    except Exception as exc:  # JetStream away or slow: not stored, so the caller must retry
+        raise Unavailable(
+            f"feedback not stored ({type(exc).__name__}): retry it, with the same Idempotency-Key "
+            "so that it counts once"
+        ) from None

@@ -57,6 +57,8 @@ def check_guardrails(split: Split) -> None:
         raise BadRequest(f"guardrails.max_error_rate must be between 0 and 1, not {g.max_error_rate}")
     if g.max_p99_ms is not None and g.max_p99_ms <= 0:
         raise BadRequest(f"guardrails.max_p99_ms must be positive, not {g.max_p99_ms}")
+    if g.min_reward_lift < 0:
+        raise BadRequest(f"guardrails.min_reward_lift must be ≥ 0, not {g.min_reward_lift}")
     if not 0 < g.alpha < 1:
         raise BadRequest(f"guardrails.alpha must be between 0 and 1 (exclusive), not {g.alpha}")
     if g.min_samples < 2 or g.min_requests < 1:

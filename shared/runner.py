@@ -1,7 +1,8 @@
 """Running one service as a process: ``python -m services.<name>`` and ``aimesh run <name>``.
 
 The runner installs uvloop, reads the configuration, sets up logging, starts the service and
-waits for SIGTERM or SIGINT (either one sets an event; nothing polls), then drains it.
+waits for SIGTERM or SIGINT (either one sets an event; nothing polls), then drains it; further
+signals are ignored, so a repeated SIGTERM never cuts a drain short or changes the exit code.
 
 Exit codes: 0 after a clean drain, 2 for a configuration error, 1 for any other failure.
 """
@@ -47,9 +48,12 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
             start.result()  # raise a start failure
             await stopping
     finally:
+        # A second signal while draining changes nothing (the drain has its own timeout), and one
+        # after it must not turn a clean exit into death by signal: ignore both from here on.
+        await service.drain()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await service.drain()
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def run_service(service_cls: type[Service]) -> NoReturn:

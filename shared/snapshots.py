@@ -67,7 +67,7 @@ class SnapshotPublisher:
         self._task: asyncio.Task[None] | None = None
         self.published = 0
 
-    def snapshot(self) -> MetricsSnapshot:
+    def snapshot(self, state: str | None = None) -> MetricsSnapshot:
         return MetricsSnapshot(
             service=self.service,
             instance=self.instance,
@@ -75,15 +75,15 @@ class SnapshotPublisher:
             pid=os.getpid(),
             ts=time.time(),
             interval_s=self.interval_s,
-            state=self._state(),
+            state=state or self._state(),
             process=process_stats(self._proc),
             gpus=list(self._gpus()),
             actors=list(self._actors()),
             routes=list(self._routes()),
         )
 
-    async def publish(self) -> None:
-        await self._nc.publish(self.subject, _encoder.encode(self.snapshot()))
+    async def publish(self, state: str | None = None) -> None:
+        await self._nc.publish(self.subject, _encoder.encode(self.snapshot(state)))
         self.published += 1
 
     def start(self) -> None:
@@ -91,14 +91,15 @@ class SnapshotPublisher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-snapshots")
 
     async def stop(self) -> None:
-        """Stop the timer and publish a last snapshot (the final counts of a draining instance)."""
+        """Stop the timer and publish a last snapshot, marked ``stopped``: the final counts, and
+        the metrics service forgets the instance at once."""
         task, self._task = self._task, None
         if task is None:
             return
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         try:
-            await self.publish()
+            await self.publish(state="stopped")
         except Exception:
             log.debug("last metrics snapshot not sent", exc_info=True)
 

@@ -107,6 +107,7 @@ class MetricsService(Service):
         self.jobs: dict[str, TrainJob] = {}
         self.progress: dict[str, TrainProgress] = {}
         self.rejected: Counter[str] = Counter()
+        self._started = time.monotonic()
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.add_actor(
@@ -262,7 +263,7 @@ class MetricsService(Service):
             acts = split.state == "running" and split.guardrails is not None and split.guardrails.auto
             if acts and report.verdict in ("promote", "rollback"):
                 await self._decide(split, revision, report, now)
-        if self.autoscaler is not None:
+        if self.autoscaler is not None and time.monotonic() - self._started >= self.autoscale_config.warmup_s:
             decision = self.autoscaler.decide(
                 now,
                 PoolObservation(

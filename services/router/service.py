@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -191,6 +192,8 @@ class RouterService(Service):
         """``<prefix>.infer.<model>`` for NATS programs: the same split, stickiness (the split's
         header, sent as a NATS header), mirrors and fallback as over HTTP."""
         model = call.subject.rsplit(".", 1)[1]
+        if not req.id:  # the reply carries it: what feedback names
+            req = msgspec.structs.replace(req, id=uuid.uuid4().hex)
         route = self._route(model, None, call.headers)
         if route.split is not None:
             for mirror in mirrors_for(route.split):

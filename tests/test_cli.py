@@ -207,7 +207,7 @@ async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: N
         env=_clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "dataset digits@1  (csv, 1,797 records, 0 rejected" in out.stdout
@@ -221,6 +221,9 @@ async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: N
     assert right >= 4
     assert "model digits@2: classify, zoo.classifier:cnn" in out.stdout
     assert "POST " in out.stdout and "/v1/completions  (stream: true)" in out.stdout
+    # The experiment: simulated feedback where v2 converts better, until v2 is promoted.
+    assert "== experiment " in out.stdout and "verdict: promoted (v2)" in out.stdout, out.stdout[-3000:]
+    assert "dashboard: http://" in out.stdout and "/metrics" in out.stdout
 
 
 async def test_ingest_and_datasets_commands(

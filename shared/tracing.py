@@ -252,6 +252,27 @@ def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
     return propagate.extract(headers)
 
 
+TRACEPARENT = "traceparent"
+
+
+def _unsampled_parent(headers: Mapping[str, str] | None) -> Span | None:
+    """A caller's unsampled context (``traceparent`` version 00, flags 00) without the
+    propagator's work: the handler's span is then non-recording anyway, so it is that context
+    itself, cheaply, and it is passed on as is."""
+    if not headers:
+        return None
+    value = headers.get(TRACEPARENT)
+    if value is None or len(value) != 55 or not value.startswith("00-") or not value.endswith("-00"):
+        return None
+    try:
+        trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(0)))
+
+
 def start_consumer_span(
     name: str, template: str, subject: str, headers: Mapping[str, str] | None, queue_group: str | None
 ) -> Span:
@@ -259,6 +280,9 @@ def start_consumer_span(
 
     Attributes are set only on a recording span: an unsampled message costs no attribute work.
     """
+    unsampled = _unsampled_parent(headers)
+    if unsampled is not None:
+        return unsampled
     parent = extract(headers)
     if parent is None:
         root = _fast_roots.unsampled()
@@ -288,6 +312,14 @@ def send_span(template: str, subject: str, headers: MutableMapping[str, str], *,
     if tracing_disabled():
         yield trace.INVALID_SPAN
         return
+    current = trace.get_current_span()
+    ctx = current.get_span_context()
+    if ctx.is_valid and not ctx.trace_flags.sampled:
+        # An unsampled trace: nothing is recorded, so no child span either; the receiver only
+        # needs to know the trace is unsampled (parent-based sampling keeps it so downstream).
+        headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-00"
+        yield current
+        return
     span = tracer().start_span(
         f"send {template}",
         kind=SpanKind.CLIENT if request else SpanKind.PRODUCER,
@@ -314,6 +346,9 @@ def send_span(template: str, subject: str, headers: MutableMapping[str, str], *,
 def start_server_span(method: str, route: str, path: str, headers: Mapping[str, str]) -> Span:
     """The SERVER span of an HTTP request (HTTP semantic conventions), child of the caller's
     ``traceparent`` if it sent one."""
+    unsampled = _unsampled_parent(headers)
+    if unsampled is not None:
+        return unsampled
     parent = propagate.extract(headers) if "traceparent" in headers else None
     if parent is None:
         root = _fast_roots.unsampled()

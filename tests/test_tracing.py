@@ -93,3 +93,17 @@ async def test_the_callers_sampling_decision_is_followed(
     assert await asyncio.to_thread(echo.wait, 20) == 0  # the drain flushes spans
     spans = [s for s in receiver.spans if s.name.startswith("process") and "echo" in s.name]
     assert [(s.trace_id, s.parent_id) for s in spans] == [(trace_id, "00f067aa0ba902b7")]
+
+
+def test_an_unsampled_caller_context_is_passed_on_without_the_propagator() -> None:
+    from shared.tracing import _unsampled_parent
+
+    tid, sid = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    span = _unsampled_parent({"traceparent": f"00-{tid}-{sid}-00"})
+    assert span is not None and not span.is_recording()
+    ctx = span.get_span_context()
+    assert (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", ctx.trace_flags.sampled) == (tid, sid, False)
+    # Sampled, malformed or all-zero contexts take the full path.
+    for value in (f"00-{tid}-{sid}-01", f"00-{tid}-{sid}", "00-" + "0" * 32 + f"-{sid}-00", f"00-{tid[:-1]}x-{sid}-00"):
+        assert _unsampled_parent({"traceparent": value}) is None
+    assert _unsampled_parent(None) is None and _unsampled_parent({}) is None

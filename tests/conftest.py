@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import msgspec
 import nats
 import pytest
 from aiohttp import web
@@ -101,6 +103,22 @@ def spawn(nats_url: str, names: Names, tmp_path: Path) -> Iterator[object]:
     yield start
     for proc in procs:
         proc.close()
+
+
+@pytest.fixture
+def fast(mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
+    """This test's mesh, with metric snapshots, metrics ticks and queue reads every 0.2 s and the
+    metrics service on a free port."""
+    monkeypatch.setenv("AIMESH_METRICS_PORT", "0")
+    monkeypatch.setenv("AIMESH_METRICS_SCRAPE_INTERVAL_S", "0.2")
+    monkeypatch.setenv("AIMESH_METRICS_TICK_S", "0.2")
+    return msgspec.structs.replace(mesh_config, metrics_interval_s=0.2)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
 
 
 @pytest.fixture

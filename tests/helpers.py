@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import nats
+import pytest
 
 from shared.discovery import discover
 from shared.names import Names
@@ -90,3 +92,15 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def require_binary(name: str, package: str | None = None) -> str:
+    """The path of ``name``; a skip without it, or a failure in CI, where it must be installed."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is required in CI and is not on PATH: `make sysdeps` (as root) installs it")
+    pytest.skip(
+        f"no {name} on PATH: install Debian's {package or name} package (`make sysdeps` as root) to run this test"
+    )

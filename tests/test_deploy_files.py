@@ -12,17 +12,14 @@ without it in CI (``CI`` set).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from services.metrics.prometheus import MeshView, render
+from tests.helpers import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -69,16 +66,6 @@ _IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*(\s*\()?")
 _KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "group_left", "group_right", "inf", "nan"})
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _LABEL_VALUES = re.compile(r"label_values\(\s*([a-zA-Z_:][\w:]*)\s*,\s*(\w+)\s*\)")
-
-
-def require_binary(name: str) -> str:
-    """The path of ``name``; a skip without it, or a failure in CI, where it must be installed."""
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is required in CI and is not on PATH: `make sysdeps` (as root) installs it")
-    pytest.skip(f"no {name} on PATH: install Debian's prometheus package (`make sysdeps` as root) to run this test")
 
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:

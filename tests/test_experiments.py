@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import msgspec
@@ -35,19 +35,6 @@ pytestmark = pytest.mark.slow
 
 X = np.random.default_rng(0).random((1, 64), dtype=np.float32)
 BODY = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": X[0].tolist()}]}
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def fast(mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
-    monkeypatch.setenv("AIMESH_METRICS_PORT", "0")
-    monkeypatch.setenv("AIMESH_METRICS_TICK_S", "0.2")
-    return msgspec.structs.replace(mesh_config, metrics_interval_s=0.5)
 
 
 async def two_versions(

@@ -4,7 +4,6 @@ training progress, bad input counted and dropped, rates for the dashboard and th
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
@@ -30,20 +29,6 @@ from shared.schemas import (
 )
 from tests.apps.echo import EchoReply, EchoRequest, EchoService
 from tests.helpers import eventually
-
-
-@pytest.fixture
-def fast(mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
-    monkeypatch.setenv("AIMESH_METRICS_PORT", "0")
-    monkeypatch.setenv("AIMESH_METRICS_SCRAPE_INTERVAL_S", "0.2")
-    monkeypatch.setenv("AIMESH_METRICS_TICK_S", "0.2")
-    return msgspec.structs.replace(mesh_config, metrics_interval_s=0.2)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        yield session
 
 
 async def scrape_until(http: aiohttp.ClientSession, url: str, *needles: str) -> str:

@@ -9,8 +9,6 @@ without it in CI (``CI`` set).
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -19,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -27,19 +24,9 @@ from services.metrics.service import MetricsService
 from shared.client import request
 from shared.config import MeshConfig
 from tests.apps.echo import EchoReply, EchoRequest, EchoService
-from tests.helpers import eventually
+from tests.helpers import eventually, require_binary
 
 REQUESTS = 5
-
-
-def require_binary(name: str) -> str:
-    """The path of ``name``; a skip without it, or a failure in CI, where it must be installed."""
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is required in CI and is not on PATH: `make sysdeps` (as root) installs it")
-    pytest.skip(f"no {name} on PATH: install Debian's prometheus package (`make sysdeps` as root) to run this test")
 
 
 def free_port() -> int:
@@ -107,20 +94,6 @@ class PrometheusProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
-
-
-@pytest.fixture
-def fast(mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
-    monkeypatch.setenv("AIMESH_METRICS_PORT", "0")
-    monkeypatch.setenv("AIMESH_METRICS_SCRAPE_INTERVAL_S", "0.2")
-    monkeypatch.setenv("AIMESH_METRICS_TICK_S", "0.2")
-    return msgspec.structs.replace(mesh_config, metrics_interval_s=0.2)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        yield session
 
 
 @pytest.fixture

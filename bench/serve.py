@@ -228,6 +228,16 @@ async def deploy(nc: Any, names: Any, max_batch: int, workers: int, split: bool 
         await asyncio.sleep(0.2)
 
 
+def start_service(service: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"services.{service}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _mesh_rows(env: dict[str, str], services: tuple[str, ...], split: bool, seconds: float) -> dict[str, float]:
     """Start ``services`` on a fresh NATS, deploy the model (under a split when asked), and load
     the gateway at concurrency 64."""
@@ -235,16 +245,7 @@ def _mesh_rows(env: dict[str, str], services: tuple[str, ...], split: bool, seco
 
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
         env = env | {"AIMESH_NATS_URL": server.url}
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", f"services.{s}"],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for s in services
-        ]
+        procs = [start_service(s, env) for s in services]
         try:
             loop = asyncio.new_event_loop()
             nc, names = loop.run_until_complete(mesh_setup(server.url))
@@ -317,16 +318,7 @@ def main() -> None:
         return
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
         env["AIMESH_NATS_URL"] = server.url
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", f"services.{s}"],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for s in ("router", "inference")
-        ]
+        procs = [start_service(s, env) for s in ("router", "inference")]
         try:
 
             async def setup() -> tuple[Any, Any]:
@@ -338,15 +330,7 @@ def main() -> None:
             rows["(a) batching off, 1 worker"] = {1: run_client(url, 1, args.seconds)}
             url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=1))
             rows["(a) aimesh, 1 worker"] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "services.inference"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            procs.append(start_service("inference", env))
             url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=2))
             rows["(b) aimesh, 2 workers"] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
             loop.run_until_complete(nc.close())

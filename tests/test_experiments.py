@@ -156,13 +156,22 @@ async def test_a_better_candidate_is_promoted_and_the_state_survives_a_restart(
         assert decision.evidence.variants and decision.reason
         # The gateway follows: v2 serves everything.
         assert (await traffic(http, base, 50, {"1": 0.0, "2": 0.0}, rng)).keys() == {"2"}
+        sent += 50
 
         # The HTTP API of the metrics service says the same.
         async with http.get(f"{metrics.http_url}/api/experiments/digits") as resp:
             assert resp.status == 200
             body = await resp.json()
         assert body["verdict"] == "promoted"
-        before = {v.version: (v.requests, v.rewards) for v in (await report_of(nc, names)).variants}
+        # Once every request's exposure and feedback is counted, a restart must give the same.
+        settled = await eventually(
+            lambda: report_when(
+                nc, names, lambda r: sum(v.requests for v in r.variants) == sum(v.rewards for v in r.variants) == sent
+            ),
+            20,
+            f"all {sent} requests and their feedback to be counted",
+        )
+        before = {v.version: (v.requests, v.rewards) for v in settled.variants}
     finally:
         await metrics.drain()
 

@@ -167,7 +167,7 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     host: str = "127.0.0.1"
     port: int = 9464  # 0 picks a free port
-    scrape_interval_s: float = 5.0  # discovery, queue lag and training progress are read this often
+    scrape_interval_s: float = 5.0  # queue lag is read this often (every tick_s when autoscaling)
     tick_s: float = 1.0  # experiments and the autoscaler are evaluated this often
     history_s: float = 900.0  # how much of the time series the dashboard keeps
     max_exposures: int = 200_000  # request ids remembered for joining feedback to a variant

@@ -140,7 +140,7 @@ class MetricsService(Service):
             loop.create_task(follow(self.jobs_kv, "job.*", self._on_job), name="jobs"),
             loop.create_task(follow(self.jobs_kv, "progress.*", self._on_job), name="progress"),
             loop.create_task(self._every(self.metrics_config.tick_s, self.tick), name="tick"),
-            loop.create_task(self._every(self.metrics_config.scrape_interval_s, self.read_queues), name="queues"),
+            loop.create_task(self._every(self._queue_interval_s(), self.read_queues), name="queues"),
         ]
 
     async def stop_intake(self) -> None:
@@ -218,6 +218,11 @@ class MetricsService(Service):
             self.progress.pop(stale, None)
             self.jobs.pop(stale, None)
 
+    def _queue_interval_s(self) -> float:
+        """Queue lag is read every scrape interval, or every tick when the autoscaler needs it fresh."""
+        cfg = self.metrics_config
+        return min(cfg.scrape_interval_s, cfg.tick_s) if self.autoscaler is not None else cfg.scrape_interval_s
+
     async def read_queues(self) -> None:
         """Queue lag of every durable consumer of the request stream (what KEDA's nats-jetstream
         scaler reads): pending + ack pending; and the messages waiting in the stream."""
@@ -252,8 +257,6 @@ class MetricsService(Service):
             if p99 is not None:
                 self.history.add(now, "p99_ms", key, p99)
         pool = self.autoscale_config.pool
-        if self.autoscaler is not None:
-            await self.read_queues()  # the autoscaler wants fresh lag, not the scrape interval's
         load = self.rates.pool(now, pool)
         self.history.add(now, "replicas", pool, load.replicas)
         self.history.add(now, "lag", pool, self.backlog)

@@ -326,9 +326,11 @@ class Worker:
         self.bridge.post(self.jobs.put(f"progress.{self.job_id}", _json.encode(progress)))
 
     def _fail(self, error: str) -> None:
-        if self.rank == 0:
-            result = TrainResult(job_id=self.job_id, ok=False, error=error)
-            self.bridge.call(self.jobs.put(f"result.{self.job_id}.{self.attempt}", _json.encode(result)))
+        """End the attempt with an error a retry cannot fix.  Every rank that finds it writes the
+        result before exiting: its agent reads the result when this process ends, and another
+        rank's copy may not be stored yet (a missing result reads as a crash, i.e. a restart)."""
+        result = TrainResult(job_id=self.job_id, ok=False, error=error)
+        self.bridge.call(self.jobs.put(f"result.{self.job_id}.{self.attempt}", _json.encode(result)))
         raise SystemExit(error)
 
     # -- the end: evaluate, store, register ---------------------------------------------------

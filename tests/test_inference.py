@@ -457,7 +457,9 @@ async def test_moving_an_alias_swaps_versions_with_no_failed_request(
         stop.set()
         await asyncio.gather(*clients)
     assert set(statuses) == {200}, f"failed requests during the swap: {sorted(set(statuses))}"
-    assert versions[0] == "1" and versions[-1] == "2" and len(statuses) > 100
+    # Load ran before the move and through it (only_v2 needs 20 answers after it): a count of
+    # requests, not a rate, as CI machines vary.
+    assert versions[0] == "1" and versions[-1] == "2"
 
 
 async def _some(items: list[int], n: int) -> bool:

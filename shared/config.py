@@ -196,6 +196,9 @@ class AutoscaleConfig(msgspec.Struct, frozen=True, kw_only=True):
     # not heard from every worker (a worker still importing torch sends nothing yet), and a pool
     # judged on that partial view would be scaled down.
     warmup_s: float = 20.0
+    # Several metrics instances may run with autoscaling on: only the holder of a lease in the
+    # experiments bucket decides.  Another takes over when it has not been renewed this long.
+    lease_s: float = 5.0
 
 
 def load_autoscale_config(env: Mapping[str, str] | None = None) -> AutoscaleConfig:

@@ -22,6 +22,12 @@ def split_key(model: str) -> str:
     return f"split.{model}"
 
 
+def autoscale_lease_key(pool: str) -> str:
+    """The key of the lease that lets one metrics instance scale ``pool`` (next to the splits,
+    which routers follow as ``split.*`` only)."""
+    return f"lease.autoscale.{pool}"
+
+
 async def put_split(js: JetStreamContext, names: Names, split: Split) -> Split:
     """Validate (the model and every version exist, a positive weight) and store a split."""
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
@@ -53,3 +55,56 @@ async def next_number(kv: KeyValue, key: str) -> int:
                 continue
         except KeyWrongLastSequenceError:
             continue
+
+
+class Lease:
+    """One holder at a time of ``key`` among processes that call :meth:`hold` regularly (one
+    autoscaling metrics instance among several, say).
+
+    The holder renews with a compare-and-set on every call.  Another process takes over only when
+    the key's revision has not moved for ``ttl_s`` by its *own* monotonic clock, so hosts' clocks
+    need not agree.  :meth:`release` deletes the key, and the next caller takes it at once.  A
+    holder that lost the key (it stalled past ``ttl_s``) finds another's id there and stands down.
+    """
+
+    def __init__(self, kv: KeyValue, key: str, holder: str, ttl_s: float) -> None:
+        self.kv, self.key, self.holder, self.ttl_s = kv, key, holder.encode(), ttl_s
+        self.revision: int | None = None  # of our last write, while we hold it
+        self._seen: tuple[int, float] | None = None  # another's revision, and when we first saw it
+
+    @property
+    def held(self) -> bool:
+        return self.revision is not None
+
+    async def hold(self) -> bool:
+        """Renew or take the lease if it is ours to have; True while this process holds it."""
+        try:
+            entry = await self.kv.get(self.key)
+        except KeyNotFoundError:  # never taken, or released (a delete marker)
+            return await self._write(None)
+        revision = entry.revision or 0
+        if entry.value == self.holder:
+            return await self._write(revision)
+        self.revision = None
+        now = time.monotonic()
+        if self._seen is None or self._seen[0] != revision:
+            self._seen = (revision, now)  # the holder renewed: it is alive
+            return False
+        return now - self._seen[1] >= self.ttl_s and await self._write(revision)
+
+    async def release(self) -> None:
+        """Give the lease up (if held), so another process need not wait out ``ttl_s``."""
+        revision, self.revision = self.revision, None
+        if revision is not None:
+            with contextlib.suppress(Exception):  # taken meanwhile, or NATS away: it expires
+                await self.kv.delete(self.key, last=revision)
+
+    async def _write(self, last: int | None) -> bool:
+        try:
+            if last is None:
+                self.revision = await self.kv.create(self.key, self.holder)
+            else:
+                self.revision = await self.kv.update(self.key, self.holder, last=last)
+        except KeyWrongLastSequenceError:  # another process wrote first
+            self.revision = None
+        return self.revision is not None

@@ -586,6 +586,7 @@ class ScaleDecision(Message, frozen=True, kw_only=True):
     current: int
     reason: str
     ts: float
+    by: str = ""  # the metrics instance that holds the pool's autoscaling lease
 
 
 class SpanRecord(Message, frozen=True, kw_only=True):

@@ -8,12 +8,14 @@ Inputs (all NATS; nothing is scraped over HTTP):
 - the events stream, replayed from its start by ordered consumers, so a restarted (or a second)
   metrics service rebuilds the same statistics: exposures, feedback, decisions;
 - the experiments bucket (splits and their guardrails), followed live;
+- the autoscaler's decisions (``<prefix>.scale.*``), the leader's included;
 - JetStream consumer info of the request stream (queue lag) and the jobs bucket (training).
 
 Every ``tick_s``: rates into the dashboard's history, each experiment evaluated (a verdict under
 ``guardrails.auto`` is written to the split with compare-and-set, so of several metrics
 instances exactly one acts, and published as an event with its evidence), and, when enabled,
-the autoscaler's decision published on ``<prefix>.scale.<pool>``.  Malformed messages are
+the autoscaler's decision published on ``<prefix>.scale.<pool>`` by the one instance that holds
+the pool's lease (``lease.autoscale.<pool>`` in the experiments bucket).  Malformed messages are
 counted (``aimesh_rejected_total``) and dropped; they never stop the service.
 """
 
@@ -45,9 +47,9 @@ from shared.actor import Call
 from shared.clock import rfc3339_now
 from shared.config import AutoscaleConfig, MetricsConfig, load_autoscale_config, load_metrics_config
 from shared.errors import BadRequest, NotFound
-from shared.experiments import split_key
+from shared.experiments import autoscale_lease_key, split_key
 from shared.httpserve import serve_app
-from shared.kv import follow
+from shared.kv import Lease, follow
 from shared.names import Header
 from shared.schemas import (
     ExperimentDecision,
@@ -70,6 +72,7 @@ _snapshot = msgspec.msgpack.Decoder(MetricsSnapshot)
 _spans = msgspec.msgpack.Decoder(SpanBatch)
 _exposures = msgspec.msgpack.Decoder(ExposureBatch)
 _decision = msgspec.msgpack.Decoder(ExperimentDecision)
+_scale = msgspec.msgpack.Decoder(ScaleDecision)
 _split = msgspec.json.Decoder(Split)
 _job = msgspec.json.Decoder(TrainJob)
 _progress = msgspec.json.Decoder(TrainProgress)
@@ -91,6 +94,13 @@ class MetricsService(Service):
         self.autoscale_config = load_autoscale_config()
         await self.ensure_stream(events.stream_config(self.names))
         self.experiments_kv: KeyValue = await self.ensure_kv(self.names.experiments_bucket)
+        # Only the holder of this lease scales the pool, however many metrics instances run.
+        self.autoscale_lease = Lease(
+            self.experiments_kv,
+            autoscale_lease_key(self.autoscale_config.pool),
+            self.instance_id,
+            self.autoscale_config.lease_s,
+        )
         self.jobs_kv: KeyValue = await self.ensure_kv(self.names.jobs_bucket)
         self.rates = Rates()
         self.book = ExperimentBook(self.metrics_config.max_exposures)
@@ -123,6 +133,7 @@ class MetricsService(Service):
         self._subs = [
             await nc.subscribe(names.metrics_subjects, cb=self._guard("snapshot", self._on_snapshot)),
             await nc.subscribe(names.spans_subjects, cb=self._guard("spans", self._on_spans)),
+            await nc.subscribe(names.scale_subjects, cb=self._guard("scale", self._on_scale)),
         ]
         for subject, handler, kind in (
             (names.exposures("*"), self._on_exposures, "exposures"),
@@ -152,6 +163,7 @@ class MetricsService(Service):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.autoscale_lease.release()  # the next instance takes over at its next tick
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -182,6 +194,12 @@ class MetricsService(Service):
 
     def _on_spans(self, msg: Msg) -> None:
         self.traces.add(_spans.decode(msg.data))
+
+    def _on_scale(self, msg: Msg) -> None:
+        """The leader's decisions, so that every instance shows the pool's current target."""
+        decision = _scale.decode(msg.data)
+        if decision.by != self.instance_id:
+            self.scale[decision.pool] = decision
 
     def _on_exposures(self, msg: Msg) -> None:
         self.book.on_exposures(_exposures.decode(msg.data))
@@ -266,7 +284,8 @@ class MetricsService(Service):
             acts = split.state == "running" and split.guardrails is not None and split.guardrails.auto
             if acts and report.verdict in ("promote", "rollback"):
                 await self._decide(split, revision, report, now)
-        if self.autoscaler is not None and time.monotonic() - self._started >= self.autoscale_config.warmup_s:
+        warm = time.monotonic() - self._started >= self.autoscale_config.warmup_s
+        if self.autoscaler is not None and warm and await self._leads_autoscaling():
             decision = self.autoscaler.decide(
                 now,
                 PoolObservation(
@@ -277,7 +296,19 @@ class MetricsService(Service):
                     p99_ms=load.p99_ms,
                 ),
             )
-            await self._publish_scale(decision, now)
+            await self._publish_scale(msgspec.structs.replace(decision, by=self.instance_id), now)
+
+    async def _leads_autoscaling(self) -> bool:
+        """Renew or take the pool's lease.  A new holder starts a fresh policy, which adopts the
+        pool as it finds it, rather than the state of whenever it last led."""
+        was = self.autoscale_lease.held
+        held = await self.autoscale_lease.hold()
+        if held and not was:
+            log.info("holds the autoscaling lease of pool %s", self.autoscale_config.pool)
+            self.autoscaler = Autoscaler(self.autoscale_config)
+        elif was and not held:
+            log.warning("lost the autoscaling lease of pool %s to another instance", self.autoscale_config.pool)
+        return held
 
     async def _decide(self, split: Split, revision: int, report: ExperimentReport, now: float) -> None:
         """Promote the winner or roll back to the control: compare-and-set on the split, so the

@@ -5,6 +5,7 @@ rebuilt from JetStream after a restart."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -200,7 +201,13 @@ async def test_a_candidate_over_its_latency_guardrail_is_rolled_back(
     http: aiohttp.ClientSession,
 ) -> None:
     _, base = await two_versions(spawn, nats_url, names, nc)
-    async with MetricsService(fast):
+    js = nc.jetstream()
+    async with MetricsService(fast) as metrics:
+        # The events stream stops taking decisions (exposures and feedback still go in), so the
+        # decision's first publish fails after its write to the split.
+        events = (await js.stream_info(names.events_stream)).config
+        narrowed = [f"{names.prefix}.events.exposures.>", f"{names.prefix}.feedback.*"]
+        await js.update_stream(dataclasses.replace(events, subjects=narrowed))
         await put_split(
             http,
             base,
@@ -219,7 +226,12 @@ async def test_a_candidate_over_its_latency_guardrail_is_rolled_back(
             return await report_when(nc, names, lambda r: r.verdict == "rolled_back")
 
         await eventually(rolled_back, 15, "the rollback")
+        await asyncio.sleep(1)  # five ticks of retries that cannot succeed
+        assert [e.experiment for e in metrics.pending_decision_events] == [(await report_of(nc, names)).experiment]
+        # The stream takes decisions again: the queued event is stored at the next tick.
+        await js.update_stream(events)
         decision = await first_decision(nc, names)
+        assert not metrics.pending_decision_events
         assert (decision.action, decision.version, decision.candidate) == ("rollback", "1", "2")
         assert "p99" in decision.reason and "guardrail" in decision.reason
         kv = await nc.jetstream().key_value(names.experiments_bucket)

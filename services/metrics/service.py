@@ -110,6 +110,8 @@ class MetricsService(Service):
         self.splits: dict[str, tuple[Split, int]] = {}  # model → (split, bucket revision)
         self.reports: dict[str, ExperimentReport] = {}
         self.decisions: deque[ExperimentDecision] = deque(maxlen=200)
+        # Decisions written to their split whose event is not stored yet: retried every tick.
+        self.pending_decision_events: list[ExperimentDecision] = []
         self.scale: dict[str, ScaleDecision] = {}
         self._scale_sent: dict[str, float] = {}
         self.lags: list[QueueLag] = []
@@ -208,7 +210,10 @@ class MetricsService(Service):
         self.book.on_feedback(events.decode_feedback(msg.data, msg.subject.rsplit(".", 1)[-1]))
 
     def _on_decision(self, msg: Msg) -> None:
-        self.decisions.append(_decision.decode(msg.data))
+        decision = _decision.decode(msg.data)
+        # One per experiment: a retried publish after the stream's duplicate window is stored twice.
+        if not any((d.model, d.experiment) == (decision.model, decision.experiment) for d in self.decisions):
+            self.decisions.append(decision)
 
     def _on_split(self, entry: KeyValue.Entry) -> None:
         model = entry.key.split(".", 1)[1]
@@ -278,6 +283,7 @@ class MetricsService(Service):
         load = self.rates.pool(now, pool)
         self.history.add(now, "replicas", pool, load.replicas)
         self.history.add(now, "lag", pool, self.backlog)
+        await self._publish_decisions()
         for model, (split, revision) in list(self.splits.items()):
             report = self.book.evaluate(split, now)
             self.reports[model] = report
@@ -342,12 +348,28 @@ class MetricsService(Service):
             evidence=report,
             ts=now,
         )
-        await self.js.publish(
-            self.names.experiment_events(split.model),
-            msgspec.msgpack.encode(event),
-            headers={Header.MSG_ID: f"decision:{split.model}:{split.experiment}"},
-        )
         log.info("experiment %s/%s: %s → %s (%s)", split.model, split.experiment, action, version, report.reason)
+        self.pending_decision_events.append(event)
+        await self._publish_decisions()
+
+    async def _publish_decisions(self) -> None:
+        """Store the events of decisions already written to their split.  One that fails (NATS
+        away, the stream full) stays queued for the next tick; the ``Nats-Msg-Id`` makes a retry
+        of one that was stored after all a duplicate the stream drops."""
+        while self.pending_decision_events:
+            event = self.pending_decision_events[0]
+            try:
+                await self.js.publish(
+                    self.names.experiment_events(event.model),
+                    msgspec.msgpack.encode(event),
+                    headers={Header.MSG_ID: f"decision:{event.model}:{event.experiment}"},
+                )
+            except Exception as exc:
+                log.warning(
+                    "decision event %s/%s not stored (%s): tried again next tick", event.model, event.experiment, exc
+                )
+                return
+            self.pending_decision_events.pop(0)
 
     async def _publish_scale(self, decision: ScaleDecision, now: float) -> None:
         before = self.scale.get(decision.pool)

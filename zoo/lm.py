@@ -3,6 +3,8 @@
 ``stages(n)`` cuts it into ``n`` sequential pieces for pipeline parallelism (embedding + the first
 blocks, …, the last blocks + norm + head): built with the same seed, the pieces hold exactly the
 weights of the single model, so pipeline and single-process training can be compared.
+
+Sizes are checked against ``zoo.limits`` before any layer is allocated.
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from zoo import limits
+
+
+def block_parameters(dim: int) -> int:
+    """Parameters of one :class:`Block`: attention 4·dim² + 4·dim, MLP 8·dim² + 5·dim, norms 4·dim."""
+    return 12 * dim * dim + 13 * dim
+
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
+        _check_heads(limits.size("dim", dim), heads)
+        limits.parameters("this block", block_parameters(dim))
+        dropout = limits.fraction("dropout", dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
@@ -33,6 +45,8 @@ class Block(nn.Module):
 class Embed(nn.Module):
     def __init__(self, vocab: int, dim: int, context: int) -> None:
         super().__init__()
+        sizes = limits.size("vocab", vocab), limits.size("dim", dim), limits.size("context", context)
+        limits.parameters("this embedding", (sizes[0] + sizes[2]) * sizes[1])
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(context, dim)
 
@@ -44,6 +58,7 @@ class Embed(nn.Module):
 class Head(nn.Module):
     def __init__(self, dim: int, vocab: int) -> None:
         super().__init__()
+        limits.parameters("this head", (limits.size("dim", dim) + 1) * limits.size("vocab", vocab) + 2 * dim)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, vocab)
 
@@ -64,8 +79,12 @@ class CausalLM(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.context = context
-        self.vocab = vocab
+        self.context = limits.size("context", context)
+        self.vocab = limits.size("vocab", vocab)
+        limits.size("layers", layers, high=limits.MAX_LAYERS)
+        _check_heads(limits.size("dim", dim), heads)
+        embed, head = (vocab + context) * dim, (dim + 1) * vocab + 2 * dim
+        limits.parameters("this language model", embed + layers * block_parameters(dim) + head)
         self.embed = Embed(vocab, dim, context)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.head = Head(dim, vocab)
@@ -129,6 +148,11 @@ def causal_lm(
     *, vocab: int = 257, dim: int = 128, layers: int = 4, heads: int = 4, context: int = 128, dropout: float = 0.0
 ) -> CausalLM:
     return CausalLM(vocab, dim, layers, heads, context, dropout)
+
+
+def _check_heads(dim: int, heads: object) -> None:
+    if dim % limits.size("heads", heads, high=dim):
+        raise ValueError(f"heads ({heads}) must divide dim ({dim})")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

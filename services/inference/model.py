@@ -1,7 +1,10 @@
-"""A model version loaded for serving: weights from safetensors (never pickle), input checks
-against the version's recorded input columns, and a forward pass on numpy batches."""
+"""A model version loaded for serving: the factory only from trusted packages, weights from
+safetensors (never pickle), input checks against the version's recorded input columns, and a
+forward pass on numpy batches."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -13,9 +16,12 @@ from zoo.artifacts import weights_from_bytes
 
 
 class LoadedModel:
-    def __init__(self, version: ModelVersion, weights: bytes) -> None:
+    def __init__(self, version: ModelVersion, weights: bytes, packages: Iterable[str] = ()) -> None:
+        """Build ``version``'s model and load ``weights``.  The factory must be in ``zoo`` or one of
+        ``packages`` (the worker's ``model_packages``): a registry entry naming anything else
+        (``os:system``) is a 400 before anything is imported, and the version is not served."""
         self.version = version
-        self.module = build_model(ModelSpec(factory=version.factory, kwargs=version.kwargs))
+        self.module = build_model(ModelSpec(factory=version.factory, kwargs=version.kwargs), packages)
         self.module.load_state_dict(weights_from_bytes(weights))
         self.module.eval()
         spec = version.inputs[0] if version.inputs else None

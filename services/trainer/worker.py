@@ -2,11 +2,13 @@
 
 ``python -m services.trainer.worker --job J --attempt A --rank R --world W --master HOST:PORT``
 
-It joins the torch.distributed group (gloo on CPU, NCCL on CUDA; collectives time out after the
-job's ``collective_timeout_s``, not torch's 30 minutes), reads its shards through the dataset
-reader, resumes from the job's last checkpoint if there is one, trains (DDP for ``dp``,
-``torch.distributed.pipelining`` GPipe for ``pp``), checkpoints, and at the end rank 0 evaluates
-on the held-out records, uploads the weights and registers the model version.
+It refuses a model factory outside the trusted packages (``model_packages``) before importing
+anything, joins the torch.distributed group (rank 0 serves the TCPStore on the job's address
+only; gloo on CPU, NCCL on CUDA; collectives time out after the job's ``collective_timeout_s``,
+not torch's 30 minutes), reads its shards through the dataset reader, resumes from the job's last
+checkpoint if there is one, trains (DDP for ``dp``, ``torch.distributed.pipelining`` GPipe for
+``pp``), checkpoints, and at the end rank 0 evaluates on the held-out records, uploads the
+weights and registers the model version.
 
 Exit code 0 means this rank finished its part; anything else (a crash, a lost peer surfacing as a
 collective error or timeout, SIGKILL) tells the agent that the attempt failed.
@@ -30,16 +32,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from services.trainer import data
+from services.trainer import data, rendezvous
 from services.trainer.bridge import NatsBridge
 from shared.clock import rfc3339_now
 from shared.config import load_mesh_config, load_trainer_config
 from shared.datasets import DatasetReader
+from shared.errors import BadRequest
 from shared.logs import setup_logging
 from shared.names import Names
 from shared.registry import artifacts, put_object, register
 from shared.schemas import Checkpoint, DatasetManifest, ModelVersion, TrainJob, TrainProgress, TrainRequest, TrainResult
-from zoo import ModelSpec, build_model
+from zoo import ModelSpec, build_model, check_factory, check_kwargs
 from zoo.artifacts import checkpoint_from_bytes, checkpoint_to_bytes, weights_to_bytes
 from zoo.lm import lm_loss
 
@@ -57,6 +60,8 @@ class Worker:
         self.world: int = args.world
         self.master: str = args.master
         self.config = load_mesh_config()
+        self.packages = self.config.model_packages  # the agent passes its own (AIMESH_MODEL_PACKAGES)
+        self.host = load_trainer_config().host
         self.names = Names(self.config.prefix)
         self.bridge = NatsBridge(self.config, f"{self.config.prefix}-trainer-{self.job_id}-r{self.rank}")
         self.js = self.bridge.nc.jetstream()
@@ -79,14 +84,20 @@ class Worker:
 
     # -- the whole attempt -------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._check_model()
+            self._run()
+        finally:
+            self.bridge.close()
+
+    def _run(self) -> None:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{self.master}",
-            rank=self.rank,
-            world_size=self.world,
-            timeout=timedelta(seconds=self.req.collective_timeout_s),
-        )
+        timeout = timedelta(seconds=self.req.collective_timeout_s)
+        # The store is made here, not by init_method="tcp://…": torch's own would listen on every
+        # interface; rendezvous.create_store binds rank 0's to the job's address only.
+        os.environ.update(rendezvous.collective_env(self.host, os.environ))
+        store = rendezvous.create_store(self.master, self.rank, self.world, timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
         try:
             manifest = self.bridge.call(DatasetReader.open(self.js, self.names, self.req.dataset)).manifest
             task = "lm" if any(c.name == "tokens" for c in manifest.columns) else "classify"
@@ -113,7 +124,6 @@ class Worker:
                 self._finish(full, manifest, task)
         finally:
             dist.destroy_process_group()
-            self.bridge.close()
 
     def _load(self, manifest: DatasetManifest) -> tuple[dict[str, np.ndarray], list[int]]:
         shards = data.train_shards(manifest, self.rank, self.world, self.req.parallel)
@@ -125,9 +135,19 @@ class Worker:
     def _spec(self) -> ModelSpec:
         return ModelSpec(factory=self.req.factory, kwargs=self.req.kwargs)
 
+    def _check_model(self) -> None:
+        """Refuse a factory outside the trusted packages, or kwargs that are not plain data, before
+        anything is imported: the job record may not have come through ``submit``'s checks.  The
+        refusal fails the job (a retry could not fix it)."""
+        try:
+            check_factory(self.req.factory, self.packages)
+            check_kwargs(self.req.kwargs)
+        except BadRequest as exc:
+            self._fail(exc.description)
+
     def _dp_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         torch.manual_seed(self.req.seed)
-        full = build_model(self._spec()).to(self.device)
+        full = build_model(self._spec(), self.packages).to(self.device)
         if self.world == 1:
             return full, full
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -139,7 +159,7 @@ class Worker:
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
         torch.manual_seed(self.req.seed)
-        full = build_model(self._spec())
+        full = build_model(self._spec(), self.packages)
         if not hasattr(full, "stages"):
             raise SystemExit(f"{self.req.factory} has no stages(n): it cannot be pipelined")
         piece = full.stages(self.world)[self.rank].to(self.device)  # type: ignore[operator]

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from nats.js import JetStreamContext  # noqa: E402
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig  # noqa: E402
 
+from services.ingest.access import Roots  # noqa: E402
 from services.ingest.publish import BatchPublisher  # noqa: E402
 from services.ingest.sharding import ShardBatch, Sharder, batch_rows_for  # noqa: E402
 from services.ingest.sources import RejectLog, open_source  # noqa: E402
@@ -69,14 +70,14 @@ def make_csv(rows: int, cols: int) -> Path:
 
 
 def parse_only(req: IngestRequest, threads: int = 2) -> tuple[float, int]:
-    source = open_source(req, parse_threads=threads)
+    source = open_source(req, Roots([CACHE.resolve()]), parse_threads=threads)
     start = time.perf_counter()
     records = sum(len(block) for block in source.blocks(RejectLog()))
     return time.perf_counter() - start, records
 
 
 def encoded_batches(req: IngestRequest) -> list[tuple[str, bytes, str, int]]:
-    source = open_source(req)
+    source = open_source(req, Roots([CACHE.resolve()]))
     names = Names("benchpub")
     out = []
     sharder: Sharder | None = None
@@ -215,7 +216,9 @@ def main() -> None:
         c_s, b_s = statistics.median(c_runs), statistics.median(b_runs)
         names = Names("bench")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
-        env.update(AIMESH_NATS_URL=server.url, AIMESH_PREFIX="bench", OTEL_SDK_DISABLED="true")
+        env.update(
+            AIMESH_NATS_URL=server.url, AIMESH_PREFIX="bench", OTEL_SDK_DISABLED="true", AIMESH_INGEST_ROOTS=str(CACHE)
+        )
         service = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env)
         try:
             time.sleep(2.0)  # the service declares its streams; the submit below waits for it anyway

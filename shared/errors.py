@@ -6,6 +6,7 @@
     ├── ConfigError (ValueError)            bad configuration; the process exits with code 2
     ├── ServiceError                        travels on the wire as (code, description)
     │   ├── BadRequest        400           the request does not decode or is invalid
+    │   ├── Forbidden         403           valid, but not allowed (e.g. a path outside the ingest roots)
     │   ├── NotFound          404           unknown model, dataset, job, ...
     │   ├── Overloaded        429           a full mailbox; retry later or add capacity
     │   ├── Unavailable       503           draining, not ready, no responders
@@ -57,6 +58,10 @@ class BadRequest(ServiceError):
     code = 400
 
 
+class Forbidden(ServiceError):
+    code = 403
+
+
 class NotFound(ServiceError):
     code = 404
 
@@ -82,7 +87,7 @@ class DeadlineExceeded(ServiceError, TimeoutError):
 
 
 _BY_CODE: dict[int, type[ServiceError]] = {
-    cls.code: cls for cls in (BadRequest, NotFound, Overloaded, InternalError, Unavailable, DeadlineExceeded)
+    cls.code: cls for cls in (BadRequest, Forbidden, NotFound, Overloaded, InternalError, Unavailable, DeadlineExceeded)
 }
 
 

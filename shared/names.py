@@ -241,6 +241,11 @@ class Names:
         return f"{self.prefix}-artifacts"
 
     @property
+    def uploads_bucket(self) -> str:
+        """Object store of files sent for ingest by reference (``IngestRequest.object``)."""
+        return f"{self.prefix}-uploads"
+
+    @property
     def registry_bucket(self) -> str:
         return f"{self.prefix}-registry"
 

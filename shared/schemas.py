@@ -144,7 +144,11 @@ class DatasetManifest(Message, frozen=True, kw_only=True):
 
 
 class IngestRequest(Message, frozen=True, kw_only=True):
-    paths: list[str]  # files or folders, as the ingest service sees them
+    # The input: either ``paths`` (files or folders, as the ingest service sees them; read only
+    # under its configured roots) or ``object``, the name of a file uploaded to the uploads object
+    # store (``<prefix>-uploads``).  Exactly one of them.
+    paths: list[str] = []
+    object: str | None = None
     dataset: str
     format: str | None = None  # csv | jsonl | npy | npz | text; inferred from the extension
     shards: int = 4

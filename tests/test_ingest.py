@@ -24,7 +24,8 @@ from shared.schemas import DatasetManifest, IngestAccepted, IngestJob, IngestReq
 
 
 @pytest.fixture
-async def svc(mesh_config: MeshConfig) -> AsyncIterator[IngestService]:
+async def svc(mesh_config: MeshConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[IngestService]:
+    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(tmp_path))  # the service reads only there
     async with IngestService(mesh_config) as service:
         yield service
 
@@ -117,7 +118,7 @@ async def test_too_many_rejects_fail_the_job_and_leave_no_data(
 @pytest.mark.parametrize(
     ("paths", "fmt", "message"),
     [
-        (["/no/such/file.csv"], None, "no such file or directory"),
+        (["{tmp}/no/such/file.csv"], None, "no such file or directory"),
         (["{tmp}/data.parquet"], None, "cannot tell the format"),
         (["{tmp}/empty.csv"], None, "the input is empty"),
         (["{tmp}/data.parquet"], "xml", "unknown format 'xml'"),

@@ -6,18 +6,26 @@
   for the small language model.
 
 Both are written once, deterministically (same bytes each time, so the same dataset version).
+
+They live in a folder of the shared temp dir, so the service reads them only when that folder is
+its own: a real folder (not a link), owned by the service's user, writable by no one else.  A
+folder planted there by another user (links to files it cannot read itself) is refused, and the
+demo files are read under that folder alone (:func:`roots`), not the service's roots.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import sysconfig
 import tempfile
 from pathlib import Path
 
-from shared.errors import BadRequest
+from services.ingest.access import Roots
+from shared.errors import BadRequest, Forbidden
 
-DEMO_DIR = Path(tempfile.gettempdir()) / "aimesh-demo"
+DEMO_DIR = Path(os.path.realpath(tempfile.gettempdir())) / "aimesh-demo"
 PYTEXT_PACKAGES = ("json", "email", "asyncio", "collections", "concurrent")
 DEMOS = {"demo:digits": ("digits.csv", "csv", "label"), "demo:pytext": ("pytext", "text", None)}
 
@@ -31,10 +39,26 @@ def resolve(paths: list[str]) -> tuple[list[str], str | None, str | None]:
         raise BadRequest(f"demo sets are ingested one at a time: {', '.join(DEMOS)}")
     name, fmt, label = DEMOS[paths[0]]
     target = DEMO_DIR / name
+    DEMO_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_ours(DEMO_DIR)
     if not target.exists():
-        DEMO_DIR.mkdir(parents=True, exist_ok=True)
         (_write_digits if fmt == "csv" else _write_pytext)(target)
     return [str(target)], fmt, label
+
+
+def roots() -> Roots:
+    """The one folder demo files are read from (its final component not resolved: a link there
+    leads out of it and is refused)."""
+    return Roots([DEMO_DIR])
+
+
+def _check_ours(folder: Path) -> None:
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise Forbidden(
+            f"{folder} is not the ingest service's own folder (a link, another user's, or writable by others): "
+            "remove it and ingest the demo again"
+        )
 
 
 def _write_digits(target: Path) -> None:

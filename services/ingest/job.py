@@ -8,9 +8,16 @@ stored (they are contiguous from 0, else that shard is purged and redone), then 
 input and skips publishing those batches.  Batches are deterministic, so their bytes, and the
 per-shard sha256 over them, equal an uninterrupted run's.
 
+Batches carry ``Nats-Msg-Id`` = ``<job id>/<version>/<shard>/<batch>``: a retry of the same job is
+deduplicated, and a version number that a failed job gave back can be used by another job at
+once (its batches do not collide with the failed job's in the duplicate window).  Stored batches
+that another job left under this version are purged, never resumed.
+
 The manifest is written only after every batch is acked and the stream's per-shard counts match:
 a visible manifest means a complete, checksummed dataset.  A run that fails for a reason a retry
-cannot fix (too many rejects, no valid record) purges what it stored.
+cannot fix (too many rejects, no valid record, an input that cannot be parsed) raises a 4xx
+``ServiceError``; whatever the parser thread raises counts as such (the input is at fault, and a
+retry would fail the same way).  The caller purges the version (:func:`purge_version`).
 """
 
 from __future__ import annotations
@@ -23,16 +30,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from services.ingest.printable import printable
 from services.ingest.publish import BatchPublisher
 from services.ingest.sharding import ShardBatch, Sharder, batch_rows_for
 from services.ingest.sources import Block, RejectLog, Source
 from shared import tracing
 from shared.batches import column_spec, encode_batch
 from shared.clock import rfc3339_now
-from shared.errors import BadRequest
+from shared.errors import BadRequest, ServiceError
 from shared.names import Header, Names
 from shared.schemas import ColumnSpec, DatasetManifest, IngestJob, ShardInfo
 
@@ -59,7 +68,10 @@ class IngestRun:
         progress: Callable[[dict[str, object]], Awaitable[None]],
         progress_every_s: float = 0.5,
         max_in_flight: int = 64,
+        shown_as: dict[str, str] | None = None,
     ) -> None:
+        """``shown_as``: names to show for source paths in the reject report and the manifest
+        (an upload's temp file is shown as ``upload:<name>``)."""
         self.js = js
         self.names = names
         self.job = job
@@ -71,6 +83,8 @@ class IngestRun:
         self.records = 0
         self.classes = 0
         self.bytes_read = 0
+        self.shown_as = shown_as or {}
+        self.started = time.monotonic()
         self._stop = threading.Event()
 
     # -- the run -------------------------------------------------------------------------------
@@ -85,7 +99,7 @@ class IngestRun:
         columns: list[ColumnSpec] | None = None
         key = "y" if request.shard_by and request.shard_by == self.source.label else request.shard_by
         last_report = 0.0
-        started = time.monotonic()
+        self.started = time.monotonic()
         try:
             async for block in self._blocks():
                 self.bytes_read = block.bytes_read
@@ -106,7 +120,7 @@ class IngestRun:
                 self._check_rejects(final=False)
                 if time.monotonic() - last_report >= self.progress_every_s:
                     last_report = time.monotonic()
-                    await self.progress(self._figures(started))
+                    await self.progress(self.figures())
             if sharder is not None:
                 for batch in sharder.flush():
                     await self._emit(batch, tallies, resume, publisher)
@@ -115,12 +129,9 @@ class IngestRun:
             if self.records == 0 or columns is None:
                 raise BadRequest(f"no valid records in the input ({self.rejects.count} rejected)")
             await self._verify(tallies)
-        except BadRequest:
-            await self.purge()
-            raise
         finally:
             self._stop.set()
-        await self.progress(self._figures(started))
+        await self.progress(self.figures())
         return self._manifest(columns, tallies)
 
     async def _blocks(self) -> AsyncIterator[Block]:
@@ -148,7 +159,10 @@ class IngestRun:
                 if item is None:
                     return
                 if isinstance(item, BaseException):
-                    raise item
+                    failure = _input_error(item, self.source.format)
+                    if failure is item:
+                        raise item
+                    raise failure from item
                 yield item
         finally:
             self._stop.set()
@@ -176,7 +190,7 @@ class IngestRun:
         if batch.batch < resume[batch.shard]:
             return  # stored by an earlier attempt
         subject = self.names.data_subject(job.dataset, job.version, batch.shard)
-        msg_id = f"{job.dataset}/{job.version}/{batch.shard}/{batch.batch}"
+        msg_id = f"{self._msg_id_prefix}{batch.shard}/{batch.batch}"
         await publisher.publish(subject, body, msg_id, batch.batch)
 
     def _check_rejects(self, *, final: bool) -> None:
@@ -193,8 +207,13 @@ class IngestRun:
             )
 
     # -- the stream ------------------------------------------------------------------------------
+    @property
+    def _msg_id_prefix(self) -> str:
+        return f"{self.job.job_id}/{self.job.version}/"
+
     async def _stored_batches(self) -> list[int]:
-        """Batches already stored per shard; a shard whose stored batches are not 0..k-1 is purged."""
+        """Batches already stored per shard; a shard whose stored batches are not 0..k-1, or
+        not this job's, is purged."""
         job = self.job
         counts = await self._subject_counts()
         resume = []
@@ -203,14 +222,17 @@ class IngestRun:
             count = counts.get(subject, 0)
             if count:
                 last = await self.js.get_last_msg(self.names.data_stream, subject)
-                last_batch = int((last.headers or {}).get(Header.BATCH, "-1"))
-                if last_batch + 1 != count:
+                headers = last.headers or {}
+                last_batch = int(headers.get(Header.BATCH, "-1"))
+                ours = headers.get(Header.MSG_ID, "").startswith(self._msg_id_prefix)
+                if last_batch + 1 != count or not ours:
                     log.warning(
-                        "%s: shard %d has %d batches stored but its last is #%d; redoing it",
+                        "%s: shard %d has %d batches stored, the last #%d%s; redoing it",
                         job.job_id,
                         shard,
                         count,
                         last_batch,
+                        "" if ours else " of another job",
                     )
                     await self.js.purge_stream(self.names.data_stream, subject=subject)
                     count = 0
@@ -233,22 +255,18 @@ class IngestRun:
             if stored != tally.batches:
                 raise RuntimeError(f"shard {shard}: {stored} batches stored, {tally.batches} expected")
 
-    async def purge(self) -> None:
-        """Remove this version's batches (a failed run leaves no half-made dataset)."""
-        subjects = self.names.data_version_subjects(self.job.dataset, self.job.version)
-        try:
-            await self.js.purge_stream(self.names.data_stream, subject=subjects)
-        except Exception:
-            log.warning("%s: could not purge %s", self.job.job_id, subjects, exc_info=True)
-
     # -- results -----------------------------------------------------------------------------
-    def _figures(self, started: float) -> dict[str, object]:
+    def figures(self) -> dict[str, object]:
+        """The job record's progress fields, reject report included (also after a failure)."""
+        rows = list(self.rejects.rows)
+        if self.shown_as:
+            rows = [msgspec.structs.replace(r, source=self.shown_as.get(r.source, r.source)) for r in rows]
         return {
             "records": self.records,
             "rejected": self.rejects.count,
             "bytes_read": self.bytes_read,
-            "rejects": list(self.rejects.rows),
-            "elapsed_s": round(time.monotonic() - started, 3),
+            "rejects": rows,
+            "elapsed_s": round(time.monotonic() - self.started, 3),
         }
 
     def _manifest(self, columns: list[ColumnSpec], tallies: list[_ShardTally]) -> DatasetManifest:
@@ -281,9 +299,33 @@ class IngestRun:
             rejected=self.rejects.count,
             bytes=sum(s.bytes for s in shards),
             created_at=rfc3339_now(),
-            sources=[str(p) for p in self.source.paths],
+            sources=[self.shown_as.get(str(p), str(p)) for p in self.source.paths],
             fingerprint=job.fingerprint,
             job_id=job.job_id,
             tokenizer=self.source.tokenizer,
             trace_id=ids[0] if ids else "",
         )
+
+
+async def purge_version(js: JetStreamContext, names: Names, dataset: str, version: str) -> bool:
+    """Remove a version's batches (a failed job leaves no half-made dataset); False when the
+    purge failed (logged), so the caller keeps the version out of reuse."""
+    subjects = names.data_version_subjects(dataset, version)
+    try:
+        await js.purge_stream(names.data_stream, subject=subjects)
+    except NotFoundError:
+        return True  # no data stream: nothing stored
+    except Exception:
+        log.warning("could not purge %s", subjects, exc_info=True)
+        return False
+    return True
+
+
+def _input_error(exc: BaseException, fmt: str) -> BaseException:
+    """What the parser thread raised, as the job's failure: a ``ServiceError`` as it is; any
+    other exception means the input cannot be parsed (a permanent, 400 failure), with a message
+    that holds no raw bytes of the input (pyarrow quotes the offending row)."""
+    if isinstance(exc, ServiceError) or not isinstance(exc, Exception) or isinstance(exc, MemoryError):
+        return exc
+    log.debug("the %s parser failed", fmt, exc_info=exc)
+    return BadRequest(f"the input cannot be parsed as {fmt}: {printable(str(exc) or type(exc).__name__, 300)}")

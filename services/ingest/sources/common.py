@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import BadRequest
+from services.ingest.access import Roots
+from services.ingest.printable import FIELD_CHARS, printable
+from shared.errors import BadRequest, Forbidden
 from shared.schemas import IngestRequest, RejectedRow, TokenizerSpec
 
 FORMATS = ("csv", "jsonl", "npy", "npz", "text")
@@ -40,10 +42,20 @@ class RejectLog:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, source: str, line: int, reason: str, column: str | None = None) -> None:
+        """Count a reject; keep it while fewer than ``keep`` are kept.  Its strings may hold bytes
+        of the input (a column name from the header, a value, a file name): they are kept
+        escaped and bounded (:func:`printable`)."""
         with self._lock:
             self.count += 1
             if len(self.rows) < self.keep:
-                self.rows.append(RejectedRow(source=source, line=line, column=column, reason=reason))
+                self.rows.append(
+                    RejectedRow(
+                        source=printable(source, FIELD_CHARS),
+                        line=line,
+                        column=None if column is None else printable(column, FIELD_CHARS),
+                        reason=printable(reason, FIELD_CHARS),
+                    )
+                )
 
 
 class Source(ABC):
@@ -54,6 +66,7 @@ class Source(ABC):
 
     def __init__(self, paths: list[Path], request: IngestRequest, parse_threads: int = 2) -> None:
         self.paths = paths
+        self.inputs = paths  # the files and folders named, resolved (open_source sets them)
         self.request = request
         self.parse_threads = max(1, parse_threads)  # how many chunks a columnar parser works on at once
         self.bytes_total = sum(p.stat().st_size for p in paths)
@@ -66,48 +79,42 @@ class Source(ABC):
     def blocks(self, rejects: RejectLog) -> Iterator[Block]: ...
 
 
+def format_for_name(name: str) -> str | None:
+    """The format a file name's extension says, if any."""
+    return _BY_SUFFIX.get(Path(name).suffix.lower())
+
+
 def infer_format(paths: list[Path]) -> str:
     if len(paths) == 1 and paths[0].is_dir():
         return "text"
     suffixes = {p.suffix.lower() for p in paths}
-    formats = {_BY_SUFFIX.get(s) for s in suffixes}
+    formats = {format_for_name(p.name) for p in paths}
     if len(formats) != 1 or None in formats:
-        raise BadRequest(
-            f"cannot tell the format from the file names ({', '.join(sorted(suffixes)) or 'none'}): "
-            f"pass --format ({'|'.join(FORMATS)})"
-        )
+        shown = printable(", ".join(sorted(suffixes)) or "none", FIELD_CHARS)
+        raise BadRequest(f"cannot tell the format from the file names ({shown}): pass --format ({'|'.join(FORMATS)})")
     return str(formats.pop())
 
 
-def resolve_paths(raw: list[str]) -> list[Path]:
+def resolve_paths(raw: list[str], roots: Roots) -> list[Path]:
+    """The real paths of the files and folders named, each checked against ``roots`` before
+    anything else touches it (:meth:`Roots.resolve`)."""
     if not raw:
-        raise BadRequest("no input paths given")
-    paths = []
-    for item in raw:
-        path = Path(item)
-        if not path.exists():
-            raise BadRequest(f"{item}: no such file or directory (as the ingest service sees it)")
-        paths.append(path)
-    return paths
+        raise BadRequest("no input given: name paths, or the object of an upload")
+    return [roots.resolve(item, folders=True) for item in raw]
 
 
-def text_files(paths: list[Path]) -> list[Path]:
-    """Files named, and files under folders named (sorted; hidden files and folders and
+def text_files(paths: list[Path], roots: Roots) -> list[Path]:
+    """Files named, and regular files under folders named (sorted; hidden files and folders and
     ``__pycache__`` skipped)."""
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            for found in sorted(path.rglob("*")):
-                rel = found.relative_to(path).parts
-                if found.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel):
-                    files.append(found)
-        else:
-            files.append(path)
+        files.extend(roots.files_under(path) if path.is_dir() else [path])
     return files
 
 
-def open_source(request: IngestRequest, *, parse_threads: int = 2) -> Source:
-    """Validate the request against its input and return the source to read it."""
+def open_source(request: IngestRequest, roots: Roots | None = None, *, parse_threads: int = 2) -> Source:
+    """Validate the request against its input and return the source to read it.  Nothing outside
+    ``roots`` (default: the working directory) is opened or stat'ed."""
     from services.ingest.sources.arrays import NpySource, NpzSource
     from services.ingest.sources.csv import CsvSource
     from services.ingest.sources.jsonl import JsonlSource
@@ -117,14 +124,20 @@ def open_source(request: IngestRequest, *, parse_threads: int = 2) -> Source:
         raise BadRequest(f"shards must be at least 1 (got {request.shards})")
     if not 0 <= request.max_reject_ratio <= 1:
         raise BadRequest(f"max_reject_ratio must be between 0 and 1 (got {request.max_reject_ratio})")
-    paths = resolve_paths(request.paths)
+    roots = roots or Roots.from_config([])
+    inputs = paths = resolve_paths(request.paths, roots)
     fmt = request.format or infer_format(paths)
     if fmt not in FORMATS:
-        raise BadRequest(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise BadRequest(f"unknown format {printable(repr(fmt), FIELD_CHARS)}: use one of {', '.join(FORMATS)}")
     if fmt == "text":
-        paths = text_files(paths)
-    elif any(p.is_dir() for p in paths):
-        raise BadRequest(f"a folder is only read as text; for {fmt}, name the files")
+        paths = text_files(paths, roots)
+    else:
+        for path in paths:
+            if path.is_dir():
+                raise Forbidden(
+                    f"{printable(str(path))}: is a folder, not a file (folders are read only as text; for {fmt}, "
+                    "name the files)"
+                )
     if not paths or all(p.stat().st_size == 0 for p in paths):
         raise BadRequest("the input is empty")
     kinds: dict[str, type[Source]] = {
@@ -134,7 +147,9 @@ def open_source(request: IngestRequest, *, parse_threads: int = 2) -> Source:
         "npz": NpzSource,
         "text": TextSource,
     }
-    return kinds[fmt](paths, request, parse_threads)
+    source = kinds[fmt](paths, request, parse_threads)
+    source.inputs = inputs
+    return source
 
 
 def pack_features(

@@ -9,7 +9,8 @@ Bad records never stop the job; each becomes a reject with its line number:
 - a wrong number of fields (pyarrow's invalid-row handler);
 - a value that does not parse as its column's type: the chunk is re-read as text and checked
   value by value (the slow path runs only for chunks that need it);
-- a missing value, NaN or ±inf in a numeric column, a text value over ``max_text_bytes``.
+- a missing value, NaN or ±inf in a numeric column, a text value over ``max_text_bytes``;
+- a line that is not UTF-8 (binary data): it is taken out before pyarrow sees the chunk.
 
 Line numbers count physical lines; a quoted field spanning lines shifts the ones after it.
 """
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from services.ingest.printable import quoted
 from services.ingest.sources.common import (
     Block,
     LabelEncoder,
@@ -73,7 +75,7 @@ class CsvSource(Source):
             if first is None:
                 return
             if not hasattr(self, "_types"):
-                self._decide_types(names, header, first[1], path)
+                self._decide_types(names, header, _decodable_lines(first[1], 2)[0], path)
             elif names != self._names:
                 raise BadRequest(f"{path}: header {names} differs from the first file's {self._names}")
             with ThreadPoolExecutor(max_workers=self.parse_threads, thread_name_prefix="csv") as pool:
@@ -124,9 +126,15 @@ class CsvSource(Source):
     # -- one chunk (in a worker thread) --------------------------------------------------------
     def _parse(self, path: Path, header: bytes, line: int, data: bytes, end: int, rejects: RejectLog) -> _Parsed:
         skipped: list[tuple[int, str]] = []  # records with a wrong field count: (line, reason)
+        dropped: list[tuple[int, str]] = []  # lines that are not UTF-8, taken out of ``data``
+        kept: list[int] | None = None  # physical line of each line left in ``data``, when some were
+        if not data.isascii():
+            data, kept, dropped = _decodable_lines(data, line)
 
         def bad_row(row: Any) -> str:
-            skipped.append((line + row.number - 2, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+            index = row.number - 2  # the header is row 1
+            number = kept[index] if kept is not None else line + index
+            skipped.append((number, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
             return "skip"
 
         parse = pacsv.ParseOptions(invalid_row_handler=bad_row)
@@ -147,6 +155,7 @@ class CsvSource(Source):
                 io.BytesIO(header + data), read_options=read, parse_options=parse, convert_options=as_text
             )
             text_columns = {n: table.column(n) for n in self._names if self._types[n] != pa.string()}
+        skipped = sorted(skipped + dropped)
         for number, reason in skipped:
             rejects.add(str(path), number, reason)
         lines = _record_lines(table.num_rows, line, [n for n, _ in skipped])
@@ -159,7 +168,7 @@ class CsvSource(Source):
                 for i in np.flatnonzero(bad & keep):
                     raw = text_columns[name][int(i)].as_py()
                     kind = np.dtype(target.to_pandas_dtype()).name
-                    reason = "missing value" if raw in ("", None) else f"cannot parse {raw!r} as {kind}"
+                    reason = "missing value" if raw in ("", None) else f"cannot parse {quoted(raw)} as {kind}"
                     rejects.add(str(path), int(lines[i]), reason, name)
                 keep &= ~bad
             else:
@@ -201,6 +210,12 @@ class CsvSource(Source):
 def _header_names(header: bytes, path: Path) -> list[str]:
     if not header.strip():
         raise BadRequest(f"{path}: no header row")
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            f"{path}: the header row is not UTF-8 text ({exc.reason} at byte {exc.start}): is this a CSV file?"
+        ) from None
     table = pacsv.read_csv(io.BytesIO(header), read_options=pacsv.ReadOptions(use_threads=False))
     names = list(table.column_names)
     if len(set(names)) != len(names):
@@ -229,6 +244,29 @@ def _chunks(f: BinaryIO) -> Iterator[tuple[int, bytes, int]]:
 def _chain(first: tuple[int, bytes, int], rest: Iterator[tuple[int, bytes, int]]) -> Iterator[tuple[int, bytes, int]]:
     yield first
     yield from rest
+
+
+def _decodable_lines(data: bytes, first_line: int) -> tuple[bytes, list[int] | None, list[tuple[int, str]]]:
+    """``data`` without its lines that are not UTF-8: (the rest, the physical line of each line
+    kept or None when all were, the dropped lines with the reason).  pyarrow would fail the whole
+    chunk on one such line."""
+    try:
+        data.decode("utf-8")
+        return data, None, []
+    except UnicodeDecodeError:
+        pass
+    keep: list[bytes] = []
+    kept: list[int] = []
+    dropped: list[tuple[int, str]] = []
+    for i, raw in enumerate(data.split(b"\n")):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            dropped.append((first_line + i, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+            continue
+        keep.append(raw)
+        kept.append(first_line + i)
+    return b"\n".join(keep), kept, dropped
 
 
 def _record_lines(rows: int, first_line: int, skipped: list[int]) -> np.ndarray:

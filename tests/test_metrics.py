@@ -15,7 +15,7 @@ from services.metrics.rates import Rates
 from services.metrics.service import MetricsService
 from shared import durable
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import MeshConfig, load_durable_config
 from shared.histogram import LatencyHistogram
 from shared.schemas import (
     ActorStats,
@@ -79,7 +79,7 @@ async def test_queue_lag_and_training_progress_become_series(
     async with MetricsService(fast) as metrics:
         names = metrics.names
         js = nc.jetstream()
-        for config in durable.stream_configs(names):
+        for config in durable.stream_configs(names, load_durable_config()):
             await js.add_stream(config)
         subject = names.durable_request("m", "1")
         sub = await js.pull_subscribe(subject, durable="infer-m-1", stream=names.requests_stream)

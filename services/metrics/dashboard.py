@@ -9,6 +9,10 @@ service keeps (a :class:`DashboardSource`), so they are cheap and never touch NA
   (``?window_s=`` for another window)
 - ``GET /api/experiments``, ``GET /api/experiments/{model}``: experiment reports
 - ``GET /api/traces`` (``?limit=``), ``GET /api/traces/{trace_id}``: recent traces, one trace's spans
+
+With API keys configured (``[metrics] api_keys``, :mod:`shared.apikeys`), :func:`key_check`
+asks every route for one (scope ``read`` or ``admin``), Prometheus's ``/metrics`` too unless
+``metrics_open``.  A browser gets a Basic login prompt: any user name, the key as password.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from services.metrics.timeseries import History
 from services.metrics.traces import TraceStore
+from shared.apikeys import KeyRing, presented_key
 from shared.schemas import ExperimentReport, ScaleDecision
 
 OVERVIEW_WINDOW_S = 900.0
+SCOPES = ("read", "admin")  # the same access today: every route only reads
+PROMETHEUS_PATH = "/metrics"
 MAX_TRACES_LISTED = 200
 _encoder = msgspec.json.Encoder()
 
@@ -95,6 +103,29 @@ def add_routes(app: web.Application, source: DashboardSource) -> None:
     app.router.add_get("/api/experiments/{model}", experiment)
     app.router.add_get("/api/traces", traces)
     app.router.add_get("/api/traces/{trace_id}", one_trace)
+
+
+def parse_keys(entries: list[str]) -> KeyRing:
+    """``["k1:read", "sha256:<hex>:admin"]`` → the metrics service's key ring (``ValueError`` if malformed)."""
+    return KeyRing.parse(entries, SCOPES)
+
+
+def key_check(keys: KeyRing, *, metrics_open: bool = True) -> Middleware:
+    """A middleware that answers 401 (with a Basic login prompt, for browsers) to a request
+    without a valid key; ``/metrics`` stays open when ``metrics_open``."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if metrics_open and request.path == PROMETHEUS_PATH:
+            return await handler(request)
+        if keys.scope_of(presented_key(request.headers)) is None:
+            message = "a valid API key is required (Authorization: Bearer KEY, X-API-Key: KEY, or as the password)"
+            response = _json({"error": message}, status=401)
+            response.headers["WWW-Authenticate"] = 'Basic realm="aimesh metrics", charset="UTF-8"'
+            return response
+        return await handler(request)
+
+    return check
 
 
 def _json(body: Any, status: int = 200) -> web.Response:

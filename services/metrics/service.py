@@ -37,6 +37,8 @@ from nats.js.kv import KeyValue
 
 from services.metrics.autoscale import Autoscaler, PoolObservation
 from services.metrics.dashboard import add_routes as add_dashboard_routes
+from services.metrics.dashboard import key_check
+from services.metrics.dashboard import parse_keys as parse_dashboard_keys
 from services.metrics.experiments import ExperimentBook
 from services.metrics.prometheus import CONTENT_TYPE, MeshView, QueueLag, TrainingFigures, render
 from services.metrics.rates import Rates
@@ -46,7 +48,7 @@ from shared import events
 from shared.actor import Call
 from shared.clock import rfc3339_now
 from shared.config import AutoscaleConfig, MetricsConfig, load_autoscale_config, load_metrics_config
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, ConfigError, NotFound
 from shared.experiments import autoscale_lease_key, split_key
 from shared.httpserve import serve_app
 from shared.kv import Lease, follow
@@ -65,6 +67,7 @@ from shared.schemas import (
     Variant,
 )
 from shared.service import Service
+from shared.tls import check_http_exposure
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,13 @@ class MetricsService(Service):
         self.add_actor(
             "experiments", self.names.experiments_query, self.experiment_query, ExperimentQuery, max_concurrency=8
         )
-        app = web.Application()
+        cfg = self.metrics_config
+        try:
+            keys = parse_dashboard_keys(cfg.api_keys)
+        except ValueError as exc:
+            raise ConfigError(f"[metrics] api_keys: {exc}") from None
+        check_http_exposure("metrics", cfg.host, has_keys=bool(keys), insecure=cfg.insecure)
+        app = web.Application(middlewares=[key_check(keys, metrics_open=cfg.metrics_open)] if keys else [])
         app.router.add_get("/metrics", self._metrics)
         add_dashboard_routes(app, self)
         self._runner, self.http_url = await serve_app(app, self.metrics_config.host, self.metrics_config.port)

@@ -2,7 +2,8 @@
 
 Handlers ask a :class:`Gateway` for state and inference; they never touch NATS directly.
 Errors are ``{"error": "..."}`` with the status a :class:`ServiceError` carries (400, 404, 429
-with ``Retry-After``, 503, 504).
+with ``Retry-After``, 503, 504), or 401 / 403 from the API keys (:mod:`shared.apikeys`: kept as
+digests, compared in constant time; every route under ``/admin/`` needs the admin scope).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from services.router import oip, openapi
 from shared import tracing
+from shared.apikeys import KeyRing, presented_key
 from shared.errors import BadRequest, MeshTimeout, Overloaded, ServiceError
 from shared.names import Header
 from shared.schemas import DurableResult, Feedback, Split
@@ -84,19 +86,29 @@ def from_exception(exc: Exception) -> web.Response:
     raise exc
 
 
-OPEN_PATHS = ("/v2/health/", "/openapi.json")
+# Routes that need no key (by route template): health probes and the API's description.
+OPEN_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json"})
+ADMIN_PREFIX = "/admin/"
+SCOPES = ("infer", "admin")  # admin may also infer
 TIMEOUT_HEADER = "Aimesh-Timeout-Ms"
 
 
-def parse_keys(entries: list[str]) -> dict[str, str]:
-    """``["k1:admin", "k2:infer"]`` → {key: scope}."""
-    keys = {}
-    for entry in entries:
-        key, _, scope = entry.rpartition(":")
-        if not key or scope not in ("infer", "admin"):
-            raise ValueError(f"API key entry {entry!r} must be KEY:infer or KEY:admin")
-        keys[key] = scope
-    return keys
+def parse_keys(entries: list[str]) -> KeyRing:
+    """``["k1:admin", "sha256:<hex>:infer"]`` → the router's key ring (``ValueError`` if malformed)."""
+    return KeyRing.parse(entries, SCOPES)
+
+
+def needs_scope(request: web.Request) -> str | None:
+    """The scope a request needs: None for the open routes, ``admin`` for every route under
+    ``/admin/`` (whatever the method), else ``infer``.  Decided by the route aiohttp matched,
+    and by the path too, so no spelling of a path reaches an admin handler with less."""
+    resource = request.match_info.route.resource
+    template = resource.canonical if resource is not None else None
+    if (template is not None and template.startswith(ADMIN_PREFIX)) or request.path.startswith(ADMIN_PREFIX):
+        return "admin"
+    if template in OPEN_ROUTES:
+        return None
+    return "infer"
 
 
 def build_app(
@@ -105,7 +117,7 @@ def build_app(
     max_body_bytes: int,
     timeout_s: float = 30.0,
     max_concurrency: int = 1024,
-    api_keys: dict[str, str] | None = None,
+    api_keys: KeyRing | None = None,
 ) -> web.Application:
     in_flight = 0
     traced = not tracing.tracing_disabled()
@@ -114,7 +126,7 @@ def build_app(
     async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
         """Everything around a handler, in one layer (each middleware layer costs per request):
         the SERVER span (named by route template, current while the handler runs, so the NATS
-        request is its child), API keys (Bearer or X-API-Key; /admin needs the admin scope), the
+        request is its child), API keys (see :func:`needs_scope`), the
         bound on requests in flight, and errors as {"error"} with their status."""
         nonlocal in_flight
         span = token = None
@@ -124,14 +136,17 @@ def build_app(
             span = tracing.start_server_span(request.method, route, request.path, request.headers)
             token = tracing.activate(span)
         try:
-            if api_keys and not request.path.startswith(OPEN_PATHS):
-                auth = request.headers.get("Authorization", "")
-                key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-API-Key", "")
-                scope = api_keys.get(key)
+            needed = needs_scope(request) if api_keys else None
+            if needed is not None and api_keys:
+                scope = api_keys.scope_of(presented_key(request.headers))
                 if scope is None:
-                    return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
-                if request.path.startswith("/admin/") and scope != "admin":
-                    return error(403, "this API key may not change splits or deployments (admin scope needed)")
+                    return error(
+                        401,
+                        "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                        {"WWW-Authenticate": 'Bearer realm="aimesh"'},
+                    )
+                if needed == "admin" and scope != "admin":
+                    return error(403, f"this API key has the {scope} scope: {request.path} needs the admin scope")
             if in_flight >= max_concurrency:
                 return error(
                     429,

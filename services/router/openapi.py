@@ -98,7 +98,11 @@ def _model_paths(with_version: bool) -> dict[str, Any]:
 
 def document(version: str) -> dict[str, Any]:
     split_ops = {
-        "get": {"summary": "A model's traffic split", "parameters": [MODEL], "responses": _responses("split", 404)},
+        "get": {
+            "summary": "A model's traffic split (admin)",
+            "parameters": [MODEL],
+            "responses": _responses("split", 401, 403, 404),
+        },
         "put": {
             "summary": "Set a model's traffic split (admin)",
             "parameters": [MODEL],

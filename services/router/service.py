@@ -26,7 +26,7 @@ from services.router.stats import ExposureLog, RouteCounters
 from shared import durable, events
 from shared.actor import Call
 from shared.client import infer_with_fallback, request, stream
-from shared.config import RouterConfig, load_router_config
+from shared.config import RouterConfig, load_durable_config, load_router_config
 from shared.discovery import discover
 from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
 from shared.experiments import delete_split, put_split
@@ -50,6 +50,7 @@ from shared.schemas import (
 from shared.service import Service
 from shared.splits import mirrors_for
 from shared.tensors import from_wire, to_wire
+from shared.tls import check_http_exposure, server_context
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class RouterService(Service):
         self.deployments: KeyValue = await self.ensure_kv(self.names.deployments_bucket)
         self.experiments: KeyValue = await self.ensure_kv(self.names.experiments_bucket)
         await self.ensure_kv(self.names.registry_bucket)
-        for config in durable.stream_configs(self.names):
+        self.durable_config = load_durable_config()
+        for config in durable.stream_configs(self.names, self.durable_config):
             await self.ensure_stream(config)
         await self.ensure_stream(events.stream_config(self.names))
         self.counters = RouteCounters()
@@ -92,6 +94,13 @@ class RouterService(Service):
             keys = parse_keys(cfg.api_keys)
         except ValueError as exc:
             raise ConfigError(f"[router] api_keys: {exc}") from None
+        check_http_exposure("router", cfg.host, has_keys=bool(keys), insecure=cfg.insecure)
+        if cfg.tls_cert is None and cfg.tls_key is None:
+            tls = None
+        elif cfg.tls_cert and cfg.tls_key:
+            tls = server_context(cfg.tls_cert, cfg.tls_key)
+        else:
+            raise ConfigError("[router] tls_cert and tls_key go together: set both for HTTPS, or neither")
         app = build_app(
             self,
             max_body_bytes=cfg.max_body_bytes,
@@ -101,7 +110,9 @@ class RouterService(Service):
         )
         add_openai_routes(app, self.lm_models, self.generate)
         # SO_REUSEPORT: several routers on one host share the port (aimesh up --router N).
-        self._runner, self.http_url = await serve_app(app, cfg.host, cfg.port, reuse_port=cfg.port != 0)
+        self._runner, self.http_url = await serve_app(
+            app, cfg.host, cfg.port, reuse_port=cfg.port != 0, ssl_context=tls
+        )
 
     async def after_start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,6 +195,7 @@ class RouterService(Service):
             self._lm.add(deployment.model)
 
     def _route(self, model: str, version: str | None, headers: Mapping[str, str] | None) -> Route:
+        durable.check_names(model, version)  # 400 before anything names a subject with them
         split = None if version else self.table.splits.get(model)
         key = (headers or {}).get(split.sticky) if split is not None and split.sticky else None
         return self.table.route(model, version, key)
@@ -208,12 +220,15 @@ class RouterService(Service):
         request_id: str | None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[str, str]:
+        """Queue a durable request for a deployed version (400 for a name that is not a token,
+        404 for one not deployed, 429 when the requests stream is full: nothing queued)."""
         served = self._route(model, version, headers).version
         req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id or "")
-        return await durable.submit(self.js, self.names, model, served, req), served
+        deployments = self.table.deployments.values()
+        return await durable.submit(self.js, self.names, model, served, req, deployments=deployments), served
 
     async def durable_result(self, request_id: str) -> DurableResult:
-        return await durable.fetch(self.js, self.names, request_id)
+        return await durable.fetch(self.js, self.names, request_id, kept_s=self.durable_config.results_max_age_s)
 
     async def infer(
         self,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services import SERVICE_NAMES
-from shared.config import config_path, load_mesh_config, load_up_config, read_toml
+from shared.config import config_path, load_autoscale_config, load_mesh_config, load_up_config, read_toml
 from shared.errors import ConfigError, MeshError
 from shared.names import Names
 from shared.schemas import ColumnSpec, DeployRequest, Guardrails, IngestRequest, TrainRequest
@@ -45,6 +45,31 @@ def _add_up_flags(p: argparse.ArgumentParser) -> None:
     for name in SERVICE_NAMES:
         p.add_argument(f"--{name}", type=int, metavar="N", help=f"instances of {name}")
     p.add_argument("--log-format", choices=["text", "json"], help="service log format")
+    p.add_argument(
+        "--credentials",
+        metavar="DIR",
+        help="with --nats-url: the <role>.nk seeds `aimesh auth init` wrote (each service gets its role's)",
+    )
+    p.add_argument("--host", help="the embedded nats-server's listen address (default 127.0.0.1)")
+    p.add_argument(
+        "--tls",
+        action="store_const",
+        const=True,
+        help="TLS on the bus and the gateway (a local CA in the data dir)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="accept listening beyond loopback without authentication and TLS",
+    )
+    p.add_argument(
+        "--no-auth",
+        dest="auth",
+        action="store_const",
+        const=False,
+        help="run the embedded NATS open to any local process (debugging only; default: one identity per role)",
+    )
     p.add_argument(
         "--autoscale",
         action="store_true",
@@ -82,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--max-reject-ratio", type=float, default=0.01, help="abort above this share (default 0.01)")
     ingest.add_argument("--seq-len", type=int, default=128, help="text: tokens per sequence (default 128)")
     ingest.add_argument("--demo", action="store_true", help="ingest the built-in demo sets (digits, pytext)")
+    ingest.add_argument(
+        "--upload", action="store_true", help="send the local file through the mesh (the service need not see it)"
+    )
     _add_client_flags(ingest)
 
     train = sub.add_parser("train", help="train a model on a dataset across trainer nodes")
@@ -163,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     feedback.add_argument("reward", type=float, help="a reward, or 1 / 0 for a conversion")
     _add_client_flags(feedback, json_flag=False)
 
+    auth = sub.add_parser(
+        "auth", help="identities on the bus: `auth init DIR` for an external NATS, `auth permissions`"
+    )
+    auth_sub = auth.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = auth_sub.add_parser(
+        "init", help="write a seed per role and the server's authorization block (nats-server.conf) into DIR"
+    )
+    init.add_argument("dir", help="where to write <role>.nk (0600) and nats-server.conf")
+    init.add_argument("--prefix", help="the mesh's subject prefix (default: aimesh)")
+    init.add_argument("--rotate", action="append", default=[], metavar="ROLE", help="new seed for ROLE (repeatable)")
+    perms = auth_sub.add_parser("permissions", help="print each role's publish/subscribe grants")
+    perms.add_argument("--role", help="only this role")
+    perms.add_argument("--prefix", help="the mesh's subject prefix (default: aimesh)")
+    perms.add_argument("--json", action="store_true", help="machine-readable output")
+
     datasets = sub.add_parser("datasets", help="list datasets, or `datasets show NAME[@VERSION]`")
     datasets.add_argument("action", nargs="?", choices=["show"], help="show one dataset version")
     datasets.add_argument("ref", nargs="?", help="NAME[@VERSION] (default version: latest)")
@@ -185,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "split": cmd_split,
         "experiments": cmd_experiments,
         "feedback": cmd_feedback,
+        "auth": cmd_auth,
     }
     try:
         code = commands[args.command](args)
@@ -222,7 +266,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from aimesh.supervisor import Supervisor
     from shared.logs import setup_logging
 
-    overrides = {k: getattr(args, k) for k in ("data_dir", "port", "http_port", *SERVICE_NAMES)}
+    overrides = {k: getattr(args, k) for k in ("data_dir", "port", "http_port", "auth", "credentials", *SERVICE_NAMES)}
     up = load_up_config(overrides=overrides)
     child_env = _mesh_env(args)
     if args.log_format:
@@ -244,7 +288,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        supervisor = Supervisor(up, nats_url=nats_url, child_env=child_env, drain_timeout_s=mesh.drain_timeout_s)
+        supervisor = Supervisor(
+            up,
+            nats_url=nats_url,
+            child_env=child_env,
+            drain_timeout_s=mesh.drain_timeout_s,
+            credentials_dir=Path(up.credentials) if up.credentials else None,
+            autoscale=load_autoscale_config(env=os.environ | child_env),
+        )
         if args.command != "demo":
             return await supervisor.run(stop)
         from aimesh.demo import run_demo
@@ -268,13 +319,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- clients ------------------------------------------------------------------------------------
 def _resolve_nats_url(args: argparse.Namespace) -> str:
+    """The NATS this command talks to.  The local mesh's state file also says where its operator
+    identity is; it is used unless ``AIMESH_NATS_NKEY`` names another."""
     from aimesh.supervisor import read_state
 
+    if args.prefix:
+        os.environ["AIMESH_PREFIX"] = args.prefix  # the operator's reply inbox is named after it
+    state = read_state(args.data_dir or load_up_config().data_dir)
+    if state and state.get("credentials") and not os.environ.get("AIMESH_NATS_NKEY"):
+        os.environ["AIMESH_NATS_NKEY"] = str(Path(str(state["credentials"])) / "operator.nk")
+    if state and state.get("tls_ca") and not os.environ.get("AIMESH_NATS_TLS_CA"):
+        os.environ["AIMESH_NATS_TLS_CA"] = str(state["tls_ca"])
     if args.nats_url:
         return str(args.nats_url)
     if os.environ.get("AIMESH_NATS_URL") or os.environ.get("NATS_URL"):
         return load_mesh_config().nats_url
-    state = read_state(args.data_dir or load_up_config().data_dir)
     if state and state.get("nats_url"):
         return str(state["nats_url"])
     return load_mesh_config().nats_url
@@ -327,6 +386,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if not args.paths or not args.dataset:
         print("aimesh ingest: give PATH... and --dataset NAME (or --demo)", file=sys.stderr)
         return EXIT_USAGE
+    upload = Path(args.paths[0]) if args.upload else None
+    if upload is not None and (len(args.paths) != 1 or not upload.is_file()):
+        print("aimesh ingest --upload: give one file (folders are read by the service only)", file=sys.stderr)
+        return EXIT_USAGE
     req = IngestRequest(
         paths=[str(Path(p).resolve()) for p in args.paths],
         dataset=args.dataset,
@@ -338,7 +401,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         max_reject_ratio=args.max_reject_ratio,
         seq_len=args.seq_len,
     )
-    return run(ingest_one(url, names, req, args.json))
+    return run(ingest_one(url, names, req, args.json, upload))
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -512,3 +575,36 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     from aimesh.experiments_cmd import feedback
 
     return run(feedback(_resolve_nats_url(args), _names(args), args.model, args.id, args.reward))
+
+
+# -- auth ---------------------------------------------------------------------------------------
+def cmd_auth(args: argparse.Namespace) -> int:
+    from shared import auth
+
+    names = Names(args.prefix or load_mesh_config().prefix)
+    if args.action == "permissions":
+        roles = [auth.check_role(args.role)] if args.role else list(auth.ROLES)
+        grants = {role: auth.role_grant(names, role).to_server() for role in roles}
+        if args.json:
+            print(json.dumps(grants, indent=2))
+        else:
+            for role, grant in grants.items():
+                print(f"{role}:")
+                for verb in ("publish", "subscribe"):
+                    allow = grant[verb]
+                    assert isinstance(allow, dict)
+                    print(f"  {verb}: {', '.join(allow['allow'])}")
+                print(f"  replies to requests: {'yes' if 'allow_responses' in grant else 'no'}")
+        return EXIT_OK
+    for role in args.rotate:
+        auth.check_role(role)
+    directory = Path(args.dir)
+    keys = auth.ensure_seeds(directory, rotate=args.rotate)
+    config = directory / "nats-server.conf"
+    auth.write_private(config, auth.server_config(names, keys).encode())
+    print(f"wrote {len(keys)} identities ({', '.join(keys)}) as {directory}/<role>.nk (0600)")
+    print(f"wrote the server's authorization block to {config}: `include` it in every server's config")
+    if args.rotate:
+        print(f"rotated {', '.join(args.rotate)}: reload the servers (nats-server --signal reload), then restart")
+        print("the processes of those roles with the new seeds")
+    return EXIT_OK

@@ -28,6 +28,8 @@ from nats.aio.client import Client as NatsClient
 
 from shared import durable
 from shared.client import infer_with_fallback, stream
+from shared.config import MeshConfig
+from shared.connect import connect_options
 from shared.errors import MeshTimeout
 from shared.kv import follow, open_bucket
 from shared.names import Names
@@ -52,8 +54,13 @@ class MeshClient:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def connect(cls, url: str = "nats://127.0.0.1:4222", prefix: str = "aimesh") -> MeshClient:
-        client = cls(await nats.connect(url), Names(prefix))
+    async def connect(
+        cls, url: str = "nats://127.0.0.1:4222", prefix: str = "aimesh", *, nkey: str | None = None
+    ) -> MeshClient:
+        """``nkey``: the seed file of the identity to use (the operator's on a mesh with identities:
+        ``<data_dir>/auth/operator.nk`` under ``aimesh up``)."""
+        config = MeshConfig(nats_url=url, prefix=prefix, nats_nkey=nkey)
+        client = cls(await nats.connect(**connect_options(config, f"{prefix}-client", role="operator")), Names(prefix))
         await client._follow()
         return client
 

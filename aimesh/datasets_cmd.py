@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
-from nats.js.errors import KeyNotFoundError
+from nats.js.api import ObjectMeta
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
 from aimesh.progress import manifest_text, progress_line, rejects_text
 from shared.client import request
+from shared.config import load_mesh_config
+from shared.connect import connect_options, connect_single
 from shared.datasets import get_manifest, list_manifests, parse_ref
-from shared.errors import MeshError
+from shared.errors import ConfigError, MeshError, Unavailable
 from shared.names import Names
+from shared.registry import put_object
 from shared.schemas import DatasetManifest, IngestAccepted, IngestJob, IngestRequest
 
 _job = msgspec.json.Decoder(IngestJob)
@@ -27,15 +33,22 @@ def exit_code(exc: MeshError) -> int:
     return 2 if getattr(exc, "code", 500) < 500 else 1
 
 
-async def connect_once(url: str, timeout_s: float = 5.0) -> NatsClient:
-    """One connection for a command: fails within ``timeout_s`` when NATS does not answer (nats-py
-    keeps retrying a refused first connection, even with reconnects off)."""
+async def connect_once(
+    url: str, timeout_s: float = 5.0, *, nkey: str | None = None, prefix: str | None = None
+) -> NatsClient:
+    """One connection for a command, as the operator (the seed in ``AIMESH_NATS_NKEY``): fails
+    within ``timeout_s`` when NATS does not answer (nats-py keeps retrying a refused first
+    connection, even with reconnects off), at once when it refuses the identity."""
+    config = load_mesh_config(overrides={"nats_url": url, "nats_nkey": nkey, "prefix": prefix})
+    options = connect_options(config, f"{config.prefix}-cli", role="operator")
+    options |= {"connect_timeout": 3, "allow_reconnect": False, "max_reconnect_attempts": 0}
     try:
-        return await asyncio.wait_for(
-            nats.connect(url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=0), timeout_s
-        )
+        return await asyncio.wait_for(connect_single(options), timeout_s)
     except (nats.errors.NoServersError, TimeoutError, OSError) as exc:
         raise ConnectionError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from exc
+    except nats.errors.Error as exc:
+        hint = "" if config.nats_nkey else " (no identity given: set AIMESH_NATS_NKEY to the operator's seed file)"
+        raise ConfigError(f"NATS at {url} refused this client: {exc}{hint}") from None
 
 
 async def ingest(
@@ -75,9 +88,34 @@ async def ingest(
     return job, await get_manifest(nc.jetstream(), names, job.dataset, job.version)
 
 
-async def cmd_ingest(url: str, names: Names, req: IngestRequest, as_json: bool) -> int:
+async def upload(nc: NatsClient, names: Names, path: Path) -> str:
+    """Put a local file into the uploads bucket for ``IngestRequest(object=...)``; returns its
+    name, ``sha256-<hex of the content>`` (an upload already there is not sent again).  The file
+    name goes in the object's description, for the service to tell the format by."""
+    data = await asyncio.to_thread(path.read_bytes)
+    name = f"sha256-{hashlib.sha256(data).hexdigest()}"
+    try:
+        store = await nc.jetstream().object_store(names.uploads_bucket)
+    except (NotFoundError, BucketNotFoundError):
+        raise Unavailable(f"no uploads bucket {names.uploads_bucket}: is an ingest service running?") from None
+    try:
+        info = await store.get_info(name)
+        if info.size == len(data) and info.description == path.name:
+            return name
+    except ObjectNotFoundError:
+        pass
+    await put_object(store, name, data)
+    await store.update_meta(name, ObjectMeta(name=name, description=path.name))
+    return name
+
+
+async def cmd_ingest(url: str, names: Names, req: IngestRequest, as_json: bool, upload_path: Path | None = None) -> int:
+    """Submit ``req`` and follow it; with ``upload_path``, upload that file first and submit it
+    by reference (``req.object``)."""
     nc = await connect_once(url)
     try:
+        if upload_path is not None:
+            req = msgspec.structs.replace(req, paths=[], object=await upload(nc, names, upload_path))
         job, manifest = await ingest(nc, names, req, progress=not as_json and sys.stderr.isatty())
     except MeshError as exc:
         print(f"aimesh ingest: {exc}", file=sys.stderr)

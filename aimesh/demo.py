@@ -17,10 +17,9 @@ import random
 import sys
 
 import msgspec
-import nats
 from nats.aio.client import Client as NatsClient
 
-from aimesh.datasets_cmd import ingest
+from aimesh.datasets_cmd import connect_once, ingest
 from aimesh.progress import manifest_text
 from aimesh.supervisor import Supervisor
 from aimesh.train_cmd import train, version_text
@@ -255,10 +254,10 @@ async def _experiment(nc: NatsClient, names: Names) -> int:
     return 0
 
 
-async def _metrics_url(url: str | None, names: Names) -> str:
+async def _metrics_url(url: str | None, names: Names, nkey: str | None) -> str:
     if url is None:
         return ""
-    nc = await nats.connect(url)
+    nc = await connect_once(url, nkey=nkey, prefix=names.prefix)
     try:
         found = await discover(nc, "PING", MicroPing, name=names.micro_name("metrics"), wait_s=0.5)
     finally:
@@ -270,7 +269,7 @@ async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *,
     await supervisor.started.wait()
     assert supervisor.nats_url is not None
     code = 0
-    nc = await nats.connect(supervisor.nats_url)
+    nc = await connect_once(supervisor.nats_url, nkey=supervisor.seed("operator"), prefix=names.prefix)
     try:
         await wait_for_service(nc, names, "ingest")
         for req in DEMO_SETS:
@@ -292,7 +291,7 @@ async def run_demo(supervisor: Supervisor, names: Names, stop: asyncio.Event, *,
         code = 1
     finally:
         await nc.close()
-    metrics = await _metrics_url(supervisor.nats_url, names)
+    metrics = await _metrics_url(supervisor.nats_url, names, supervisor.seed("operator"))
     if metrics:
         print(f"\ndashboard: {metrics}/   Prometheus: {metrics}/metrics", flush=True)
     print(

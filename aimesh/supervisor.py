@@ -10,8 +10,11 @@
   loop (``crash_loop_restarts`` crashes within ``crash_loop_window_s``) is logged at CRITICAL
   on every further crash and shown in the state file, never hidden.
 - Scale decisions (``ScaleDecision`` on ``<prefix>.scale.<service>``, from the metrics
-  service's autoscaler) are carried out with ``scale()``: new instances start, surplus ones get
-  SIGTERM and drain.  A message that does not decode is logged and counted, never fatal.
+  service's autoscaler) are followed only when autoscaling is on, only for its pool and only
+  within its ``[min_replicas, max_replicas]`` (the router and metrics never to zero); on a mesh
+  with identities only the metrics identity may publish them.  They are carried out with
+  ``scale()``: new instances start, surplus ones get SIGTERM and drain.  A message that does not
+  decode or asks for what is not allowed is logged and counted, never fatal.
 - Shutdown (SIGTERM or Ctrl-C): scale decisions stop being followed (the supervisor's NATS
   connection closes while the server is still up), every instance gets SIGTERM and drains (up
   to the services' drain timeout plus a margin), stragglers are killed, then the server stops.
@@ -39,16 +42,19 @@ from nats.aio.msg import Msg
 
 from aimesh.restart import RestartPolicy
 from services import SERVICE_NAMES
-from shared.config import UpConfig, load_mesh_config
+from shared import auth
+from shared.config import AutoscaleConfig, UpConfig, config_path, load_mesh_config, read_toml
 from shared.connect import connect
 from shared.names import Names
 from shared.natsserver import NatsServer, die_with_parent
 from shared.schemas import ScaleDecision
+from shared.tls import LocalPki, check_exposure, ensure_local_pki, is_loopback
 
 log = logging.getLogger("aimesh.up")
 
 STATE_FILE = "mesh.json"
 MAX_REPLICAS = 64  # per service: a decision above this is refused (a bug or a bad message, not load)
+NEVER_TO_ZERO = ("router", "metrics")  # the gateway and the autoscaler itself
 
 
 @dataclass
@@ -78,10 +84,22 @@ class Supervisor:
         nats_url: str | None,
         child_env: dict[str, str],
         drain_timeout_s: float,
+        credentials_dir: Path | None = None,
+        autoscale: AutoscaleConfig | None = None,
     ) -> None:
         self.up = up
+        self.autoscale = autoscale if autoscale is not None and autoscale.enabled else None
         self.nats_url = nats_url
         self.data_dir = Path(up.data_dir)
+        # One nkey seed per role: generated here for the embedded server (unless auth is off),
+        # given for an external NATS (`aimesh auth init` writes them), else none.
+        if credentials_dir is None and nats_url is None and up.auth:
+            credentials_dir = self.data_dir / "auth"
+        self.credentials_dir = credentials_dir.resolve() if credentials_dir is not None else None
+        self.pki: LocalPki | None = None
+        if up.tls:
+            extra = () if is_loopback(up.host) or up.host in ("0.0.0.0", "::") else (up.host,)
+            self.pki = ensure_local_pki((self.data_dir / "tls").resolve(), extra)
         self.child_env = child_env
         self.drain_timeout_s = drain_timeout_s
         self.server: NatsServer | None = None
@@ -103,10 +121,12 @@ class Supervisor:
         if self.nats_url is None:
             self.server = NatsServer(
                 store_dir=self.data_dir / "nats",
+                host=self.up.host,
                 port=self.up.port,
                 http_port=self.up.http_port,
                 log_file=self.data_dir / "nats-server.log",
                 die_with_parent=True,
+                extra_args=self._server_config_args(),
             )
             # Started from the loop's (main) thread: die_with_parent ties it to this thread.
             self.server.start()
@@ -124,10 +144,57 @@ class Supervisor:
         for service in SERVICE_NAMES:
             self.scale(service, getattr(self.up, service))
         self._write_state()
-        self._follow_task = asyncio.create_task(self._follow_decisions(), name="scale-decisions")
+        if self.autoscale is not None:
+            self._follow_task = asyncio.create_task(self._follow_decisions(), name="scale-decisions")
+        else:
+            log.info("autoscaling off: scale decisions are not followed")
         self.started.set()
         await stop.wait()
         return await self.shutdown()
+
+    def _server_config_args(self) -> list[str]:
+        """The embedded server's config file: every role's identity and permissions, and TLS."""
+        check_exposure(
+            "the embedded nats-server",
+            self.up.host,
+            protected=self.credentials_dir is not None and self.pki is not None,
+            needs="authentication and TLS (the default identities, and --tls)",
+            override=self.up.insecure,
+            setting="[up] insecure (AIMESH_UP_INSECURE)",
+        )
+        parts: list[str] = []
+        if self.credentials_dir is not None:
+            prefix = self.child_env.get("AIMESH_PREFIX", "aimesh")
+            parts.append(auth.server_config(Names(prefix), auth.ensure_seeds(self.credentials_dir)))
+        if self.pki is not None:
+            block = {"cert_file": str(self.pki.cert), "key_file": str(self.pki.key), "timeout": 5}
+            parts.append(f"tls: {json.dumps(block)}\n")
+        if not parts:
+            return []
+        config = self.data_dir / "nats-server.conf"
+        auth.write_private(config, "".join(parts).encode())
+        return ["-c", str(config)]
+
+    def seed(self, role: str) -> str | None:
+        """The seed file of ``role``'s identity, when the mesh has identities."""
+        return str(auth.seed_path(self.credentials_dir, role)) if self.credentials_dir is not None else None
+
+    def role_env(self, role: str) -> dict[str, str]:
+        """What a process of ``role`` is given to join the mesh: its identity, the CA to trust
+        and, for the router, the certificate to serve HTTPS with."""
+        seed = self.seed(role)
+        env = {"AIMESH_NATS_NKEY": seed} if seed else {}
+        configured = "AIMESH_INGEST_ROOTS" in os.environ | self.child_env or "roots" in read_toml(config_path()).get(
+            "ingest", {}
+        )
+        if role == "ingest" and not configured:
+            # What a laptop user ingests: files under where they started the mesh, and its data dir.
+            env["AIMESH_INGEST_ROOTS"] = json.dumps([os.getcwd(), str(self.data_dir.resolve())])
+        if self.pki is not None:
+            env["AIMESH_NATS_TLS_CA"] = str(self.pki.ca)
+            if role == "router":
+                env |= {"AIMESH_ROUTER_TLS_CERT": str(self.pki.cert), "AIMESH_ROUTER_TLS_KEY": str(self.pki.key)}
+        return env
 
     def replicas(self, service: str) -> int:
         """Instances ``service`` is meant to have now (draining ones not counted)."""
@@ -188,7 +255,7 @@ class Supervisor:
                 pass
 
     async def _spawn(self, slot: Slot) -> asyncio.subprocess.Process:
-        env = os.environ | self.child_env | {"AIMESH_NATS_URL": self.nats_url or ""}
+        env = os.environ | self.child_env | {"AIMESH_NATS_URL": self.nats_url or ""} | self.role_env(slot.service)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -204,12 +271,13 @@ class Supervisor:
     async def _follow_decisions(self) -> None:
         """Connect (retrying until NATS answers; reconnecting forever after) and subscribe to the
         scale decisions.  Runs after the services were launched, so a slow NATS delays nothing."""
-        env = os.environ | self.child_env | {"AIMESH_NATS_URL": self.nats_url or ""}
+        env = os.environ | self.child_env | {"AIMESH_NATS_URL": self.nats_url or ""} | self.role_env("supervisor")
         try:
             config = load_mesh_config(env=env)
             self._nc = await connect(
                 config,
                 f"{config.prefix}-supervisor",
+                role="supervisor",
                 error_cb=self._on_nats_error,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
@@ -242,13 +310,21 @@ class Supervisor:
             self.bad_decisions += 1
             log.warning("scale decision for %r skipped: not a service (%s)", decision.pool, ", ".join(SERVICE_NAMES))
             return
-        if not 0 <= decision.desired <= MAX_REPLICAS:
+        policy = self.autoscale
+        if policy is None or decision.pool != policy.pool:
+            self.bad_decisions += 1
+            log.warning("scale decision for %s skipped: that pool is not autoscaled here", decision.pool)
+            return
+        low = max(policy.min_replicas, 1 if decision.pool in NEVER_TO_ZERO else 0)
+        high = min(policy.max_replicas, MAX_REPLICAS)
+        if not low <= decision.desired <= high:
             self.bad_decisions += 1
             log.warning(
-                "scale decision for %s skipped: %d instances asked, between 0 and %d possible",
+                "scale decision for %s skipped: %d instances asked, between %d and %d allowed",
                 decision.pool,
                 decision.desired,
-                MAX_REPLICAS,
+                low,
+                high,
             )
             return
         before = self.replicas(decision.pool)
@@ -334,6 +410,9 @@ class Supervisor:
             "monitor_url": self.server.monitor_url if self.server else None,
             "supervisor_pid": os.getpid(),
             "prefix": self.child_env.get("AIMESH_PREFIX", "aimesh"),
+            # Where the CLI finds the operator identity (the seed files are 0600 in a 0700 dir).
+            "credentials": str(self.credentials_dir) if self.credentials_dir else None,
+            "tls_ca": str(self.pki.ca) if self.pki else None,
             "crash_loops": [s.label for s in self.slots if s.crash_loop],
             "replicas": {service: self.replicas(service) for service in SERVICE_NAMES},
         }

@@ -16,6 +16,10 @@ One responder process and one requester process per row, on a fresh embedded nat
 
 Each figure is the median of ``--rounds`` runs of ``--seconds`` each, after a warm-up; rows for
 one concurrency run back to back, so ratios compare like with like.
+
+``--secure`` measures what identities and TLS cost instead: the raw and the default actor rows
+against an open server and against a server that admits only two nkeys (responder, requester,
+each with its own permissions) over TLS with a local CA, interleaved in one run.
 """
 
 from __future__ import annotations
@@ -60,10 +64,18 @@ class BenchService(Service):
 
 
 # -- roles (each runs in its own process) ---------------------------------------------------------
+def _connect_options(url: str) -> dict[str, Any]:
+    """The mesh's own connection options: the nkey seed and CA from the environment, if any."""
+    from shared.config import load_mesh_config
+    from shared.connect import connect_options
+
+    return connect_options(load_mesh_config(overrides={"nats_url": url, "prefix": "bench"}), "bench")
+
+
 async def _raw_responder(url: str) -> None:
     import nats
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(**_connect_options(url))
 
     async def cb(msg: Any) -> None:
         await nc.publish(msg.reply, msg.data)
@@ -91,7 +103,7 @@ async def _requester(url: str, concurrency: int, seconds: float, client: str) ->
 
     if client == "aimesh":
         setup_tracing("bench-client", "requester", "0", "bench")
-    nc = await nats.connect(url)
+    nc = await nats.connect(**_connect_options(url))
     body = msgspec.msgpack.encode(Ping(seq=0, payload=b"x" * 64))
     ping = Ping(seq=0, payload=b"x" * 64)
     latencies: list[float] = []
@@ -135,8 +147,12 @@ MODES = [
 ]
 
 
-def _env(tracing: str) -> dict[str, str]:
+SECURE_MODES = [MODES[0], MODES[2]]
+
+
+def _env(tracing: str, secure: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "AIMESH_"))}
+    env |= secure or {}
     if tracing == "off":
         env["OTEL_SDK_DISABLED"] = "true"
     elif tracing == "all":
@@ -144,11 +160,18 @@ def _env(tracing: str) -> dict[str, str]:
     return env
 
 
-def _run_mode(url: str, mode: tuple[str, str, str, str], concurrency: int, seconds: float) -> dict[str, float]:
+def _run_mode(
+    url: str,
+    mode: tuple[str, str, str, str],
+    concurrency: int,
+    seconds: float,
+    secure: dict[str, dict[str, str]] | None = None,
+) -> dict[str, float]:
     _, role, tracing, client = mode
+    secure = secure or {}
     responder = subprocess.Popen(
         [sys.executable, __file__, "--role", role, "--url", url],
-        env=_env(tracing),
+        env=_env(tracing, secure.get("responder")),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -170,7 +193,7 @@ def _run_mode(url: str, mode: tuple[str, str, str, str], concurrency: int, secon
                 "--client",
                 client,
             ],
-            env=_env(tracing),
+            env=_env(tracing, secure.get("requester")),
             capture_output=True,
             text=True,
             check=True,
@@ -190,6 +213,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--client", default="raw")
+    parser.add_argument("--secure", action="store_true", help="identities and TLS against an open server")
     args = parser.parse_args()
 
     if args.role != "bench":
@@ -206,6 +230,9 @@ def main() -> None:
 
     from shared.natsserver import NatsServer
 
+    if args.secure:
+        _secure_bench(args)
+        return
     print(f"rpc benchmark: {args.rounds} rounds × {args.seconds:g}s per row, median shown; {os.cpu_count()} cores")
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-")), http_port=None) as server:
         for concurrency in args.concurrency:
@@ -221,6 +248,62 @@ def main() -> None:
                 p50 = statistics.median(r["p50_ms"] for r in results)
                 p99 = statistics.median(r["p99_ms"] for r in results)
                 print(f"  {label:<42} {rps:>9,.0f} {p50:>8.3f} {p99:>8.3f} {rps / base:>7.2f}")
+
+
+def _secure_bench(args: argparse.Namespace) -> None:
+    """Open against identities + TLS, the same rows interleaved in one run."""
+    from shared import auth
+    from shared.natsserver import NatsServer
+    from shared.tls import ensure_local_pki
+
+    work = Path(tempfile.mkdtemp(prefix="aimesh-bench-"))
+    pki = ensure_local_pki(work / "tls")
+    seeds = {who: work / f"{who}.nk" for who in ("responder", "requester")}
+    for path in seeds.values():
+        auth.write_private(path, auth.new_seed())
+    key = {who: auth.public_key(auth.read_seed(path)) for who, path in seeds.items()}
+    # The responder is a mesh service (discovery, status, snapshots); the requester only asks.
+    users = [
+        {
+            "nkey": key["responder"],
+            "permissions": {
+                "publish": {"allow": ["bench.>"]},
+                "subscribe": {"allow": [SUBJECT, "bench.>", "$SRV.>", "_INBOX.>"]},
+                "allow_responses": True,
+            },
+        },
+        {
+            "nkey": key["requester"],
+            "permissions": {"publish": {"allow": [SUBJECT]}, "subscribe": {"allow": ["_INBOX.>"]}},
+        },
+    ]
+    config = work / "server.conf"
+    tls = {"cert_file": str(pki.cert), "key_file": str(pki.key)}
+    config.write_text(f"authorization: {json.dumps({'users': users})}\ntls: {json.dumps(tls)}\n")
+    env = {who: {"AIMESH_NATS_NKEY": str(path), "AIMESH_NATS_TLS_CA": str(pki.ca)} for who, path in seeds.items()}
+    print(
+        f"rpc benchmark, open vs nkeys + TLS: {args.rounds} rounds × {args.seconds:g}s per row; {os.cpu_count()} cores"
+    )
+    with (
+        NatsServer(store_dir=work / "open", http_port=None) as open_server,
+        NatsServer(store_dir=work / "secure", http_port=None, extra_args=["-c", str(config)]) as secure_server,
+    ):
+        for concurrency in args.concurrency:
+            rows: dict[str, list[dict[str, float]]] = {}
+            for _ in range(args.rounds):
+                for mode in SECURE_MODES:
+                    for label, url, secure in (("open", open_server.url, None), ("secure", secure_server.url, env)):
+                        rows.setdefault(f"{mode[0]}, {label}", []).append(
+                            _run_mode(url, mode, concurrency, args.seconds, secure)
+                        )
+            print(f"\nconcurrency {concurrency}")
+            print(f"  {'responder / server':<42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs open':>8}")
+            for label, results in rows.items():
+                rps = statistics.median(r["rps"] for r in results)
+                open_rps = statistics.median(r["rps"] for r in rows[label.rsplit(", ", 1)[0] + ", open"])
+                p50 = statistics.median(r["p50_ms"] for r in results)
+                p99 = statistics.median(r["p99_ms"] for r in results)
+                print(f"  {label:<42} {rps:>9,.0f} {p50:>8.3f} {p99:>8.3f} {rps / open_rps:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ and at concurrency 1, (a) with batching off (max batch 1) to show batching costs
     against the same with the metrics service running, snapshots every 2 s, tracing on
     (default sampling, spans to the metrics service) and the model under a split, so every
     request is also an experiment exposure.  ``--overhead`` runs only (f).
+(g) ``--secure`` runs only this: (a) at concurrency 64 on an open NATS against a NATS that
+    admits only the mesh's identities (one nkey per role, as ``aimesh up`` makes them) over TLS
+    with a local CA; the gateway itself stays plain HTTP, so the figure is the bus's cost.
 """
 
 from __future__ import annotations
@@ -181,15 +184,24 @@ def run_client(url: str, concurrency: int, seconds: float) -> dict[str, float]:
     return result
 
 
-async def mesh_setup(url: str) -> tuple[Any, str]:
+async def mesh_setup(url: str, operator: dict[str, str] | None = None) -> tuple[Any, str]:
     import nats
 
     from aimesh.demo import wait_for_service
+    from shared.config import MeshConfig
+    from shared.connect import connect_options
     from shared.registry import artifacts, put_object, register
     from shared.schemas import ColumnSpec, ModelVersion
     from zoo.artifacts import weights_to_bytes
 
-    nc = await nats.connect(url)
+    operator = operator or {}
+    config = MeshConfig(
+        nats_url=url,
+        prefix="benchserve",
+        nats_nkey=operator.get("AIMESH_NATS_NKEY"),
+        nats_tls_ca=operator.get("AIMESH_NATS_TLS_CA"),
+    )
+    nc = await nats.connect(**connect_options(config, "bench", role="operator"))
     names = __import__("shared.names", fromlist=["Names"]).Names("benchserve")
     await wait_for_service(nc, names, "inference")
     await wait_for_service(nc, names, "router")
@@ -238,17 +250,21 @@ def start_service(service: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _mesh_rows(env: dict[str, str], services: tuple[str, ...], split: bool, seconds: float) -> dict[str, float]:
+def _mesh_rows(
+    env: dict[str, str], services: tuple[str, ...], split: bool, seconds: float, secure: bool = False
+) -> dict[str, float]:
     """Start ``services`` on a fresh NATS, deploy the model (under a split when asked), and load
-    the gateway at concurrency 64."""
+    the gateway at concurrency 64.  ``secure``: the NATS admits only the roles' nkeys, over TLS."""
     from shared.natsserver import NatsServer
 
-    with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
+    work = Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-"))
+    role_env, extra = _secure_setup(work) if secure else ({}, [])
+    with NatsServer(store_dir=work / "nats", http_port=None, extra_args=extra) as server:
         env = env | {"AIMESH_NATS_URL": server.url}
-        procs = [start_service(s, env) for s in services]
+        procs = [start_service(s, env | role_env.get(s, {})) for s in services]
         try:
             loop = asyncio.new_event_loop()
-            nc, names = loop.run_until_complete(mesh_setup(server.url))
+            nc, names = loop.run_until_complete(mesh_setup(server.url, role_env.get("operator")))
             url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=1, split=split))
             result = run_client(url, 64, seconds)
             loop.run_until_complete(nc.close())
@@ -258,6 +274,37 @@ def _mesh_rows(env: dict[str, str], services: tuple[str, ...], split: bool, seco
                 p.terminate()
             for p in procs:
                 p.wait(30)
+
+
+def _secure_setup(work: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Each role's environment (its seed, the CA) and the server's arguments, as `aimesh up --tls`
+    makes them."""
+    from shared import auth
+    from shared.names import Names
+    from shared.tls import ensure_local_pki
+
+    keys = auth.ensure_seeds(work / "auth")
+    pki = ensure_local_pki(work / "tls")
+    config = work / "nats-server.conf"
+    tls = json.dumps({"cert_file": str(pki.cert), "key_file": str(pki.key)})
+    config.write_text(auth.server_config(Names("benchserve"), keys) + f"tls: {tls}\n")
+    role_env = {
+        role: {"AIMESH_NATS_NKEY": str(auth.seed_path(work / "auth", role)), "AIMESH_NATS_TLS_CA": str(pki.ca)}
+        for role in keys
+    }
+    return role_env, ["-c", str(config)]
+
+
+def secure(env: dict[str, str], seconds: float) -> None:
+    rows = {}
+    for label, on in (("open NATS", False), ("identities + TLS", True), ("open again", False), ("secure again", True)):
+        rows[label] = _mesh_rows(env, ("router", "inference"), False, seconds, secure=on)
+    print(f"\n  {'(g) bus security, concurrency 64':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for label, r in rows.items():
+        print(f"  {label:<32} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6.0f}")
+    open_rps = (rows["open NATS"]["rps"] + rows["open again"]["rps"]) / 2
+    secure_rps = (rows["identities + TLS"]["rps"] + rows["secure again"]["rps"]) / 2
+    print(f"\n  secure / open throughput: {secure_rps / open_rps:.3f} (goal: cost under 5%)")
 
 
 def overhead(env: dict[str, str], seconds: float) -> None:
@@ -286,6 +333,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--overhead", action="store_true", help="only (f): metrics and tracing on versus off")
+    parser.add_argument("--secure", action="store_true", help="only (g): identities and TLS on the bus versus off")
     args = parser.parse_args()
     if args.role == "client":
         import uvloop
@@ -315,6 +363,9 @@ def main() -> None:
     )
     if args.overhead:
         overhead(env, args.seconds)
+        return
+    if args.secure:
+        secure(env, args.seconds)
         return
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
         env["AIMESH_NATS_URL"] = server.url

@@ -58,6 +58,13 @@ class MeshConfig(msgspec.Struct, frozen=True, kw_only=True):
     metrics_interval_s: float = 2.0
     # Recorded spans also go to the metrics service (<prefix>.spans.<service>) for the dashboard.
     trace_to_mesh: bool = True
+    # A NATS nkey seed file: this process's identity on the bus (`aimesh up` and `aimesh auth
+    # init` write one per role; the server's authorization block holds only the public keys).
+    nats_nkey: str | None = None
+    # Model factories are imported only from these packages (and their submodules), besides the
+    # built-in `zoo`: a registry entry or a training request naming anything else is refused
+    # before any import.
+    model_packages: list[str] = []
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path | None:
@@ -158,8 +165,14 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 16 * 1024 * 1024
     max_concurrency: int = 1024  # HTTP requests in flight; more get 429 with Retry-After
     timeout_s: float = 30.0  # default deadline of a request (header Aimesh-Timeout-Ms overrides, lower only)
-    # API keys, "KEY:scope" with scope infer or admin (admin may also infer).  Empty: no keys asked.
+    # API keys, "KEY:scope" or "sha256:<hex digest of KEY>:scope" (shared/apikeys.py), scope infer
+    # or admin (admin may also infer; /admin/* needs admin).  Empty: no keys asked.
     api_keys: list[str] = []
+    # HTTPS: PEM certificate (chain) and key.  `aimesh up --tls` sets both from its local CA.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Listening beyond loopback with no API keys is refused unless this is set.
+    insecure: bool = False
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,6 +184,13 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
     tick_s: float = 1.0  # experiments and the autoscaler are evaluated this often
     history_s: float = 900.0  # how much of the time series the dashboard keeps
     max_exposures: int = 200_000  # request ids remembered for joining feedback to a variant
+    # API keys for the dashboard and /api/*, "KEY:scope" or "sha256:<hex digest of KEY>:scope"
+    # with scope read or admin (shared/apikeys.py).  Empty: no keys asked.
+    api_keys: list[str] = []
+    # Prometheus's /metrics needs no key even when api_keys is set (scrapers rarely send one).
+    metrics_open: bool = True
+    # Listening beyond loopback with no API keys is refused unless this is set.
+    insecure: bool = False
 
 
 class AutoscaleConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -211,6 +231,11 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True):
     job_ack_wait_s: float = 30.0  # a job whose instance died is taken over after this long
     max_in_flight: int = 64  # batch publishes awaiting their JetStream ack
     parse_threads: int = 2  # CSV chunks parsed at once
+    # Directories a submitted path may be read from (symlinks resolved).  Empty: the working
+    # directory of the ingest process; `aimesh up` adds its data dir.
+    roots: list[str] = []
+    # The largest upload (`IngestRequest.object`) the service copies into its temp dir and ingests.
+    max_upload_bytes: int = 1 << 30
 
 
 class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -258,6 +283,15 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True):
     metrics: int = 1
     data_dir: str = ".aimesh"
     port: int = 4222  # the embedded nats-server's client port; 0 picks a free one
+    # Identities on the bus: the embedded server admits only the mesh's nkeys (one per role,
+    # generated into <data_dir>/auth).  false runs an open bus, for debugging only.
+    auth: bool = True
+    credentials: str | None = None  # a directory of <role>.nk seeds for an external NATS
+    # The embedded server's listen address.  Beyond loopback it needs auth and TLS, or `insecure`.
+    host: str = "127.0.0.1"
+    # TLS on the bus and the gateway with a local CA made under <data_dir>/tls (clients trust it).
+    tls: bool = False
+    insecure: bool = False  # accept listening beyond loopback without authentication and TLS
     http_port: int = 8222  # its monitoring port; 0 picks a free one
     restart_backoff_s: float = 0.5  # doubled per crash, capped at restart_backoff_max_s
     restart_backoff_max_s: float = 30.0
@@ -267,3 +301,23 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 def load_up_config(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> UpConfig:
     return load_section(UpConfig, "up", env_prefix="AIMESH_UP_", env=env, overrides=overrides)
+
+
+class DurableConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The durable requests' streams: table ``[durable]``, variables ``AIMESH_DURABLE_*``.
+
+    Read by the router and the inference workers, which both declare the streams: give them the
+    same values.  The requests stream refuses new requests when full (discard policy ``new``:
+    the submitter gets 429 and what was accepted is never dropped for room); a request still
+    waiting after ``requests_max_age_s`` expires.  The results stream drops its oldest results
+    when full (discard policy ``old``)."""
+
+    requests_max_msgs: int = 100_000  # durable requests waiting at once
+    requests_max_bytes: int = 1024**3  # their total size
+    requests_max_age_s: float = 24 * 3600.0  # a request not served by then expires
+    results_max_bytes: int = 1024**3  # results kept, oldest dropped first
+    results_max_age_s: float = 24 * 3600.0  # a result is kept this long
+
+
+def load_durable_config(env: Mapping[str, str] | None = None) -> DurableConfig:
+    return load_section(DurableConfig, "durable", env_prefix="AIMESH_DURABLE_", env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import time
@@ -28,11 +29,16 @@ async def follow(kv: KeyValue, keys: str, apply: Callable[[KeyValue.Entry], Awai
     value) for as long as the caller's task runs.  nats-py's watcher re-creates its consumer
     after a NATS restart, so this keeps following (tested across a restart)."""
     watcher = await kv.watch(keys)
+    task = asyncio.current_task()
     while True:
         try:
             entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
         except Exception:  # a timeout, or a disconnect the watcher recovers from
-            continue
+            entry = None
+        # Python 3.11's wait_for (inside nats-py's watcher) can swallow a cancellation that
+        # lands as an update arrives: honour it here, or a draining service waits forever.
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         if entry is not None:
             result = apply(entry)
             if inspect.isawaitable(result):

@@ -278,6 +278,7 @@ class Service:
         self._nc = await connect(
             self.config,
             f"{self.config.prefix}-{self.name}-{self.instance_id}",
+            role=self.name,
             error_cb=self._on_nats_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,

@@ -25,10 +25,16 @@ from shared.config import MeshConfig
 from shared.httpserve import serve_app
 from shared.names import Names
 from shared.natsserver import NatsServer
-from tests.helpers import ServiceProcess, service_env
+from tests.helpers import TEST_STREAM_LIMITS, ServiceProcess, service_env
 from tests.otlp import OtlpReceiver
 
 NATS_IMAGE = "nats:2.10.22-alpine"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In-process services read their stream limits from the environment (see TEST_STREAM_LIMITS).
+    for name, value in TEST_STREAM_LIMITS.items():
+        os.environ.setdefault(name, value)
 
 
 def _docker_answers() -> bool:

@@ -36,9 +36,18 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float,
         await asyncio.sleep(0.05)
 
 
+# JetStream reserves a stream's max_bytes on the server when the stream is made: the suite runs
+# hundreds of meshes (prefixes) on one server, so each gets small durable streams.
+TEST_STREAM_LIMITS = {
+    "AIMESH_DURABLE_REQUESTS_MAX_BYTES": str(16 * 1024 * 1024),
+    "AIMESH_DURABLE_RESULTS_MAX_BYTES": str(16 * 1024 * 1024),
+}
+
+
 def service_env(nats_url: str, names: Names, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMESH_", "OTEL_"))}
     env.update({"AIMESH_NATS_URL": nats_url, "AIMESH_PREFIX": names.prefix, "PYTHONPATH": str(ROOT)})
+    env.update(TEST_STREAM_LIMITS)
     env.setdefault("OTEL_SDK_DISABLED", "true")
     env.update(extra)
     return env

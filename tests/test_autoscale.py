@@ -14,7 +14,7 @@ from nats.aio.client import Client as NatsClient
 from aimesh.supervisor import Supervisor
 from shared import durable
 from shared.client import request
-from shared.config import UpConfig
+from shared.config import UpConfig, load_autoscale_config
 from shared.discovery import discover
 from shared.names import Names
 from shared.schemas import Deployment, DeployRequest, InferRequest, MicroPing
@@ -50,7 +50,8 @@ async def test_idle_pool_scales_to_zero_and_queued_durable_requests_bring_worker
 ) -> None:
     up = UpConfig(ingest=0, trainer=0, inference=1, router=0, metrics=1, data_dir=str(tmp_path / "mesh"))
     child_env = {"AIMESH_PREFIX": names.prefix, "PYTHONPATH": str(ROOT), "OTEL_SDK_DISABLED": "true", **POLICY}
-    supervisor = Supervisor(up, nats_url=nats_url, child_env=child_env, drain_timeout_s=5.0)
+    autoscale = load_autoscale_config(env=child_env)
+    supervisor = Supervisor(up, nats_url=nats_url, child_env=child_env, drain_timeout_s=5.0, autoscale=autoscale)
     stop = asyncio.Event()
     running = asyncio.create_task(supervisor.run(stop))
     try:

@@ -230,7 +230,7 @@ async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: N
 async def test_ingest_and_datasets_commands(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, tmp_path: Path
 ) -> None:
-    ingest = spawn("services.ingest")
+    ingest = spawn("services.ingest", AIMESH_INGEST_ROOTS=str(tmp_path))
     await ingest.wait_ready(nats_url, names.micro_name("ingest"))
     (tmp_path / "t.csv").write_text("a,b,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(100)))
     common = ["--nats-url", nats_url, "--prefix", names.prefix]

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from aimesh.supervisor import STATE_FILE, Supervisor
-from shared.config import UpConfig
+from shared.config import AutoscaleConfig, UpConfig
 from shared.discovery import discover
 from shared.names import Names
 from shared.schemas import MicroPing, ScaleDecision
@@ -31,7 +31,8 @@ async def test_supervisor_scales_inference_up_and_down_on_decisions(
 ) -> None:
     up = UpConfig(ingest=0, trainer=0, inference=1, router=0, metrics=0, data_dir=str(tmp_path / "mesh"))
     child_env = {"AIMESH_PREFIX": names.prefix, "PYTHONPATH": str(ROOT), "OTEL_SDK_DISABLED": "true"}
-    supervisor = Supervisor(up, nats_url=nats_url, child_env=child_env, drain_timeout_s=5.0)
+    policy = AutoscaleConfig(enabled=True, min_replicas=0, max_replicas=2)
+    supervisor = Supervisor(up, nats_url=nats_url, child_env=child_env, drain_timeout_s=5.0, autoscale=policy)
     stop = asyncio.Event()
     running = asyncio.create_task(supervisor.run(stop))
     subject = names.scale("inference")
@@ -57,17 +58,20 @@ async def test_supervisor_scales_inference_up_and_down_on_decisions(
         assert first < both
         assert state_replicas()["inference"] == 2
 
-        # Garbage, a pool that is no service and an impossible count: counted, skipped, the supervisor lives on.
+        # Garbage, a pool that is no service, an impossible count, more than the policy's maximum
+        # and a pool that is not autoscaled: counted, skipped, the supervisor lives on.
         await nc.publish(subject, b"\xc1not msgpack")
         await nc.publish(names.scale("nosuch"), _decision("nosuch", 1, 0))
         await nc.publish(subject, _decision("inference", -1, 2))
+        await nc.publish(subject, _decision("inference", 3, 2))
+        await nc.publish(names.scale("router"), _decision("router", 0, 0))
         await nc.publish(subject, _decision("inference", 2, 2))  # a repeat: nothing to do
         await nc.flush()
 
-        async def three_bad() -> bool:
-            return supervisor.bad_decisions == 3
+        async def five_bad() -> bool:
+            return supervisor.bad_decisions == 5
 
-        await eventually(three_bad, 10, "three bad decisions counted")
+        await eventually(five_bad, 10, "five bad decisions counted")
         assert supervisor.replicas("inference") == 2
         assert not running.done()
 
@@ -90,3 +94,25 @@ async def test_supervisor_scales_inference_up_and_down_on_decisions(
 
 async def _none_answer(nc: NatsClient, names: Names) -> bool:
     return not await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.5)
+
+
+async def test_supervisor_ignores_scale_decisions_when_autoscaling_is_off(
+    tmp_path: Path, nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    """The attack: a decision for 3 workers published on a mesh started without --autoscale."""
+    up = UpConfig(ingest=0, trainer=0, inference=1, router=0, metrics=0, data_dir=str(tmp_path / "mesh"))
+    child_env = {"AIMESH_PREFIX": names.prefix, "PYTHONPATH": str(ROOT), "OTEL_SDK_DISABLED": "true"}
+    supervisor = Supervisor(up, nats_url=nats_url, child_env=child_env, drain_timeout_s=5.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop))
+    try:
+        await asyncio.wait_for(supervisor.started.wait(), 20)
+        assert supervisor._nc is None and not supervisor.following.is_set()  # not even subscribed
+        await nc.publish(names.scale("inference"), _decision("inference", 3, 1))
+        await nc.flush()
+        await asyncio.sleep(1.0)  # a decision followed would have added slots by now
+        assert supervisor.replicas("inference") == 1
+        assert len([s for s in supervisor.slots if s.service == "inference"]) == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)

@@ -28,7 +28,7 @@ from services.inference.model import LoadedModel
 from shared import durable
 from shared.actor import Actor, Call
 from shared.clock import rfc3339_now
-from shared.config import load_inference_config
+from shared.config import load_durable_config, load_inference_config
 from shared.errors import BadRequest, NotFound, ServiceError
 from shared.kv import follow
 from shared.names import check_token
@@ -46,6 +46,7 @@ from shared.schemas import (
 from shared.service import Service
 from shared.tensors import from_wire, to_wire
 from zoo.devices import device_stats
+from zoo.spec import check_factory, check_kwargs
 
 log = logging.getLogger(__name__)
 _deployment = msgspec.json.Decoder(Deployment)
@@ -70,7 +71,7 @@ class InferenceService(Service):
     async def setup(self) -> None:
         self.inference_config = load_inference_config()
         self.deployments = await self.ensure_kv(self.names.deployments_bucket)
-        for config in durable.stream_configs(self.names):
+        for config in durable.stream_configs(self.names, load_durable_config()):
             await self.ensure_stream(config)
         await self.ensure_kv(self.names.registry_bucket)
         self._records: dict[str, Deployment] = {}  # by deployments-bucket key
@@ -124,6 +125,9 @@ class InferenceService(Service):
             version = await get_version(await registry_kv(self.js, self.names), req.model, req.ref)
         except NotFound as exc:
             raise BadRequest(exc.description) from None
+        # Refused here as at load time: a version no worker would build is not deployed at all.
+        check_factory(version.factory, self.config.model_packages)
+        check_kwargs(version.kwargs)
         key = f"deploy.{req.model}.{req.ref}"
         try:
             before = _deployment.decode((await self.deployments.get(key)).value or b"")
@@ -301,7 +305,7 @@ class InferenceService(Service):
             version = await get_version(await registry_kv(self.js, self.names), deployment.model, deployment.version)
             store = await artifacts(self.js, self.names, self.config.js_replicas)
             weights = bytes((await store.get(version.artifact)).data or b"")
-            model = await asyncio.to_thread(LoadedModel, version, weights)
+            model = await asyncio.to_thread(LoadedModel, version, weights, self.config.model_packages)
         except Exception as exc:
             self._failed[key] = f"{type(exc).__name__}: {exc}"
             log.exception("cannot load %s", key)

@@ -28,7 +28,7 @@ class NatsBridge:
         self._thread = threading.Thread(target=self.loop.run_forever, name="nats-bridge", daemon=True)
         self._thread.start()
         self._pending: set[Future[Any]] = set()
-        self.nc: NatsClient = self.call(connect(config, name, max_backoff_s=1.0))
+        self.nc: NatsClient = self.call(connect(config, name, role="trainer", max_backoff_s=1.0))
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)

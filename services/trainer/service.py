@@ -6,14 +6,16 @@ attempt is a dead child, not a wedged service.
 
 Rendezvous over the ``<prefix>-jobs`` bucket, every change a compare-and-set on ``job.<id>``:
 
-1. ``submit`` validates the request (dataset, model factory, sizes) and creates the job
-   ``forming``, attempt 1, with a deadline.
+1. ``submit`` validates the request (dataset, sizes, and the model: a factory only from the
+   trusted packages, ``zoo`` and ``model_packages``, checked before any import; kwargs plain data)
+   and creates the job ``forming``, attempt 1, with a deadline.
 2. Idle agents watching the bucket join by appending themselves to ``members``; the index is the
    rank.  The join that completes the set moves the job to ``starting``.  At the deadline an
    agent moves it to ``starting`` with the members it has, if they are at least ``min_nodes``,
    or to ``failed`` saying what it waited for.
 3. The leader (rank 0) picks a free port for torch's TCPStore and moves the job to ``running``
-   with ``master`` = its address; every member starts its rank.
+   with ``master`` = its address; every member starts its rank.  Rank 0's store listens on that
+   address only (``TrainerConfig.host``), not on every interface (``rendezvous.py``).
 4. A rank that exits non-zero, or a member whose heartbeat expires, moves the job back to
    ``forming`` (attempt + 1, members cleared) within the restart budget; the survivors stop their
    ranks and join again; the new attempt resumes from the last checkpoint.  Past the budget, or
@@ -24,6 +26,7 @@ Rendezvous over the ``<prefix>-jobs`` bucket, every change a compare-and-set on 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -55,6 +58,7 @@ _node = msgspec.json.Decoder(TrainerNode)
 _result = msgspec.json.Decoder(TrainResult)
 _json = msgspec.json.Encoder()
 TERMINAL = ("complete", "failed")
+RESULT_GRACE_S = 2.0  # how long a crashed rank's agent waits for another rank's verdict
 
 
 class TrainerService(Service):
@@ -133,6 +137,8 @@ class TrainerService(Service):
             raise BadRequest(f"batch size {req.batch_size} must divide into {req.microbatches} micro-batches")
         if req.epochs < 1 or req.batch_size < 1 or req.lr <= 0:
             raise BadRequest("epochs and batch size must be ≥ 1 and lr > 0")
+        # The model first: a factory outside the trusted packages is refused before anything else.
+        await asyncio.to_thread(_check_factory, req, self.config.model_packages)
         dataset, version = parse_ref(req.dataset)
         try:
             manifest = await get_manifest(self.js, self.names, dataset, version)
@@ -143,7 +149,6 @@ class TrainerService(Service):
                 f"dataset {req.dataset} has {len(manifest.shards)} shards, fewer than the "
                 f"{min_nodes} nodes: ingest it with --shards ≥ {req.nodes}"
             )
-        await asyncio.to_thread(_check_factory, req)
         req = msgspec.structs.replace(req, dataset=f"{manifest.dataset}@{manifest.version}", min_nodes=min_nodes)
         job_id = f"{req.model}-{int(time.time() * 1000):x}"
         ids = tracing.current_ids()
@@ -275,7 +280,12 @@ class TrainerService(Service):
 
     # -- children --------------------------------------------------------------------------------
     async def _start_child(self, job: TrainJob, rank: int) -> None:
-        env = os.environ | {"AIMESH_NATS_URL": self.config.nats_url, "AIMESH_PREFIX": self.config.prefix}
+        env = os.environ | {
+            "AIMESH_NATS_URL": self.config.nats_url,
+            "AIMESH_PREFIX": self.config.prefix,
+            # The rank refuses factories outside this node's trusted packages, as submit does.
+            "AIMESH_MODEL_PACKAGES": json.dumps(self.config.model_packages),
+        }
         args = [
             sys.executable,
             "-m",
@@ -309,6 +319,10 @@ class TrainerService(Service):
             if job.state != "running" or job.attempt != attempt:
                 return  # already moved on (we were stopped, or another rank reported first)
             result = await self._result(job_id, attempt)
+            if result is None and code != 0:
+                # A rank that died of a peer's exit (a closed collective) may be seen before the
+                # peer's own verdict is stored: give it a moment before calling it a crash.
+                result = await self._wait_result(job_id, attempt, RESULT_GRACE_S)
             if code == 0 and rank == 0 and result is not None and result.ok:
                 await self._cas(
                     job,
@@ -376,6 +390,12 @@ class TrainerService(Service):
         except KeyNotFoundError:
             return None
 
+    async def _wait_result(self, job_id: str, attempt: int, within_s: float) -> TrainResult | None:
+        deadline = time.monotonic() + within_s
+        while (result := await self._result(job_id, attempt)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return result
+
     async def _nodes(self) -> list[TrainerNode]:
         out: list[TrainerNode] = []
         try:
@@ -390,10 +410,20 @@ class TrainerService(Service):
         return out
 
 
-def _check_factory(req: TrainRequest) -> None:
-    from zoo import ModelSpec, build_model
+def _check_factory(req: TrainRequest, packages: list[str]) -> None:
+    """Refuse a factory outside the trusted packages, or kwargs that are not plain data, before
+    anything is imported; then build the model once on the meta device (no memory for weights)
+    to check that it builds.  A factory that cannot build on meta is built for real: only a
+    trusted package's factory gets this far, and the zoo's bound their sizes first."""
+    from zoo import ModelSpec, build_model, check_factory, check_kwargs
 
-    build_model(ModelSpec(factory=req.factory, kwargs=req.kwargs))
+    check_factory(req.factory, packages)
+    check_kwargs(req.kwargs)
+    spec = ModelSpec(factory=req.factory, kwargs=req.kwargs)
+    try:
+        build_model(spec, packages, device="meta")
+    except BadRequest:
+        build_model(spec, packages)
 
 
 def _free_port(host: str) -> int:

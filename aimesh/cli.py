@@ -340,7 +340,10 @@ def _resolve_nats_url(args: argparse.Namespace) -> str:
 
 
 def _names(args: argparse.Namespace) -> Names:
-    return Names(args.prefix or load_mesh_config().prefix)
+    try:
+        return Names(args.prefix or load_mesh_config().prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -581,7 +584,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 def cmd_auth(args: argparse.Namespace) -> int:
     from shared import auth
 
-    names = Names(args.prefix or load_mesh_config().prefix)
+    names = _names(args)
     if args.action == "permissions":
         roles = [auth.check_role(args.role)] if args.role else list(auth.ROLES)
         grants = {role: auth.role_grant(names, role).to_server() for role in roles}

@@ -95,6 +95,9 @@ class Supervisor:
         # given for an external NATS (`aimesh auth init` writes them), else none.
         if credentials_dir is None and nats_url is None and up.auth:
             credentials_dir = self.data_dir / "auth"
+        elif credentials_dir is not None:
+            for role in (*SERVICE_NAMES, "supervisor"):  # given ones must all be there, and private
+                auth.read_seed(auth.seed_path(credentials_dir, role))
         self.credentials_dir = credentials_dir.resolve() if credentials_dir is not None else None
         self.pki: LocalPki | None = None
         if up.tls:

@@ -277,22 +277,30 @@ def _secure_bench(args: argparse.Namespace) -> None:
             "permissions": {"publish": {"allow": [SUBJECT]}, "subscribe": {"allow": ["_INBOX.>"]}},
         },
     ]
-    config = work / "server.conf"
+    authz = f"authorization: {json.dumps({'users': users})}\n"
     tls = {"cert_file": str(pki.cert), "key_file": str(pki.key)}
-    config.write_text(f"authorization: {json.dumps({'users': users})}\ntls: {json.dumps(tls)}\n")
-    env = {who: {"AIMESH_NATS_NKEY": str(path), "AIMESH_NATS_TLS_CA": str(pki.ca)} for who, path in seeds.items()}
-    print(
-        f"rpc benchmark, open vs nkeys + TLS: {args.rounds} rounds × {args.seconds:g}s per row; {os.cpu_count()} cores"
-    )
+    (work / "nkeys.conf").write_text(authz)
+    (work / "nkeys-tls.conf").write_text(authz + f"tls: {json.dumps(tls)}\n")
+    nkeys_env = {who: {"AIMESH_NATS_NKEY": str(path)} for who, path in seeds.items()}
+    tls_env = {who: env | {"AIMESH_NATS_TLS_CA": str(pki.ca)} for who, env in nkeys_env.items()}
+    print(f"rpc benchmark, open vs nkeys vs nkeys + TLS: {args.rounds} rounds × {args.seconds:g}s per row, median")
     with (
         NatsServer(store_dir=work / "open", http_port=None) as open_server,
-        NatsServer(store_dir=work / "secure", http_port=None, extra_args=["-c", str(config)]) as secure_server,
+        NatsServer(store_dir=work / "nk", http_port=None, extra_args=["-c", str(work / "nkeys.conf")]) as nk_server,
+        NatsServer(
+            store_dir=work / "tls", http_port=None, extra_args=["-c", str(work / "nkeys-tls.conf")]
+        ) as tls_server,
     ):
+        servers = (
+            ("open", open_server.url, None),
+            ("nkeys", nk_server.url, nkeys_env),
+            ("nkeys + TLS", tls_server.url, tls_env),
+        )
         for concurrency in args.concurrency:
             rows: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.rounds):
                 for mode in SECURE_MODES:
-                    for label, url, secure in (("open", open_server.url, None), ("secure", secure_server.url, env)):
+                    for label, url, secure in servers:
                         rows.setdefault(f"{mode[0]}, {label}", []).append(
                             _run_mode(url, mode, concurrency, args.seconds, secure)
                         )

@@ -291,15 +291,18 @@ def write_private(path: Path, data: bytes) -> None:
 def ensure_seeds(directory: Path, roles: Iterable[str] = ROLES, *, rotate: Iterable[str] = ()) -> dict[str, str]:
     """Create the seed file of each role that has none (or is named in ``rotate``); returns
     role → public key.  The directory is made 0700."""
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
     rotate = set(rotate)
     keys: dict[str, str] = {}
-    for role in roles:
-        path = seed_path(directory, role)
-        if role in rotate or not path.is_file():
-            write_private(path, new_seed())
-        keys[role] = public_key(read_seed(path))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        for role in roles:
+            path = seed_path(directory, role)
+            if role in rotate or not path.is_file():
+                write_private(path, new_seed())
+            keys[role] = public_key(read_seed(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot keep the identities in {directory}: {exc.strerror or exc}") from None
     return keys
 
 

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 
+from shared.auth import ROLES
+from shared.connect import connect_single
 from shared.names import Names
 from shared.natsserver import pid_alive
 from tests.helpers import ROOT, ServiceProcess, eventually
@@ -73,7 +76,14 @@ async def test_up_status_restart_and_sigterm_leave_nothing_behind(tmp_path: Path
         for r in rows:
             counts[r["service"]] = counts.get(r["service"], 0) + 1
         assert counts == {"ingest": 1, "trainer": 2, "inference": 2, "router": 1, "metrics": 1}
-        assert json.loads((data_dir / "mesh.json").read_text())["nats_url"].startswith("nats://")
+        state = json.loads((data_dir / "mesh.json").read_text())
+        assert state["nats_url"].startswith("nats://")
+        # The bus admits the mesh's identities only; their seeds are private to the user.
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await connect_single({"servers": [state["nats_url"]], "allow_reconnect": False, "connect_timeout": 2})
+        seeds = sorted(Path(state["credentials"]).iterdir())
+        assert [p.name for p in seeds] == sorted(f"{role}.nk" for role in ROLES)
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in seeds)
         nats_pid = _nats_server_pid(data_dir / "nats")
 
         # A crashed instance is restarted by the supervisor.

@@ -45,6 +45,7 @@ async def ready_workers(nc: NatsClient, names: Names) -> int:
     return sum(p.metadata.get("state") == "ready" for p in pings)
 
 
+@pytest.mark.timeout(480)  # its waits add up to several minutes on a loaded machine
 async def test_idle_pool_scales_to_zero_and_queued_durable_requests_bring_workers_back(
     tmp_path: Path, nats_url: str, names: Names, nc: NatsClient
 ) -> None:

@@ -7,13 +7,19 @@
   (the smallest rank's record count decides), or DDP would hang waiting for a rank that ran out.
 - Pipeline parallel: every stage sees the same batches (the first stage needs the inputs, the last
   the targets), so all ranks read all shards.
+- Each rank shuffles its records per epoch with its own seed (``shuffle_seed``); a data-parallel
+  step's global batch is the concatenation of the ranks' batches, in rank order.
+- Resuming with a different world size keeps the checkpoint's position as a fraction of the epoch
+  (``resume_step``): the steps per epoch change with the world size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
-from shared.datasets import shards_for_rank
+from shared.datasets import DatasetReader, shards_for_rank
 from shared.schemas import DatasetManifest
 
 
@@ -48,3 +54,24 @@ def split(
     """(train, held-out) from the concatenated records of consecutive shards."""
     mask = np.concatenate([held_out_mask(n, eval_fraction) for n in shard_sizes]) if shard_sizes else np.zeros(0, bool)
     return {k: v[~mask] for k, v in arrays.items()}, {k: v[mask] for k, v in arrays.items()}
+
+
+def shuffle_seed(seed: int, rank: int, parallel: str) -> int:
+    """The seed of a rank's epoch order: distinct per rank for dp (each rank has its own records),
+    the same on every stage for pp (every stage must see the same batch)."""
+    return seed if parallel == "pp" else seed * 1_000_003 + rank
+
+
+def rank_batches(
+    train: dict[str, np.ndarray], per_rank: int, seed: int, epoch: int, offset: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """A rank's batches of one epoch (full batches only), from record ``offset`` of its order."""
+    return iter(
+        DatasetReader.epoch_batches(train, batch_size=per_rank, seed=seed, epoch=epoch, offset=offset, drop_last=True)
+    )
+
+
+def resume_step(step: int, steps_per_epoch: int, steps: int) -> int:
+    """Where in the epoch a checkpoint taken at ``step`` of ``steps_per_epoch`` resumes when the
+    epoch now has ``steps`` steps (another world size): the same fraction of the epoch."""
+    return min(steps, round(step * steps / max(steps_per_epoch, 1)))

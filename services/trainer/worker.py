@@ -12,12 +12,17 @@ weights and registers the model version.
 
 Exit code 0 means this rank finished its part; anything else (a crash, a lost peer surfacing as a
 collective error or timeout, SIGKILL) tells the agent that the attempt failed.
+
+Rank 0 keeps an account of the attempt in ``attempt.<job>.<attempt>`` (``AttemptRecord``): where
+its training started (the checkpoint it resumed from, or none) and, when training ends, a digest
+of every rank's parameters (data parallel: all equal, or the gradient sync is broken).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -25,12 +30,13 @@ import sys
 import time
 from concurrent.futures import Future
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import numpy as np
 import torch
 import torch.distributed as dist
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from services.trainer import data, rendezvous
 from services.trainer.bridge import NatsBridge
@@ -50,6 +56,26 @@ log = logging.getLogger("aimesh.trainer.worker")
 _json = msgspec.json.Encoder()
 PROGRESS_EVERY_S = 0.5
 LOSSES_KEPT = 2000
+
+
+class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Rank 0's account of one attempt (key ``attempt.<job>.<attempt>`` in the jobs bucket), written
+    when its training starts and again when it ends.  Steps count within an epoch."""
+
+    job_id: str
+    attempt: int
+    world: int
+    steps_per_epoch: int
+    start_epoch: int  # where this attempt's training started
+    start_step: int
+    checkpoint: str = ""  # the object it resumed from; "" when none was recorded (from the start)
+    checkpoint_attempt: int = 0  # the attempt that wrote it, and its position and world size
+    checkpoint_epoch: int = 0
+    checkpoint_step: int = 0
+    checkpoint_steps_per_epoch: int = 0
+    checkpoint_world: int = 0
+    steps_trained: int = 0  # by this attempt (at the end)
+    weights: list[str] = []  # sha256 of each rank's parameters at the end of training, by rank (dp)
 
 
 class Worker:
@@ -72,6 +98,8 @@ class Worker:
         self.device = self._device()
         self.losses: list[float] = []
         self._pending_checkpoint: Future[None] | None = None
+        self._record: AttemptRecord | None = None  # rank 0's account of this attempt
+        self.steps_trained = 0
         self._last_checkpoint = time.monotonic()
 
     def _device(self) -> torch.device:
@@ -120,6 +148,7 @@ class Worker:
                 model, full = self._dp_model()
             self._train(model, full, train, steps, task, manifest)
             self.wait_checkpoint()
+            self._account_end(full)
             if self.rank == 0 or self.req.parallel == "pp":
                 self._finish(full, manifest, task)
         finally:
@@ -192,8 +221,8 @@ class Worker:
         )
         start_epoch, start_step = self._resume(full, opt, steps)
         per_rank = req.batch_size if req.parallel == "pp" else req.batch_size // self.world
-        shuffle_seed = req.seed if req.parallel == "pp" else req.seed * 1_000_003 + self.rank
-        total_steps = 0
+        shuffle_seed = data.shuffle_seed(req.seed, self.rank, req.parallel)
+        total_steps = self.steps_trained = 0
         self.train_seconds = 0.0
         self.train_samples = 0
         loop_start = time.perf_counter()
@@ -201,11 +230,11 @@ class Worker:
         window_start, window_samples = time.perf_counter(), 0
         for epoch in range(start_epoch, req.epochs):
             first = start_step if epoch == start_epoch else 0
-            batches = data_batches(train, per_rank, shuffle_seed, epoch, first * per_rank)
+            batches = data.rank_batches(train, per_rank, shuffle_seed, epoch, first * per_rank)
             for step in range(first, steps):
                 batch = next(batches)
                 loss = self._step(model, opt, batch, task)
-                total_steps += 1
+                total_steps = self.steps_trained = total_steps + 1
                 self.train_samples += req.batch_size
                 window_samples += req.batch_size
                 done = epoch * steps + step + 1
@@ -311,24 +340,85 @@ class Worker:
             pending.result(120)
 
     def _resume(self, full: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> tuple[int, int]:
+        """Load the job's last checkpoint into the model and optimizer; the (epoch, step) to start at.
+
+        No checkpoint recorded yet: from the start.  One recorded that cannot be read (a record that
+        does not decode, an object missing from the store, a body that does not load into this
+        model) fails the job with the cause: starting again from step 0 would silently throw the
+        training done so far away, and a retry would find the same.  A lookup that NATS did not
+        answer (timeout, lost connection) raises: the attempt fails and the agent tries again.
+        The start is recorded in ``attempt.<job>.<attempt>`` (``AttemptRecord``).
+        """
+        record = AttemptRecord(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            world=self.world,
+            steps_per_epoch=steps,
+            start_epoch=0,
+            start_step=0,
+        )
         try:
             entry = self.bridge.call(self.jobs.get(f"checkpoint.{self.job_id}"))
-        except Exception:
+        except KeyNotFoundError:  # KeyDeletedError too
+            log.info(
+                "rank %d: no checkpoint recorded for %s: training starts at epoch 0 step 0", self.rank, self.job_id
+            )
+            self._account(record)
             return 0, 0
-        ckpt = msgspec.json.decode(entry.value or b"", type=Checkpoint)
+        try:
+            ckpt = msgspec.json.decode(entry.value or b"", type=Checkpoint)
+        except msgspec.DecodeError as exc:
+            self._fail(f"the checkpoint record of job {self.job_id} does not decode ({exc}): cannot resume")
         if self.req.parallel == "pp" and ckpt.world != self.world:
-            raise SystemExit(f"the checkpoint has {ckpt.world} pipeline stages; this attempt has {self.world}")
+            self._fail(f"the checkpoint has {ckpt.world} pipeline stages; this attempt has {self.world}")
         name = ckpt.objects[self.rank] if self.req.parallel == "pp" else ckpt.objects[0]
+        where = f"checkpoint {name} (attempt {ckpt.attempt}, epoch {ckpt.epoch} step {ckpt.step})"
         store = self.bridge.call(artifacts(self.js, self.names, self.config.js_replicas))
-        result = self.bridge.call(store.get(name))
-        model_state, opt_state, position = checkpoint_from_bytes(bytes(result.data or b""))
-        target = self._pp_piece if self.req.parallel == "pp" else full
-        target.load_state_dict(model_state)
-        opt.load_state_dict(opt_state)
+        try:
+            result = self.bridge.call(store.get(name))
+        except NotFoundError:
+            self._fail(f"{where} is recorded for job {self.job_id} but missing from the artifacts store: cannot resume")
+        try:
+            model_state, opt_state, position = checkpoint_from_bytes(bytes(result.data or b""))
+            target = self._pp_piece if self.req.parallel == "pp" else full
+            target.load_state_dict(model_state)
+            opt.load_state_dict(opt_state)
+            epoch, at, per_epoch = int(position["epoch"]), int(position["step"]), int(position["steps_per_epoch"])
+        except Exception as exc:
+            self._fail(f"{where} of job {self.job_id} cannot be loaded: {type(exc).__name__}: {exc}")
         # A different world size changes the steps per epoch: keep the same fraction of the epoch.
-        step = round(position["step"] * steps / max(position["steps_per_epoch"], 1))
-        log.info("rank %d resumes from %s at epoch %d step %d", self.rank, name, position["epoch"], step)
-        return int(position["epoch"]), min(step, steps)
+        step = data.resume_step(at, per_epoch, steps)
+        log.info("rank %d resumes from %s at epoch %d step %d of %d", self.rank, name, epoch, step, steps)
+        self._account(
+            msgspec.structs.replace(
+                record,
+                start_epoch=epoch,
+                start_step=step,
+                checkpoint=name,
+                checkpoint_attempt=ckpt.attempt,
+                checkpoint_epoch=epoch,
+                checkpoint_step=at,
+                checkpoint_steps_per_epoch=per_epoch,
+                checkpoint_world=int(position.get("world", ckpt.world)),
+            )
+        )
+        return epoch, step
+
+    def _account(self, record: AttemptRecord) -> None:
+        if self.rank == 0:
+            self._record = record
+            self.bridge.call(self.jobs.put(f"attempt.{self.job_id}.{self.attempt}", _json.encode(record)))
+
+    def _account_end(self, full: torch.nn.Module) -> None:
+        """Rank 0 records the steps this attempt trained and (dp) every rank's parameter digest."""
+        weights: list[str] = []
+        if self.req.parallel == "dp":
+            digest = parameters_digest(full)
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, digest)
+            weights = [str(d) for d in gathered]
+        if self.rank == 0 and self._record is not None:
+            self._account(msgspec.structs.replace(self._record, steps_trained=self.steps_trained, weights=weights))
 
     # -- reporting ---------------------------------------------------------------------------
     def _progress(self, epoch: int, step: int, steps: int, loss: float, rate: float) -> None:
@@ -345,7 +435,7 @@ class Worker:
         )
         self.bridge.post(self.jobs.put(f"progress.{self.job_id}", _json.encode(progress)))
 
-    def _fail(self, error: str) -> None:
+    def _fail(self, error: str) -> NoReturn:
         """End the attempt with an error a retry cannot fix.  Every rank that finds it writes the
         result before exiting: its agent reads the result when this process ends, and another
         rank's copy may not be stored yet (a missing result reads as a crash, i.e. a restart)."""
@@ -428,10 +518,14 @@ class Worker:
             }
 
 
-def data_batches(train: dict[str, np.ndarray], per_rank: int, seed: int, epoch: int, offset: int) -> Any:
-    return iter(
-        DatasetReader.epoch_batches(train, batch_size=per_rank, seed=seed, epoch=epoch, offset=offset, drop_last=True)
-    )
+def parameters_digest(model: torch.nn.Module) -> str:
+    """sha256 of the parameters' names and exact values (buffers left out: DDP gives every rank
+    rank 0's buffers before a forward pass, then each updates them on its own batch)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def main() -> None:

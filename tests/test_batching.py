@@ -1,14 +1,21 @@
-"""Dynamic batching (pure asyncio and numpy)."""
+"""Dynamic batching (pure asyncio and numpy).
+
+The forward passes here block on a gate the test opens, so which requests share a pass is decided
+by what is queued while a pass runs, never by how fast the machine is."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from services.inference.batching import DynamicBatcher
+from tests.helpers import eventually
+
+Forward = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 def doubling(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -17,56 +24,74 @@ def doubling(x: np.ndarray) -> dict[str, np.ndarray]:
     return {"y": x * 2}
 
 
+class Gate:
+    """A forward pass that blocks until the test opens the gate; ``started`` is set once a pass
+    is running (and blocked)."""
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward = forward
+        self.started = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.started.set()
+        if not self.opened.wait(30):
+            raise TimeoutError("the test never opened the gate")
+        return self.forward(x)
+
+    async def wait_started(self) -> None:
+        if not await asyncio.to_thread(self.started.wait, 10):
+            raise AssertionError("the first forward pass never started")
+
+
+async def wait_queued(batcher: DynamicBatcher, n: int) -> None:
+    async def queued() -> bool:
+        return batcher.queued == n
+
+    await eventually(queued, 10, f"{n} requests queued behind the running forward pass")
+
+
 async def test_a_lone_request_is_served_at_once() -> None:
-    batcher = DynamicBatcher(doubling, max_batch_size=32, max_wait_ms=500)
+    # max_wait is an hour: had the lone request waited for company, wait_for would fail.
+    batcher = DynamicBatcher(doubling, max_batch_size=32, max_wait_ms=3_600_000)
     batcher.start()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    out, size = await batcher.submit(np.array([[1.0, 2.0]]))
-    assert loop.time() - start < 0.2  # nowhere near max_wait
+    out, size = await asyncio.wait_for(batcher.submit(np.array([[1.0, 2.0]])), timeout=30)
     assert size == 1 and out["y"].tolist() == [[2.0, 4.0]]
-    assert batcher.reasons["free"] == 1
+    assert batcher.reasons == {"free": 1}  # released because the model was free, not by a timer
     await batcher.stop()
 
 
 async def test_requests_arriving_while_busy_share_a_forward_pass() -> None:
-    gate = threading.Event()
-
-    def slow(x: np.ndarray) -> dict[str, np.ndarray]:
-        gate.wait(5)
-        return doubling(x)
-
-    batcher = DynamicBatcher(slow, max_batch_size=8, max_wait_ms=0)
+    gate = Gate(doubling)
+    batcher = DynamicBatcher(gate, max_batch_size=8, max_wait_ms=0)
     batcher.start()
     first = asyncio.create_task(batcher.submit(np.array([[0.0]])))
-    await asyncio.sleep(0.05)  # the first forward is now running and blocked
+    await gate.wait_started()  # the first forward is now running and blocked
     rest = [asyncio.create_task(batcher.submit(np.array([[float(i)]]))) for i in range(1, 11)]
-    await asyncio.sleep(0.05)
-    gate.set()
+    await wait_queued(batcher, 10)
+    gate.opened.set()
     results = await asyncio.gather(first, *rest)
     assert [r[0]["y"][0, 0] for r in results] == [2.0 * i for i in range(11)]
+    assert [r[1] for r in results] == [1] + [8] * 8 + [2] * 2  # each reply says how many shared its pass
     assert sorted(batcher.sizes.elements()) == [1, 2, 8]  # 1 alone, then 8 (full), then the last 2
-    assert batcher.reasons["full"] == 1
+    assert batcher.reasons == {"free": 2, "full": 1}
     await batcher.stop()
 
 
 async def test_one_bad_request_never_fails_its_batch_mates() -> None:
-    gate = threading.Event()
-
-    def gated(x: np.ndarray) -> dict[str, np.ndarray]:
-        gate.wait(5)
-        return doubling(x)
-
-    batcher = DynamicBatcher(gated, max_batch_size=8, max_wait_ms=0)
+    gate = Gate(doubling)
+    batcher = DynamicBatcher(gate, max_batch_size=8, max_wait_ms=0)
     batcher.start()
     blocker = asyncio.create_task(batcher.submit(np.array([[0.0]])))
-    await asyncio.sleep(0.05)
+    await gate.wait_started()
     good = [asyncio.create_task(batcher.submit(np.array([[float(i)]]))) for i in (1, 2)]
     bad = asyncio.create_task(batcher.submit(np.array([[-1.0]])))
-    await asyncio.sleep(0.05)
-    gate.set()
+    await wait_queued(batcher, 3)
+    gate.opened.set()
     await blocker
     assert [(await g)[0]["y"][0, 0] for g in good] == [2.0, 4.0]
     with pytest.raises(ValueError, match="negative input"):
         await bad
+    # They did share a pass (3 rows, which failed), then each was retried alone.
+    assert sorted(batcher.sizes.elements()) == [1, 1, 1, 1, 3]
     await batcher.stop()

@@ -13,7 +13,7 @@ from nats.aio.client import Client as NatsClient
 
 from shared.client import request
 from shared.discovery import discover
-from shared.errors import BadRequest, NotFound, Unavailable
+from shared.errors import BadRequest, MeshTimeout, NotFound, Unavailable
 from shared.names import Names
 from shared.registry import artifacts, put_object, register
 from shared.schemas import (
@@ -331,35 +331,72 @@ async def test_one_trace_from_http_to_the_batch_forward(
     assert forward.links == [process.span_id] and forward.attributes["aimesh.batch.size"] == 1
 
 
-async def test_durable_requests_survive_a_killed_worker(
+async def test_durable_requests_survive_a_killed_worker_and_are_answered_once(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
 ) -> None:
+    """The first worker is frozen (SIGSTOP) while requests it was delivered wait unacked in it,
+    then killed; a second worker serves everything, those after the ack wait.  Every publish on
+    the result subjects is recorded as sent, and the streams' sequences count what was stored."""
     import json
     import os
     import signal
+    from collections import defaultdict
 
     import aiohttp
+    import msgspec
+    from nats.aio.msg import Msg
+    from nats.js.api import ConsumerInfo
 
     from shared import durable
+    from shared.names import Header
+    from shared.schemas import DurableResult
 
     env = {"AIMESH_INFERENCE_DURABLE_ACK_WAIT_S": "2"}
-    workers = [spawn("services.inference", **env) for _ in range(2)]
+    first = spawn("services.inference", **env)
     router = spawn("services.router", AIMESH_ROUTER_PORT="0")
-    for w in workers:
-        await w.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
+    await first.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
     base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
     _, model = await register_mlp(nc, names, seed=4)
     await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 30, "both workers to serve digits@1")
-    xs = np.random.default_rng(2).random((200, 1, 64), dtype=np.float32)
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "the first worker to serve digits@1")
+    js = nc.jetstream()
+    consumer = "infer-digits-1"  # the durable consumer every worker of digits@1 fetches from
+
+    async def consumer_info() -> ConsumerInfo:
+        info: ConsumerInfo = await js.consumer_info(names.requests_stream, consumer)
+        return info
+
+    async def delivered() -> tuple[int, int]:
+        """The consumer's last delivery: its own sequence (one per delivery) and the stream's."""
+        last = (await consumer_info()).delivered
+        assert last is not None
+        return last.consumer_seq, last.stream_seq
+
+    async def last_seqs() -> tuple[int, int]:
+        """How many messages the requests and the results streams ever stored."""
+        requests_state = (await js.stream_info(names.requests_stream)).state
+        results_state = (await js.stream_info(names.results_stream)).state
+        return requests_state.last_seq, results_state.last_seq
+
+    # Every publish on the result subjects as sent, whether the stream stored it or not.
+    published: defaultdict[str, list[tuple[str, str | None]]] = defaultdict(list)
+    outcome_of = msgspec.msgpack.Decoder(DurableResult)
+
+    async def on_result(msg: Msg) -> None:
+        outcome = outcome_of.decode(msg.data)
+        published[outcome.id].append((outcome.state, (msg.headers or {}).get(Header.MSG_ID)))
+
+    await nc.subscribe(names.result_subjects, cb=on_result)
+    await nc.flush()
+    n = 200
+    xs = np.random.default_rng(2).random((n, 1, 64), dtype=np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(xs[:, 0])).numpy()
 
     async with aiohttp.ClientSession() as http:
-        accepted = 0
+        submitted = 0
 
         async def submit(i: int) -> None:
-            nonlocal accepted
             body = {
                 "id": f"d{i}",
                 "inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": xs[i].ravel().tolist()}],
@@ -368,16 +405,43 @@ async def test_durable_requests_survive_a_killed_worker(
                 f"{base}/v2/models/digits/infer", json=body, headers={"Prefer": "respond-async"}
             ) as resp:
                 assert resp.status == 202 and resp.headers["Location"] == f"/v2/results/d{i}"
-            accepted += 1
-            if accepted == 50:
-                os.kill(workers[0].pid, signal.SIGKILL)  # mid-stream: some of its requests are unacked
 
-        for start in range(0, 200, 16):
-            await asyncio.gather(*(submit(i) for i in range(start, min(start + 16, 200))))
+        async def submit_next(count: int) -> None:
+            nonlocal submitted
+            end = min(submitted + count, n)
+            await asyncio.gather(*(submit(i) for i in range(submitted, end)))
+            submitted = end
+
+        async def settled() -> ConsumerInfo | None:
+            info = await consumer_info()
+            # Delivered to the frozen worker (unacked), or left in the stream (its fetch expired).
+            return info if info.num_ack_pending or (not info.num_waiting and info.num_pending) else None
+
+        async def idle() -> bool:
+            info = await consumer_info()
+            return not info.num_ack_pending and not info.num_pending
+
+        # Frozen, the first worker takes requests only through the fetch it left waiting, and acks
+        # none.  If that fetch expired before the requests came, it serves them, and we try again.
+        held = 0
+        for _ in range(5):
+            os.kill(first.pid, signal.SIGSTOP)
+            await submit_next(16)
+            held = (await eventually(settled, 10, "the requests to reach the frozen worker")).num_ack_pending or 0
+            if held:
+                break
+            os.kill(first.pid, signal.SIGCONT)
+            await eventually(idle, 30, "the first worker to serve what it was sent")
+        assert held, "the frozen worker never held a request: its fetch had expired each time"
+        while submitted < n:
+            await submit_next(16)
+        os.kill(first.pid, signal.SIGKILL)  # with `held` requests delivered and unacked
+        second = spawn("services.inference", **env)
+        await second.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
 
         async def all_answered() -> dict[int, list[float]] | None:
             answers = {}
-            for i in range(200):
+            for i in range(n):
                 async with http.get(f"{base}/v2/results/d{i}") as resp:
                     if resp.status == 202:
                         return None
@@ -389,10 +453,30 @@ async def test_durable_requests_survive_a_killed_worker(
         answers = await eventually(all_answered, 60, "every durable request to be answered")
         for i, logits in answers.items():
             np.testing.assert_allclose(logits, expected[i], rtol=1e-5, atol=1e-6)
-        info = await nc.jetstream().stream_info(names.results_stream, subjects_filter=names.result_subjects)
-        assert len(info.state.subjects or {}) == 200 and set((info.state.subjects or {}).values()) == {1}
 
-        # The same id again is the same request: nothing new runs, the answer stands.
+        # The kill left unacked work, and it was delivered again: every delivery, a redelivery
+        # too, takes the consumer's next sequence.
+        requests_seq, results_seq = await last_seqs()
+        assert requests_seq == n
+        redelivered = (await delivered())[0] - requests_seq
+        assert redelivered >= held > 0, f"{held} requests held by the killed worker, {redelivered} redelivered"
+
+        # Each answer was published once, or its copies were collapsed by id: every answer
+        # published for an id carries the same Nats-Msg-Id, and the results stream stored one
+        # pending record (each was submitted while no worker could answer it) and one answer per id.
+        async def every_answer_seen() -> bool:
+            return all(any(state != "pending" for state, _ in published[f"d{i}"]) for i in range(n))
+
+        await eventually(every_answer_seen, 10, "every answer's publish to reach the test")
+        for i in range(n):
+            msg_ids = [msg_id for state, msg_id in published[f"d{i}"] if state != "pending"]
+            assert set(msg_ids) == {f"d{i}/result"}, f"d{i}: answers published as {msg_ids}"
+        assert results_seq == 2 * n, (
+            f"{results_seq - 2 * n} more messages stored than one pending and one answer per id"
+        )
+
+        # The same id again is the same request: nothing new is stored or delivered, the answer stands.
+        deliveries = await delivered()
         body = json.dumps(
             {
                 "id": "d7",
@@ -401,20 +485,30 @@ async def test_durable_requests_survive_a_killed_worker(
         )
         async with http.post(f"{base}/v2/models/digits/infer?async=1", data=body) as resp:
             assert resp.status == 202
+        assert await last_seqs() == (requests_seq, results_seq)
+        assert await delivered() == deliveries
         async with http.get(f"{base}/v2/results/d7") as resp:
             assert resp.status == 200
+            again = next(o for o in (await resp.json())["outputs"] if o["name"] == "logits")
+            assert again["data"] == answers[7]
+        # A second answer for an id that has one (what a redelivered request's run publishes) is
+        # dropped by the stream: the first answer stands.
+        late = DurableResult(id="d7", state="error", model="digits", version="1", error="a second answer", code=500)
+        await durable.store_result(js, names, late)
+        assert await last_seqs() == (requests_seq, results_seq)
+        assert (await durable.fetch(js, names, "d7")).state == "done"
         async with http.get(f"{base}/v2/results/nobody") as resp:
             assert resp.status == 404
 
     # Straight from a NATS client, a bad request's answer is its error.
     bad = InferRequest(inputs={"x": to_wire(np.zeros((1, 3), dtype=np.float32))}, id="bad1")
-    rid = await durable.submit(nc.jetstream(), names, "digits", "1", bad)
+    rid = await durable.submit(js, names, "digits", "1", bad)
 
     async def bad_answered() -> bool:
-        return (await durable.fetch(nc.jetstream(), names, rid)).state == "error"
+        return (await durable.fetch(js, names, rid)).state == "error"
 
     await eventually(bad_answered, 30, "the bad request's error")
-    outcome = await durable.fetch(nc.jetstream(), names, rid)
+    outcome = await durable.fetch(js, names, rid)
     assert outcome.code == 400 and "must have shape" in outcome.error
 
 
@@ -471,7 +565,14 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
 ) -> None:
     import aiohttp
 
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0", AIMESH_ROUTER_API_KEYS='["user1:infer","boss:admin"]')
+    from tests.standin import StandIn
+
+    router = spawn(
+        "services.router",
+        AIMESH_ROUTER_PORT="0",
+        AIMESH_ROUTER_API_KEYS='["user1:infer","boss:admin"]',
+        AIMESH_ROUTER_MAX_CONCURRENCY="1",
+    )
     worker = spawn("services.inference")
     base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
     await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
@@ -498,6 +599,23 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
         bad = {**user, "Aimesh-Timeout-Ms": "soon"}
         async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=bad) as resp:
             assert resp.status == 400
+
+        # The bound (1 in flight): a request held by a stand-in worker of version 9 fills it.
+        async with StandIn(nc, names.infer("digits", "9"), "9", hold=True) as held:
+
+            async def held_request() -> tuple[int, str]:
+                async with http.post(f"{base}/v2/models/digits/versions/9/infer", json=body, headers=user) as resp:
+                    return resp.status, resp.headers.get("Aimesh-Variant", "")
+
+            first = asyncio.create_task(held_request())
+            await asyncio.wait_for(held.arrived.wait(), 10)  # in flight: it reached the worker
+            async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=user) as resp:
+                assert resp.status == 429 and resp.headers["Retry-After"] == "1", await resp.text()
+                assert "gateway busy (1 requests in flight, limit 1)" in (await resp.json())["error"]
+            held.release.set()
+            assert await first == (200, "9")
+        async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=user) as resp:
+            assert resp.status == 200  # the finished request gave its slot back
 
 
 async def test_nats_programs_get_the_split_on_the_unversioned_subject(
@@ -563,7 +681,7 @@ async def test_deployments_are_followed_across_a_nats_restart(
             async def deployed() -> Deployment | None:
                 try:
                     return await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-                except Exception:
+                except (Unavailable, MeshTimeout):
                     return None  # the worker is still reconnecting
 
             assert (await eventually(deployed, 30, "the deploy endpoint")).version == "2"
@@ -580,3 +698,54 @@ async def test_deployments_are_followed_across_a_nats_restart(
             await nc.close()
     finally:
         server.stop()
+
+
+async def test_a_version_whose_weights_do_not_load_is_not_served_and_says_why(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
+) -> None:
+    import aiohttp
+
+    _, _, base = await start_gateway(spawn, nats_url, names)
+    await register_mlp(nc, names, seed=1)
+    # Version 2's artifact holds the weights of another architecture (5 classes, the registry says 10).
+    js = nc.jetstream()
+    torch.manual_seed(2)
+    await put_object(
+        await artifacts(js, names),
+        "models/digits/five.safetensors",
+        weights_to_bytes(mlp(inputs=64, classes=5).state_dict()),
+    )
+    wrong = ModelVersion(
+        model="digits",
+        version="",
+        artifact="models/digits/five.safetensors",
+        factory="zoo.classifier:mlp",
+        kwargs={"inputs": 64, "classes": 10},
+        task="classify",
+        dataset="digits@1",
+        inputs=[ColumnSpec(name="x", dtype="float32", shape=[64])],
+    )
+    assert (await register(await js.key_value(names.registry_bucket), wrong)).version == "2"
+    for ref in ("1", "2"):
+        await request(nc, names.deploy, DeployRequest(model="digits", ref=ref), Deployment)
+
+    async def failed() -> MicroPing | None:
+        pings = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
+        return next((p for p in pings if "digits@2" in p.metadata.get("failed", "")), None)
+
+    await eventually(lambda: serving(nc, names, "digits@1"), 30, "the worker to serve digits@1")
+    ping = await eventually(failed, 30, "the worker to report that digits@2 failed to load")
+    why = ping.metadata["failed"]
+    assert why.startswith("digits@2: RuntimeError") and "size mismatch" in why, why
+    assert ping.metadata["serving"] == "digits@1"
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/v2/models/digits/versions/2/ready") as resp:
+            assert resp.status == 503
+        async with http.post(f"{base}/v2/models/digits/versions/2/infer", json=body) as resp:
+            assert resp.status == 503 and "no inference worker serves digits@2" in (await resp.json())["error"]
+        # The version that loaded is served beside it.
+        async with http.get(f"{base}/v2/models/digits/versions/1/ready") as resp:
+            assert resp.status == 200
+        async with http.post(f"{base}/v2/models/digits/versions/1/infer", json=body) as resp:
+            assert resp.status == 200

@@ -5,7 +5,8 @@
 - Every worker watches the deployments: it loads each version's weights in a worker thread and
   only then subscribes to ``<prefix>.infer.<model>.<version>`` in that version's queue group, so
   more workers mean more throughput with no other change, and a worker that has not loaded a
-  model (or cannot) takes none of its requests and does not report ready.
+  version (or cannot) takes none of its requests: that version is not ready (its OIP ready
+  endpoint answers 503), and the worker's discovery metadata says why under ``failed``.
 - A deployment moved to another version is loaded in the background; the new subject is served
   before the old one is drained and dropped, so no request fails during the swap.
 """

@@ -7,12 +7,18 @@ One responder process and one requester process per row, on a fresh embedded nat
 - ``raw``: a bare nats-py subscriber that echoes the bytes (the ceiling);
 - ``actor, tracing off``: an aimesh service whose actor decodes, calls the handler and encodes
   the reply (msgspec), with ``OTEL_SDK_DISABLED=true``;
-- ``actor, tracing default``: the same with tracing at its default setting (SDK on, parent-based
-  always-on sampler, a CONSUMER span per message, no exporter configured);
+- ``actor, tracing default``: the same with tracing at its default setting (SDK on, no exporter
+  configured): the parent-based sampler records 1% of root traces (``trace_sample_ratio`` 0.01)
+  and every trace whose caller marked it sampled.  The raw requester sends no ``traceparent``, so
+  every message is a root and about 1% of them get a recorded CONSUMER span; the rest take the
+  unsampled fast path;
 - ``actor, tracing every message``: every message recorded as a span (sample ratio 1, no
   exporter): the cost of the SDK's span objects themselves;
 - ``actor + aimesh client``: the default-tracing responder, called through ``shared.client.request``
   (CLIENT span, traceparent and deadline headers, typed errors) instead of raw ``nc.request``.
+  The requester's tracer records every root (``setup_tracing``'s ratio of 1), so each
+  ``traceparent`` says sampled and the responder, following its caller, records every message
+  too: this row prices a fully traced hop on both sides, not the 1% default.
 
 Each figure is the median of ``--rounds`` runs of ``--seconds`` each, after a warm-up; rows for
 one concurrency run back to back, so ratios compare like with like.

@@ -1,6 +1,6 @@
-"""Serving throughput and latency, one run, one model, the load generator in its own process.
+"""Serving throughput and latency, one model, the load generator in its own process.
 
-    .venv/bin/python bench/serve.py [--seconds 5]
+    .venv/bin/python bench/serve.py [--seconds 5] [--rounds 3] [--overhead | --secure]
 
 Model: MLP 256→1024→1024→10, float32, one torch thread per process.  Requests are Open
 Inference Protocol v2 with the binary tensor extension (one 256-float row each).
@@ -18,6 +18,13 @@ and at concurrency 1, (a) with batching off (max batch 1) to show batching costs
 (g) ``--secure`` runs only this: (a) at concurrency 64 on an open NATS against a NATS that
     admits only the mesh's identities (one nkey per role, as ``aimesh up`` makes them) over TLS
     with a local CA; the gateway itself stays plain HTTP, so the figure is the bus's cost.
+
+Rows rotate: each of ``--rounds`` rounds runs every row once, in the same order, and each figure
+is the median of its row's rounds (as in ``bench/rpc.py``), so a machine that slows down or
+speeds up during the run shifts every row alike instead of the last ones.  In (a)–(e) every
+server stays up through all rounds, idle while another row runs; the second worker of (b) is
+started for its row and drained after it.  (f) and (g) start a fresh NATS and fresh services for
+every row of every round.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -222,6 +230,20 @@ async def mesh_setup(url: str, operator: dict[str, str] | None = None) -> tuple[
     return nc, names
 
 
+def median_row(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds of one row."""
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
+async def wait_workers(nc: Any, names: Any, workers: int) -> None:
+    """Until exactly ``workers`` inference workers answer discovery (a drained one has left)."""
+    from shared.discovery import discover
+    from shared.schemas import MicroPing
+
+    while len(await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)) != workers:
+        await asyncio.sleep(0.2)
+
+
 async def deploy(nc: Any, names: Any, max_batch: int, workers: int, split: bool = False) -> str:
     from shared.client import request
     from shared.discovery import discover
@@ -295,34 +317,42 @@ def _secure_setup(work: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
     return role_env, ["-c", str(config)]
 
 
-def secure(env: dict[str, str], seconds: float) -> None:
-    rows = {}
-    for label, on in (("open NATS", False), ("identities + TLS", True), ("open again", False), ("secure again", True)):
-        rows[label] = _mesh_rows(env, ("router", "inference"), False, seconds, secure=on)
+def secure(env: dict[str, str], seconds: float, rounds: int) -> None:
+    setups = (("open NATS", False), ("identities + TLS", True))
+    samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in setups}
+    for _ in range(rounds):
+        for label, on in setups:  # alternated, so drift hits both rows alike
+            samples[label].append(_mesh_rows(env, ("router", "inference"), False, seconds, secure=on))
+    rows = {label: median_row(s) for label, s in samples.items()}
     print(f"\n  {'(g) bus security, concurrency 64':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for label, r in rows.items():
         print(f"  {label:<32} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6.0f}")
-    open_rps = (rows["open NATS"]["rps"] + rows["open again"]["rps"]) / 2
-    secure_rps = (rows["identities + TLS"]["rps"] + rows["secure again"]["rps"]) / 2
-    print(f"\n  secure / open throughput: {secure_rps / open_rps:.3f} (goal: cost under 5%)")
+    ratio = rows["identities + TLS"]["rps"] / rows["open NATS"]["rps"]
+    print(f"\n  secure / open throughput (medians over {rounds} round(s)): {ratio:.3f} (goal: cost under 5%)")
 
 
-def overhead(env: dict[str, str], seconds: float) -> None:
+def overhead(env: dict[str, str], seconds: float, rounds: int) -> None:
     off = env | {"OTEL_SDK_DISABLED": "true", "AIMESH_METRICS_INTERVAL_S": "0"}
     on = {k: v for k, v in env.items() if k != "OTEL_SDK_DISABLED"} | {"AIMESH_TRACE_TO_MESH": "true"}
-    rows = {}
-    for label, run_env, services, split in (
+    setups = (
         ("off: no tracing, no snapshots", off, ("router", "inference"), False),
         ("on: metrics, tracing, split", on, ("router", "inference", "metrics"), True),
         ("off again", off, ("router", "inference"), False),
-    ):
-        rows[label] = _mesh_rows(run_env, services, split, seconds)
+    )
+    samples: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in setups}
+    for _ in range(rounds):
+        for label, run_env, services, split in setups:
+            samples[label].append(_mesh_rows(run_env, services, split, seconds))
+    rows = {label: median_row(s) for label, s in samples.items()}
     print(f"\n  {'(f) metrics path, concurrency 64':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for label, r in rows.items():
         print(f"  {label:<32} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6.0f}")
     off_rps = (rows["off: no tracing, no snapshots"]["rps"] + rows["off again"]["rps"]) / 2
     cost = 1 - rows["on: metrics, tracing, split"]["rps"] / off_rps
-    print(f"\n  throughput cost of metrics + tracing: {cost:.1%} of the mean of the two off rows (goal < 5%)")
+    print(
+        f"\n  throughput cost of metrics + tracing: {cost:.1%} of the mean of the two off rows "
+        f"(medians over {rounds} round(s); goal < 5%)"
+    )
 
 
 def main() -> None:
@@ -332,9 +362,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every row, rotated; medians shown")
     parser.add_argument("--overhead", action="store_true", help="only (f): metrics and tracing on versus off")
     parser.add_argument("--secure", action="store_true", help="only (g): identities and TLS on the bus versus off")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.role == "client":
         import uvloop
 
@@ -348,7 +381,6 @@ def main() -> None:
 
     from shared.natsserver import NatsServer
 
-    rows: dict[str, dict[int, dict[str, float]]] = {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
     env.update(
         AIMESH_PREFIX="benchserve",
@@ -359,50 +391,65 @@ def main() -> None:
         MKL_NUM_THREADS="1",
     )
     print(
-        f"serving benchmark: MLP 256→{'→'.join(map(str, HIDDEN))}→10, {args.seconds:g}s per row; {os.cpu_count()} cores"
+        f"serving benchmark: MLP 256→{'→'.join(map(str, HIDDEN))}→10, {args.seconds:g}s per row, "
+        f"rounds: {args.rounds} (medians shown); {os.cpu_count()} cores"
     )
     if args.overhead:
-        overhead(env, args.seconds)
+        overhead(env, args.seconds, args.rounds)
         return
     if args.secure:
-        secure(env, args.seconds)
+        secure(env, args.seconds, args.rounds)
         return
+    samples: dict[str, dict[int, list[dict[str, float]]]] = {}
+    offline: list[float] = []
+
+    def sample(label: str, url: str, concurrencies: tuple[int, ...]) -> None:
+        for c in concurrencies:
+            samples.setdefault(label, {}).setdefault(c, []).append(run_client(url, c, args.seconds))
+
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
         env["AIMESH_NATS_URL"] = server.url
-        procs = [start_service(s, env) for s in ("router", "inference")]
+        procs: list[subprocess.Popen[Any]] = [start_service(s, env) for s in ("router", "inference")]
+        baselines: list[tuple[str, str]] = []
         try:
-
-            async def setup() -> tuple[Any, Any]:
-                return await mesh_setup(server.url)
+            for role, label in (("inproc", "(c) in-process aiohttp + model"), ("echo", "(e) bare aiohttp, no model")):
+                port = _free_port()
+                proc = subprocess.Popen(
+                    [sys.executable, __file__, "--role", role, "--port", str(port)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                procs.append(proc)
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+                baselines.append((label, f"http://127.0.0.1:{port}/v2/models/mlp/infer"))
 
             loop = asyncio.new_event_loop()
-            nc, names = loop.run_until_complete(setup())
-            url = loop.run_until_complete(deploy(nc, names, max_batch=1, workers=1))
-            rows["(a) batching off, 1 worker"] = {1: run_client(url, 1, args.seconds)}
-            url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=1))
-            rows["(a) aimesh, 1 worker"] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
-            procs.append(start_service("inference", env))
-            url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=2))
-            rows["(b) aimesh, 2 workers"] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
+            nc, names = loop.run_until_complete(mesh_setup(server.url))
+            for _ in range(args.rounds):
+                url = loop.run_until_complete(deploy(nc, names, max_batch=1, workers=1))
+                sample("(a) batching off, 1 worker", url, (1,))
+                url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=1))
+                sample("(a) aimesh, 1 worker", url, (1, 64))
+                second = start_service("inference", env)
+                try:
+                    url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=2))
+                    sample("(b) aimesh, 2 workers", url, (1, 64))
+                finally:
+                    second.terminate()
+                    second.wait(30)
+                loop.run_until_complete(wait_workers(nc, names, 1))
+                for label, url in baselines:
+                    sample(label, url, (1, 64))
+                offline.append(offline_rate(args.seconds))
             loop.run_until_complete(nc.close())
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(30)
-    for role, label in (("inproc", "(c) in-process aiohttp + model"), ("echo", "(e) bare aiohttp, no model")):
-        port = _free_port()
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--role", role, "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-            url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
-            rows[label] = {c: run_client(url, c, args.seconds) for c in (1, 64)}
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    offline = offline_rate(args.seconds)
+    rows = {label: {c: median_row(runs) for c, runs in by_conc.items()} for label, by_conc in samples.items()}
+    offline_median = statistics.median(offline)
 
     print(f"\n  {'':<32} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for label, by_conc in rows.items():
@@ -410,7 +457,7 @@ def main() -> None:
             print(
                 f"  {label:<32} {conc:>4} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6.0f}"
             )
-    print(f"  {'(d) offline, batch 32':<32} {'':>4} {offline:>9,.0f}  (samples/s)")
+    print(f"  {'(d) offline, batch 32':<32} {'':>4} {offline_median:>9,.0f}  (samples/s)")
     a64, c64 = rows["(a) aimesh, 1 worker"][64]["rps"], rows["(c) in-process aiohttp + model"][64]["rps"]
     e64 = rows["(e) bare aiohttp, no model"][64]["rps"]
     p50_on, p50_off = rows["(a) aimesh, 1 worker"][1]["p50_ms"], rows["(a) batching off, 1 worker"][1]["p50_ms"]
@@ -420,7 +467,7 @@ def main() -> None:
         f"(b)/(a) = {b64 / a64:.2f}"
     )
     print(f"  at 1: p50 with batching / without = {p50_on / p50_off:.2f} (goal ≤ 1.2)")
-    overhead(env, args.seconds)
+    overhead(env, args.seconds, args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Several metrics instances with autoscaling on: one lease in the experiments bucket lets exactly
-one of them scale a pool; another takes over when it is released, or no longer renewed."""
+one of them scale a pool; another takes over when it is released, or no longer renewed.
+
+Nothing here depends on the machine's speed: a holder renews between every two looks of the
+other process (however long apart they are), and the lease periods are long against the tick
+(0.2 s) and the renewals, so a loaded machine cannot expire a live holder's lease."""
 
 from __future__ import annotations
 
@@ -18,18 +22,32 @@ from shared.names import Names
 from shared.schemas import ScaleDecision
 from tests.helpers import eventually
 
+TTL_S = 1.0  # the expiry test's lease: its holder renews between every two looks, whatever their pace
+AUTOSCALE_LEASE_S = "30"  # metrics instances: 150 ticks per lease period; handover by release only
+
 
 async def test_a_lease_has_one_holder_and_passes_on_release_or_expiry(nc: NatsClient, names: Names) -> None:
     kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket=f"{names.prefix}-lease-test"))
-    a, b = Lease(kv, "lease.x", "a", ttl_s=0.6), Lease(kv, "lease.x", "b", ttl_s=0.6)
+    a, b = Lease(kv, "lease.x", "a", ttl_s=TTL_S), Lease(kv, "lease.x", "b", ttl_s=TTL_S)
     assert await a.hold() and a.held
-    for _ in range(5):  # a renews more often than the ttl: b never takes it
+    # b looks, a renews, over more than two lease periods: b sees a new revision at every look,
+    # so it never takes the lease, however long a look or a renewal takes.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < 2 * TTL_S:
         assert not await b.hold() and not b.held
-        await asyncio.sleep(0.2)
-        assert await a.hold()
+        await asyncio.sleep(TTL_S / 4)
+        assert await a.hold() and a.held
+
+    # Looks with no renewal between them do not take it either before the ttl: shown with a lease
+    # of a minute, which no run of this test lasts.
+    c, d = Lease(kv, "lease.y", "c", ttl_s=60), Lease(kv, "lease.y", "d", ttl_s=60)
+    assert await c.hold()
+    for _ in range(3):
+        assert not await d.hold() and not d.held
 
     # a stalls (a crash, a pause): b takes over once a's revision has not moved for the ttl.
-    assert await eventually(b.hold, 5, "b to take the lease a stopped renewing")
+    assert await eventually(b.hold, 10 * TTL_S, "b to take the lease a stopped renewing")
     assert not await a.hold() and not a.held  # a, back, finds b's id and stands down
     assert await b.hold()
 
@@ -43,8 +61,13 @@ async def test_a_lease_has_one_holder_and_passes_on_release_or_expiry(nc: NatsCl
 def autoscaling(fast: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
     monkeypatch.setenv("AIMESH_AUTOSCALE_ENABLED", "true")
     monkeypatch.setenv("AIMESH_AUTOSCALE_WARMUP_S", "0")
-    monkeypatch.setenv("AIMESH_AUTOSCALE_LEASE_S", "1")
+    monkeypatch.setenv("AIMESH_AUTOSCALE_LEASE_S", AUTOSCALE_LEASE_S)
     return fast
+
+
+def ticks(service: MetricsService) -> int:
+    """Ticks the service has run: each adds a point to the dashboard's replicas series."""
+    return len(service.history.snapshot().get("replicas", {}).get(service.autoscale_config.pool, []))
 
 
 async def test_one_of_two_metrics_instances_scales_the_pool_and_the_other_takes_over(
@@ -69,7 +92,13 @@ async def test_one_of_two_metrics_instances_scales_the_pool_and_the_other_takes_
 
         await eventually(decided, 15, "a scale decision")
         leader, follower = services if services[0].autoscale_lease.held else services[::-1]
-        await asyncio.sleep(2.5)  # over two lease periods, ~12 ticks: the follower stays quiet
+        # The follower tries the lease at each of its ticks: ten more, and it still stays quiet.
+        seen = ticks(follower)
+
+        async def ten_more() -> bool:
+            return ticks(follower) >= seen + 10
+
+        await eventually(ten_more, 30, "ten more ticks of the follower")
         assert {d.by for d in decisions} == {leader.instance_id}
         assert leader.autoscale_lease.held and not follower.autoscale_lease.held
 
@@ -83,8 +112,8 @@ async def test_one_of_two_metrics_instances_scales_the_pool_and_the_other_takes_
 
         seen = len(decisions)
         await leader.drain()  # releases the lease: the follower takes it at its next tick
-        await eventually(lambda: leads(follower), 5, "the follower to take the lease")
-        await eventually(lambda: decided(seen, follower.instance_id), 10, "a decision by the new leader")
+        await eventually(lambda: leads(follower), 15, "the follower to take the lease")
+        await eventually(lambda: decided(seen, follower.instance_id), 15, "a decision by the new leader")
     finally:
         for service in services:
             await service.drain()

@@ -1,4 +1,6 @@
-"""The command line end to end: aimesh up / status / run, with real processes."""
+"""The command line end to end: aimesh up / status / run, the supervisor's care of its services and
+of the embedded nats-server, and the client commands (deploy, split, feedback, experiments show,
+ingest, datasets) as the operator of a mesh, with real processes."""
 
 from __future__ import annotations
 
@@ -13,14 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 
+from aimesh.datasets_cmd import connect_once
 from shared.auth import ROLES
 from shared.connect import connect_single
 from shared.names import Names
 from shared.natsserver import pid_alive
+from shared.schemas import Deployment, ExperimentReport, Split
 from tests.helpers import ROOT, ServiceProcess, eventually
+from tests.test_experiments import report_when
+from tests.test_inference import register_mlp, serving
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +66,25 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _ready(
+    up: subprocess.Popen[bytes], data_dir: Path, names: Names, log_path: Path, counts: dict[str, int]
+) -> Callable[[], Any]:
+    """A check for ``eventually``: the mesh's rows once exactly ``counts`` instances are ready."""
+
+    async def check() -> list[dict[str, Any]]:
+        if up.poll() is not None:
+            raise AssertionError(f"aimesh up exited with {up.returncode}:\n{log_path.read_text()}")
+        rows = await asyncio.to_thread(_status, data_dir, names)
+        found: dict[str, int] = {}
+        for r in rows:
+            if r["state"] == "ready":
+                found[r["service"]] = found.get(r["service"], 0) + 1
+        return rows if found == counts and len(rows) == sum(counts.values()) else []
+
+    return check
+
+
+@pytest.mark.timeout(300)
 async def test_up_status_restart_and_sigterm_leave_nothing_behind(tmp_path: Path, names: Names) -> None:
     data_dir = tmp_path / "mesh"
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
@@ -112,11 +138,63 @@ async def test_up_status_restart_and_sigterm_leave_nothing_behind(tmp_path: Path
 
 def _nats_server_pid(store_dir: Path) -> int:
     """The embedded nats-server's pid, found by its store directory in the process table."""
+    found = _nats_server(store_dir)
+    if found is None:
+        raise AssertionError(f"no nats-server with store {store_dir} is running")
+    return found[0]
+
+
+def _nats_server(store_dir: Path) -> tuple[int, list[str]] | None:
+    """The pid and arguments of the nats-server whose store is ``store_dir``, if one runs."""
     out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if "nats-server" in line and str(store_dir) in line:
-            return int(line.split()[0])
-    raise AssertionError(f"no nats-server with store {store_dir} is running")
+            pid, *args = line.split()
+            return int(pid), args
+    return None
+
+
+@pytest.mark.timeout(180)
+async def test_the_supervisor_restarts_a_killed_nats_server_on_its_port_and_services_reconnect(
+    tmp_path: Path, names: Names
+) -> None:
+    data_dir = tmp_path / "mesh"
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        up = _up(data_dir, names, "--ingest", "0", "--trainer", "0", "--inference", "0", "--metrics", "0", stdout=log)
+        try:
+            (router,) = await eventually(_ready(up, data_dir, names, log_path, {"router": 1}), 60, "the router")
+            url = json.loads((data_dir / "mesh.json").read_text())["nats_url"]
+            port = url.rsplit(":", 1)[1]
+            killed = _nats_server_pid(data_dir / "nats")
+            os.kill(killed, signal.SIGKILL)
+
+            async def restarted() -> tuple[int, list[str]] | None:
+                found = _nats_server(data_dir / "nats")
+                return found if found is not None and found[0] != killed else None
+
+            _, args = await eventually(restarted, 30, "a new nats-server on the same store")
+            assert args[args.index("-p") + 1] == port  # the port the services know
+            assert json.loads((data_dir / "mesh.json").read_text())["nats_url"] == url
+
+            async def reconnected() -> list[dict[str, Any]]:
+                # Discovery through the new server answers only once the service is back on it.
+                rows = await asyncio.to_thread(_status, data_dir, names)
+                return (
+                    rows
+                    if [(r["id"], r["pid"], r["state"]) for r in rows] == [(router["id"], router["pid"], "ready")]
+                    else []
+                )
+
+            await eventually(reconnected, 60, "the same router process to answer through the new server")
+            up.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(up.wait, 60) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+    text = log_path.read_text()
+    assert "nats-server exited with code -9; restarting it" in text, text[-3000:]
+    assert "router#0 exited" not in text  # reconnected, never restarted
 
 
 @pytest.mark.parametrize("command", [["-m", "services.router"], ["-m", "aimesh", "run", "router"]])
@@ -137,6 +215,7 @@ async def test_router_runs_in_the_foreground_with_health(
     assert await asyncio.to_thread(router.wait, 30) == 0, router.output()
 
 
+@pytest.mark.timeout(180)
 async def test_a_killed_supervisor_leaves_no_orphans(tmp_path: Path, names: Names) -> None:
     data_dir = tmp_path / "mesh"
     up = _up(data_dir, names, "--trainer", "1", "--inference", "1", stdout=subprocess.DEVNULL)
@@ -160,6 +239,7 @@ async def test_a_killed_supervisor_leaves_no_orphans(tmp_path: Path, names: Name
             up.kill()
 
 
+@pytest.mark.timeout(180)
 async def test_a_crash_loop_is_reported_loudly(tmp_path: Path, names: Names) -> None:
     # A router that cannot start (its port setting is not a number) exits with code 2 each time.
     data_dir = tmp_path / "mesh"
@@ -198,6 +278,7 @@ async def test_a_crash_loop_is_reported_loudly(tmp_path: Path, names: Names) -> 
     assert "AIMESH_ROUTER_PORT: Expected `int`" in text  # the service said why
 
 
+@pytest.mark.timeout(420)  # the demo itself may take up to 300 s on two cores
 async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: Names) -> None:
     out = await asyncio.to_thread(
         subprocess.run,
@@ -265,3 +346,101 @@ async def test_ingest_and_datasets_commands(
     assert missing.returncode == 1 and "no dataset named 'nope'" in missing.stderr
     bad = await asyncio.to_thread(aimesh, "ingest", str(tmp_path / "absent.csv"), "--dataset", "t")
     assert bad.returncode == 2 and "no such file or directory" in bad.stderr
+
+
+@pytest.mark.timeout(300)
+async def test_deploy_split_feedback_and_experiments_show_as_the_operator_of_aimesh_up(
+    tmp_path: Path, names: Names, http: aiohttp.ClientSession
+) -> None:
+    data_dir = tmp_path / "mesh"
+    log_path = tmp_path / "up.log"
+    counts = {"inference": 1, "router": 1, "metrics": 1}
+    flags = ["--ingest", "0", "--trainer", "0", "--inference", "1", "--router", "1", "--metrics", "1"]
+
+    def aimesh(*args: str) -> subprocess.CompletedProcess[str]:
+        # No URL and no identity given: the commands find both through <data_dir>/mesh.json.
+        command = [*AIMESH, *args, "--data-dir", str(data_dir), "--prefix", names.prefix]
+        return subprocess.run(command, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60)
+
+    with open(log_path, "wb") as log:
+        up = _up(data_dir, names, *flags, stdout=log)
+        try:
+            rows = await eventually(_ready(up, data_dir, names, log_path, counts), 90, f"{counts} ready")
+            base = next(r["http"] for r in rows if r["service"] == "router")
+            state = json.loads((data_dir / "mesh.json").read_text())
+            operator = str(Path(state["credentials"]) / "operator.nk")
+            nc = await connect_once(state["nats_url"], nkey=operator, prefix=names.prefix)
+            try:
+                for seed in (1, 2):
+                    await register_mlp(nc, names, seed=seed)
+
+                done = await asyncio.to_thread(aimesh, "deploy", "digits@1")
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.startswith("deployed digits@1 (from 1); batches of up to 32"), done.stdout
+                done = await asyncio.to_thread(aimesh, "deploy", "digits@2", "--json")
+                assert done.returncode == 0, done.stderr
+                deployed = msgspec.json.decode(done.stdout, type=Deployment)
+                assert (deployed.model, deployed.version) == ("digits", "2")
+                for want in ("digits@1", "digits@2"):
+                    await eventually(lambda w=want: serving(nc, names, w), 60, f"{want} to be served")  # type: ignore[misc]
+
+                done = await asyncio.to_thread(
+                    aimesh, "split", "digits", "1=50", "2=50", "--control", "1", "--min-samples", "50", "--report-only"
+                )
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.startswith("digits: v1 50, v2 50; experiment ") and "report only" in done.stdout
+
+                async def routed_by_split() -> Split | None:
+                    async with http.get(f"{base}/admin/splits/digits") as resp:
+                        assert resp.status in (200, 404), await resp.text()  # 404 until the router has it
+                        return msgspec.json.decode(await resp.read(), type=Split) if resp.status == 200 else None
+
+                split = await eventually(routed_by_split, 20, "the router to follow the split")
+                assert split.guardrails is not None and not split.guardrails.auto
+                body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+                async with http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    request_id, variant = resp.headers["Aimesh-Request-Id"], resp.headers["Aimesh-Variant"]
+
+                done = await asyncio.to_thread(aimesh, "feedback", "digits", request_id, "1")
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.strip() == f"digits: reward 1 recorded for request {request_id}"
+
+                async def rewarded() -> ExperimentReport | None:
+                    return await report_when(
+                        nc,
+                        names,
+                        lambda r: (
+                            [(v.version, v.requests, v.rewards) for v in r.variants if v.requests] == [(variant, 1, 1)]
+                        ),
+                    )
+
+                await eventually(rewarded, 30, f"the request and its reward counted for v{variant}")
+            finally:
+                await nc.close()
+
+            shown = await asyncio.to_thread(aimesh, "experiments", "show", "digits")
+            assert shown.returncode == 0, shown.stderr
+            lines = shown.stdout.splitlines()
+            assert lines[0] == f"digits  experiment {split.experiment}  state running  control v1"
+            assert lines[1].startswith("verdict: waiting: waiting for 50 rewards per variant")
+            row = next(line.split() for line in lines if line.startswith(f"  v{variant} "))
+            assert (row[1], row[2], row[7]) == ("50", "1", "1")  # weight, requests, rewards
+            as_json = await asyncio.to_thread(aimesh, "experiments", "show", "digits", "--json")
+            report = msgspec.json.decode(as_json.stdout, type=ExperimentReport)
+            assert (report.experiment, report.state, report.verdict) == (split.experiment, "running", "waiting")
+
+            # Refusals: exit code 2 and what is wrong.
+            for args, why in (
+                (("experiments", "show", "nope"), "has no split"),
+                (("feedback", "digits", "has space", "1"), "request id"),
+                (("deploy", "nope"), "has no version or alias"),
+            ):
+                done = await asyncio.to_thread(aimesh, *args)
+                assert done.returncode == 2 and why in done.stderr, (args, done.returncode, done.stderr)
+
+            up.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(up.wait, 60) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()

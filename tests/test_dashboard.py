@@ -1,5 +1,6 @@
-"""The metrics dashboard: its stores (History, TraceStore), its JSON API over real HTTP, and the
-page itself rendered by a real headless Chromium (charts drawn, a trace's waterfall shown)."""
+"""The metrics dashboard: its stores (History, TraceStore), its JSON API over real HTTP, the page
+itself rendered by a real headless Chromium (charts drawn, a trace's waterfall shown), and a real
+request's trace reaching the API from real router and worker processes over NATS."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,27 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
+from nats.aio.client import Client as NatsClient
 
 from services.metrics.dashboard import add_routes
+from services.metrics.service import MetricsService
 from services.metrics.timeseries import History
 from services.metrics.traces import TraceStore
+from shared.client import request
+from shared.config import MeshConfig
 from shared.httpserve import serve_app
-from shared.schemas import ExperimentReport, ScaleDecision, SpanBatch, SpanRecord, VariantReport
+from shared.names import Names
+from shared.schemas import (
+    Deployment,
+    DeployRequest,
+    ExperimentReport,
+    ScaleDecision,
+    SpanBatch,
+    SpanRecord,
+    VariantReport,
+)
+from tests.helpers import ServiceProcess, eventually
+from tests.test_inference import register_mlp, serving, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -408,6 +425,62 @@ async def test_trace_routes(dashboard: tuple[str, Source]) -> None:
     assert records[1].parent_id == records[0].span_id
     status, missing, _ = await get(url + "/api/traces/" + "0" * 32)
     assert status == 404 and "no trace" in missing["error"]
+
+
+# -- a real trace, over NATS ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_real_requests_trace_reaches_the_api_over_nats(
+    spawn: Callable[..., ServiceProcess],
+    nats_url: str,
+    names: Names,
+    nc: NatsClient,
+    fast: MeshConfig,
+    http: aiohttp.ClientSession,
+) -> None:
+    # Tracing on, no OTLP endpoint: the spans' only way out is <prefix>.spans.<service>.
+    traced = {"OTEL_SDK_DISABLED": "false", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    _, _, base = await start_gateway(spawn, nats_url, names, router_env=traced, worker_env=traced)
+    await register_mlp(nc, names, seed=1)
+    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
+    await eventually(lambda: serving(nc, names, "digits@1"), 60, "the worker to serve digits@1")
+    async with MetricsService(fast) as metrics:
+        # The services record 1% of their own roots, and every trace their caller sampled: this one.
+        trace_id, caller = uuid.uuid4().hex, "00f067aa0ba902b7"
+        body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+        headers = {"traceparent": f"00-{trace_id}-{caller}-01"}
+        async with http.post(f"{base}/v2/models/digits/infer", json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+
+        async def whole_trace() -> list[SpanRecord] | None:
+            async with http.get(f"{metrics.http_url}/api/traces/{trace_id}") as resp:
+                if resp.status == 404:  # no span of it has arrived yet
+                    return None
+                assert resp.status == 200, await resp.text()
+                spans = msgspec.convert(await resp.json(), list[SpanRecord])
+            kinds = {(s.service, s.kind) for s in spans}
+            wanted = {("router", "SERVER"), ("router", "CLIENT"), ("inference", "CONSUMER")}
+            return spans if wanted <= kinds and any(s.name == "forward digits" for s in spans) else None
+
+        spans = await eventually(whole_trace, 30, "the router's and the worker's spans at /api/traces/{id}")
+        assert {s.trace_id for s in spans} == {trace_id}
+        server = next(s for s in spans if s.kind == "SERVER")
+        send = next(s for s in spans if s.kind == "CLIENT")
+        process = next(s for s in spans if s.kind == "CONSUMER")
+        forward = next(s for s in spans if s.name == "forward digits")
+        assert server.name == "POST /v2/models/{model}/infer" and server.parent_id == caller
+        assert send.parent_id == server.span_id and send.service == "router"
+        assert process.parent_id == send.span_id and process.service == "inference"
+        assert forward.parent_id == process.span_id and forward.service == "inference"
+        assert spans[0] == server  # parents first
+
+        async with http.get(f"{metrics.http_url}/api/traces?limit=200") as resp:
+            summaries = await resp.json()
+        (summary,) = [t for t in summaries if t["trace_id"] == trace_id]
+        assert summary["root"] == server.name and summary["service"] == "router"
+        assert summary["spans"] == len(spans) and summary["error"] is False
+        assert summary["start_ns"] == server.start_ns
 
 
 # -- the page in a real browser -------------------------------------------------------------------

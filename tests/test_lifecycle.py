@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 
 from shared.client import request
 from shared.discovery import discover
-from shared.errors import MeshError
+from shared.errors import MeshTimeout, Unavailable
 from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.schemas import MicroStats
@@ -83,8 +83,8 @@ async def test_service_resumes_after_the_nats_server_restarts(
             async def answered() -> EchoReply | None:
                 try:
                     return await _call(server.url, subject, "after")
-                except (MeshError, OSError, nats.errors.Error):
-                    return None
+                except (Unavailable, MeshTimeout, OSError, nats.errors.Error):
+                    return None  # not reconnected yet: no server, no responder, or no reply in time
 
             reply = await eventually(answered, 20, "the service to answer after the restart")
             assert reply.instance == ping.id  # the same process, never restarted

@@ -76,6 +76,9 @@ class ExperimentBook:
             self.experiment(fb.model, self._current[fb.model]).variant(fb.variant).record_reward(fb.reward)
             self._remember(key, _Seen(self._current[fb.model], fb.variant, rewarded=True))
             return True
+        if key in self._waiting:  # an earlier outcome already waits for this request: it counts
+            self.duplicates += 1
+            return False
         if len(self._waiting) >= self.max_waiting:
             self._waiting.popitem(last=False)
             self.unmatched += 1

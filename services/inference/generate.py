@@ -5,6 +5,7 @@ text is cut before the stop sequence, which is never sent)."""
 from __future__ import annotations
 
 import codecs
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,9 @@ from shared.errors import BadRequest
 from shared.schemas import GenerateRequest
 
 EOS = 256
+# Below this temperature sampling is greedy: dividing logits by 1e-300 gives inf and NaN
+# probabilities, and at 1e-4 a logit gap of 0.01 already weighs e^100 to one.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -27,11 +31,15 @@ def check(req: GenerateRequest, context: int) -> None:
     if not 1 <= req.max_tokens <= 4096:
         raise BadRequest(f"max_tokens must be between 1 and 4096 (got {req.max_tokens})")
     if (
-        req.temperature < 0
+        not math.isfinite(req.temperature)
+        or req.temperature < 0
         or (req.top_p is not None and not 0 < req.top_p <= 1)
         or (req.top_k is not None and req.top_k < 1)
     ):
-        raise BadRequest("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 1")
+        raise BadRequest(
+            f"temperature must be a finite number ≥ 0 (got {req.temperature}), top_p in (0, 1] (got {req.top_p}),"
+            f" top_k ≥ 1 (got {req.top_k})"
+        )
     if not req.prompt:
         raise BadRequest("the prompt is empty")
     if len(req.stop) > 8 or any(not s for s in req.stop):
@@ -49,7 +57,7 @@ def pieces(model: torch.nn.Module, req: GenerateRequest) -> Iterator[Piece]:
     stream = model.generate(
         tokens,
         req.max_tokens,
-        temperature=req.temperature,
+        temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
         top_k=req.top_k,  # type: ignore[operator]
         top_p=req.top_p,
         generator=generator,

@@ -4,6 +4,9 @@ Handlers ask a :class:`Gateway` for state and inference; they never touch NATS d
 Errors are ``{"error": "..."}`` with the status a :class:`ServiceError` carries (400, 404, 429
 with ``Retry-After``, 503, 504), or 401 / 403 from the API keys (:mod:`shared.apikeys`: kept as
 digests, compared in constant time; every route under ``/admin/`` needs the admin scope).
+Client input is checked at the edge (:mod:`services.router.edge`: every path parameter is a
+subject token before a handler runs), and aiohttp's own 404 / 405 are JSON too, so no client
+input reaches a 5xx.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import msgspec
 import numpy as np
 from aiohttp import web
 
-from services.router import oip, openapi
-from shared import tracing
+from services.router import edge, oip, openapi
+from services.router.openai import openai_error
+from shared import durable, tracing
 from shared.apikeys import KeyRing, presented_key
-from shared.errors import BadRequest, MeshTimeout, Overloaded, ServiceError
+from shared.errors import MeshTimeout, Overloaded, ServiceError
 from shared.names import Header
 from shared.schemas import DurableResult, Feedback, Split
 from shared.tensors import from_wire
@@ -74,6 +78,24 @@ class Gateway(Protocol):
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def route_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own 404 / 405 (no route, or not this method) as JSON in the path family's
+    convention: OpenAI's error object under ``/v1/``, else ``{"error": ...}``."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+        headers = {"Allow": allowed}
+    elif isinstance(exc, web.HTTPNotFound):
+        message, headers = f"no route {request.method} {request.path}: see /openapi.json", {}
+    else:
+        message, headers = exc.reason, {}
+    if request.path.startswith("/v1/"):
+        response = openai_error(exc.status, message)
+        response.headers.update(headers)
+        return response
+    return error(exc.status, message, headers)
 
 
 def from_exception(exc: Exception) -> web.Response:
@@ -155,9 +177,14 @@ def build_app(
                 )
             in_flight += 1
             try:
+                edge.check_path(request.match_info)  # before any handler names a subject or key
                 response: web.StreamResponse = await handler(request)
             except web.HTTPRequestEntityTooLarge:
                 response = error(413, f"request body over the limit of {max_body_bytes} bytes")
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = route_error(request, exc)
             except (ServiceError, MeshTimeout) as exc:
                 response = from_exception(exc)
             finally:
@@ -173,16 +200,7 @@ def build_app(
                 span.end()
 
     def deadline_s(request: web.Request) -> float:
-        raw = request.headers.get(TIMEOUT_HEADER)
-        if raw is None:
-            return timeout_s
-        try:
-            asked = float(raw) / 1000
-        except ValueError:
-            raise BadRequest(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
-        if asked <= 0:
-            raise BadRequest(f"{TIMEOUT_HEADER} must be positive")
-        return min(asked, timeout_s)
+        return edge.timeout_s(request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, timeout_s)
 
     app = web.Application(client_max_size=max_body_bytes, middlewares=[gate])
 
@@ -215,9 +233,9 @@ def build_app(
             return error(400, f"{oip.HEADER_LENGTH} is not a number")
         body, inputs = oip.parse_request(raw, header_length)
         if "respond-async" in request.headers.get("Prefer", "") or request.query.get("async") in ("1", "true"):
-            rid, served = await gw.submit_durable(
-                model, version, inputs, body.id or request.headers.get("Idempotency-Key"), request.headers
-            )
+            # Its id names a subject: the durable rule (a token) before anything else.
+            given = durable.request_id(body.id or request.headers.get("Idempotency-Key"))
+            rid, served = await gw.submit_durable(model, version, inputs, given, request.headers)
             location = f"/v2/results/{rid}"
             return web.json_response(
                 {"id": rid, "state": "pending", "model_name": model, "model_version": served, "result_url": location},
@@ -225,7 +243,7 @@ def build_app(
                 headers={"Location": location, VARIANT: served},
             )
         # Every request gets an id (the caller's, else a new one): feedback names it later.
-        request_id = body.id or uuid.uuid4().hex
+        request_id = edge.check_request_id(body.id) if body.id else uuid.uuid4().hex
         served_version, outputs = await gw.infer(
             model, version, inputs, request_id, deadline_s(request), request.headers
         )
@@ -257,10 +275,7 @@ def build_app(
         return web.Response(body=payload, content_type="application/json", headers={VARIANT: outcome.version})
 
     async def put_split(request: web.Request) -> web.Response:
-        try:
-            split = _split.decode(await request.read())
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return error(400, f"invalid split: {exc}")
+        split = edge.check_split(edge.decode(_split, await request.read(), "split"))
         if split.model != request.match_info["model"]:
             return error(400, f"the body names model {split.model!r}, the path {request.match_info['model']!r}")
         return web.json_response(msgspec.to_builtins(await gw.set_split(split)))
@@ -276,10 +291,10 @@ def build_app(
         return web.Response(status=204)
 
     async def feedback(request: web.Request) -> web.Response:
-        try:
-            fb = _feedback.decode(await request.read())
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return error(400, f"invalid feedback: {exc}")
+        fb = edge.decode(_feedback, await request.read(), "feedback")
+        edge.check_name(fb.model, "model name")
+        if fb.variant:
+            edge.check_name(fb.variant, "variant version")
         await gw.feedback(fb, request.headers.get("Idempotency-Key"))
         return web.json_response({"id": fb.id, "model": fb.model, "accepted": True}, status=202)
 

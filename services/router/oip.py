@@ -9,14 +9,18 @@ per-value work.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from services.router.edge import decode
 from shared.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_DIM = 2**63 - 1  # OIP dimensions are unsigned; numpy's are int64
+MAX_RANK = 32  # numpy's limit on dimensions (at least 32 in every numpy)
 
 DATATYPES = {
     "BOOL": np.dtype(np.bool_),
@@ -60,40 +64,58 @@ _body = msgspec.json.Decoder(InferBody)
 
 def parse_request(raw: bytes, header_length: int | None) -> tuple[InferBody, dict[str, np.ndarray]]:
     """The request and its input arrays; a 400 naming the problem for anything malformed."""
+    if header_length is not None and header_length < 0:
+        raise BadRequest(f"{HEADER_LENGTH} must not be negative (got {header_length})")
     header, rest = (raw[:header_length], raw[header_length:]) if header_length is not None else (raw, b"")
     if header_length is not None and header_length > len(raw):
         raise BadRequest(f"{HEADER_LENGTH} is {header_length} but the body has {len(raw)} bytes")
-    try:
-        body = _body.decode(header)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadRequest(f"invalid inference request: {exc}") from None
+    body = decode(_body, header, "inference request")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for tensor in body.inputs:
         dtype = DATATYPES.get(tensor.datatype)
         if dtype is None:
             raise BadRequest(f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r}")
-        count = int(np.prod(tensor.shape, dtype=np.int64)) if tensor.shape else 1
+        count = element_count(tensor)
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise BadRequest(f"input {tensor.name!r}: binary_data_size must be a byte count, not {size!r}")
             if size != count * dtype.itemsize:
                 raise BadRequest(f"input {tensor.name!r}: binary_data_size {size} does not fit shape {tensor.shape}")
             chunk = rest[offset : offset + size]
             if len(chunk) != size:
                 raise BadRequest(f"input {tensor.name!r}: the body ends before its {size} bytes")
-            arrays[tensor.name] = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).reshape(tensor.shape)
+            arrays[tensor.name] = _shaped(np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), tensor)
             offset += size
         else:
             try:
                 values = np.asarray(tensor.data, dtype=dtype)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise BadRequest(f"input {tensor.name!r}: data is not a list of {tensor.datatype}") from None
             if values.size != count:
                 raise BadRequest(f"input {tensor.name!r}: {values.size} values do not fit shape {tensor.shape}")
-            arrays[tensor.name] = values.reshape(tensor.shape)
+            arrays[tensor.name] = _shaped(values, tensor)
     if offset != len(rest):
         raise BadRequest(f"{len(rest) - offset} bytes of binary data belong to no input")
     return body, arrays
+
+
+def element_count(tensor: TensorIn) -> int:
+    """The number of values ``tensor.shape`` holds, in Python ints (a numpy int64 product of
+    ``[2**32, 2**32]`` wraps to 0); 400 for a negative, huge or too long shape."""
+    if len(tensor.shape) > MAX_RANK:
+        raise BadRequest(f"input {tensor.name!r}: {len(tensor.shape)} dimensions, at most {MAX_RANK}")
+    if any(not 0 <= d <= MAX_DIM for d in tensor.shape):
+        raise BadRequest(f"input {tensor.name!r}: shape {tensor.shape} must have dimensions between 0 and {MAX_DIM}")
+    return math.prod(tensor.shape)
+
+
+def _shaped(values: np.ndarray, tensor: TensorIn) -> np.ndarray:
+    try:
+        return values.reshape(tensor.shape)
+    except ValueError as exc:  # e.g. [0, 2**62, 4]: no values, but numpy refuses the shape
+        raise BadRequest(f"input {tensor.name!r}: shape {tensor.shape} is not usable: {exc}") from None
 
 
 def encode_response(

@@ -10,35 +10,42 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
 
+from services.router import edge
 from shared.errors import BadRequest, MeshTimeout, ServiceError
 from shared.schemas import GenerateChunk, GenerateRequest
 
 Generate = Callable[[str, GenerateRequest], AsyncIterator[GenerateChunk]]
+# Integers the router encodes (MessagePack) are checked first: no client number overflows it.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class CompletionBody(msgspec.Struct, kw_only=True):
     model: str
     prompt: str | list[str]
-    max_tokens: int = 16
+    max_tokens: Int64 = 16
     temperature: float = 1.0
     top_p: float | None = None
-    top_k: int | None = None  # an extension; OpenAI has none
+    top_k: Int64 | None = None  # an extension; OpenAI has none
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
-    seed: int | None = None
+    seed: Int64 | None = None
     user: str | None = None
 
 
 _body = msgspec.json.Decoder(CompletionBody)
 
 
-def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": None}}, status=status)
+def openai_error(
+    status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None
+) -> web.Response:
+    error = {"message": message, "type": kind, "param": param, "code": None}
+    return web.json_response({"error": error}, status=status)
 
 
 def add_routes(app: web.Application, models: Callable[[], list[str]], generate: Generate) -> None:
@@ -48,9 +55,13 @@ def add_routes(app: web.Application, models: Callable[[], list[str]], generate: 
 
     async def completions(request: web.Request) -> web.StreamResponse:
         try:
-            body = _body.decode(await request.read())
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return openai_error(400, f"invalid request: {exc}")
+            body = edge.decode(_body, await request.read(), "request")
+        except BadRequest as exc:
+            return openai_error(400, exc.description)
+        try:
+            edge.check_name(body.model, "model name")  # before it names a subject
+        except BadRequest as exc:
+            return openai_error(400, exc.description, param="model")
         prompt = body.prompt if isinstance(body.prompt, str) else (body.prompt[0] if len(body.prompt) == 1 else None)
         if prompt is None or body.n != 1:
             return openai_error(400, "one prompt string and n = 1 are supported")

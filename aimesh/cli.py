@@ -266,7 +266,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from aimesh.supervisor import Supervisor
     from shared.logs import setup_logging
 
-    overrides = {k: getattr(args, k) for k in ("data_dir", "port", "http_port", "auth", "credentials", *SERVICE_NAMES)}
+    flags = ("data_dir", "port", "http_port", "auth", "credentials", "host", "tls", "insecure", *SERVICE_NAMES)
+    overrides = {k: getattr(args, k) for k in flags}
     up = load_up_config(overrides=overrides)
     child_env = _mesh_env(args)
     if args.log_format:

@@ -32,6 +32,7 @@ from tests.test_inference import register_mlp, serving
 pytestmark = pytest.mark.slow
 
 AIMESH = [sys.executable, "-m", "aimesh"]
+NO_SERVICES_BUT_ROUTER = ("--ingest", "0", "--trainer", "0", "--inference", "0", "--metrics", "0")
 
 
 def _status(data_dir: Path, names: Names) -> list[dict[str, Any]]:
@@ -444,3 +445,42 @@ async def test_deploy_split_feedback_and_experiments_show_as_the_operator_of_aim
         finally:
             if up.poll() is None:
                 up.kill()
+
+
+@pytest.mark.timeout(180)
+async def test_up_with_tls_serves_https_and_the_cli_finds_the_ca(tmp_path: Path, names: Names) -> None:
+    data_dir = tmp_path / "mesh"
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        up = _up(data_dir, names, "--tls", *NO_SERVICES_BUT_ROUTER, stdout=log)
+        try:
+
+            async def router_ready() -> list[dict[str, Any]]:
+                if up.poll() is not None:
+                    raise AssertionError(log_path.read_text())
+                rows = await asyncio.to_thread(_status, data_dir, names)  # over TLS, CA from mesh.json
+                return [r for r in rows if r["service"] == "router" and r["state"] == "ready"]
+
+            rows = await eventually(router_ready, 90, "the router over a TLS bus")
+            assert rows[0]["http"].startswith("https://127.0.0.1:")
+            state = json.loads((data_dir / "mesh.json").read_text())
+            assert state["tls_ca"] and state["nats_url"].startswith("tls://")
+            up.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(up.wait, 60) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+
+
+def test_up_refuses_a_public_address_without_tls(tmp_path: Path, names: Names) -> None:
+    out = subprocess.run(
+        [*AIMESH, "up", "--host", "0.0.0.0", "--port", "0", "--http-port", "0", "--data-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "would listen on 0.0.0.0 without authentication and TLS" in out.stderr
+    assert "AIMESH_UP_INSECURE" in out.stderr

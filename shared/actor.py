@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared import tracing
+from shared.connect import wait_sent
 from shared.errors import BadRequest, DeadlineExceeded, InternalError, Overloaded, ServiceError
 from shared.histogram import LatencyHistogram
 from shared.schemas import ActorStats
@@ -218,8 +219,10 @@ class Actor(ActorCore[Req]):
         self._mailbox: deque[Msg] = deque()
 
     async def start(self) -> None:
+        """Subscribe; returns once the server has the subscription, so the actor is reachable."""
         if self._sub is None:
             self._sub = await self._nc.subscribe(self.subject, queue=self.queue_group or "", cb=self._on_message)
+            await wait_sent(self._nc)
 
     async def stop_intake(self) -> None:
         """Unsubscribe: new messages go to other instances; accepted ones are still served."""

@@ -75,6 +75,18 @@ async def connect(
             delay = min(delay * 2, max_backoff_s)
 
 
+async def wait_sent(nc: NatsClient, timeout_s: int = 10) -> None:
+    """Return once the server has processed everything this client sent so far (a subscription
+    just made is registered: a request from anywhere now finds it).
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still queued
+    for its writer task, so its PONG alone proves nothing about a SUB made just before: a caller
+    could still get "no responders" (seen in 2-3% of starts).  The queue is written out first
+    (``_flush_pending(force_flush=True)``, nats-py 2.16), then the round trip."""
+    await nc._flush_pending(force_flush=True)
+    await nc.flush(timeout_s)
+
+
 async def connect_single(options: dict[str, Any]) -> NatsClient:
     """One connection attempt with ``options``; nothing left open when it fails."""
     nc = NatsClient()

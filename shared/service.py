@@ -45,7 +45,7 @@ from shared import __version__, tracing
 from shared.actor import Actor, ActorCore, Call, Handler, Req
 from shared.clock import rfc3339_from_ts
 from shared.config import MeshConfig
-from shared.connect import connect
+from shared.connect import connect, wait_sent
 from shared.discovery import Discovery
 from shared.health import HealthServer
 from shared.jsactor import JetStreamActor
@@ -325,7 +325,7 @@ class Service:
         )
         self._snapshots.start()
         await self.after_start()
-        await self.nc.flush()
+        await wait_sent(self.nc)
 
     async def drain(self) -> None:
         async with self._lifecycle:

@@ -100,6 +100,12 @@ class Supervisor:
                 auth.read_seed(auth.seed_path(credentials_dir, role))
         self.credentials_dir = credentials_dir.resolve() if credentials_dir is not None else None
         self.pki: LocalPki | None = None
+        # What a laptop user ingests: files under where they started the mesh, and its data dir,
+        # unless the roots are configured.  Decided once, not at every spawn.
+        configured = "AIMESH_INGEST_ROOTS" in os.environ | child_env or "roots" in read_toml(config_path()).get(
+            "ingest", {}
+        )
+        self._ingest_roots = None if configured else json.dumps([os.getcwd(), str(self.data_dir.resolve())])
         if up.tls:
             extra = () if is_loopback(up.host) or up.host in ("0.0.0.0", "::") else (up.host,)
             self.pki = ensure_local_pki((self.data_dir / "tls").resolve(), extra)
@@ -187,12 +193,8 @@ class Supervisor:
         and, for the router, the certificate to serve HTTPS with."""
         seed = self.seed(role)
         env = {"AIMESH_NATS_NKEY": seed} if seed else {}
-        configured = "AIMESH_INGEST_ROOTS" in os.environ | self.child_env or "roots" in read_toml(config_path()).get(
-            "ingest", {}
-        )
-        if role == "ingest" and not configured:
-            # What a laptop user ingests: files under where they started the mesh, and its data dir.
-            env["AIMESH_INGEST_ROOTS"] = json.dumps([os.getcwd(), str(self.data_dir.resolve())])
+        if role == "ingest" and self._ingest_roots is not None:
+            env["AIMESH_INGEST_ROOTS"] = self._ingest_roots
         if self.pki is not None:
             env["AIMESH_NATS_TLS_CA"] = str(self.pki.ca)
             if role == "router":

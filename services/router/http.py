@@ -80,9 +80,39 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> w
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def is_openai(path: str) -> bool:
+    """Whether a path is in OpenAI's family (its error object), not aimesh's ``{"error"}``."""
+    return path.startswith("/v1/") and not path.startswith("/v1/feedback")
+
+
+def family_error(
+    request: web.Request, status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An error in the convention of the request's path family: OpenAI's error object (with
+    ``type`` and ``code``) under ``/v1/`` (except aimesh's own ``/v1/feedback``), else OIP's
+    ``{"error": ...}``."""
+    if not is_openai(request.path):
+        return error(status, message, headers)
+    kind, code = OPENAI_KINDS.get(status, ("invalid_request_error", None))
+    response = openai_error(status, message, kind, code)
+    response.headers.update(headers or {})
+    return response
+
+
+# OpenAI's (type, code) for the statuses the gate itself answers.
+OPENAI_KINDS: dict[int, tuple[str, str | None]] = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", "insufficient_scope"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
 def route_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     """aiohttp's own 404 / 405 (no route, or not this method) as JSON in the path family's
-    convention: OpenAI's error object under ``/v1/``, else ``{"error": ...}``."""
+    convention."""
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
         message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
@@ -91,11 +121,7 @@ def route_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         message, headers = f"no route {request.method} {request.path}: see /openapi.json", {}
     else:
         message, headers = exc.reason, {}
-    if request.path.startswith("/v1/"):
-        response = openai_error(exc.status, message)
-        response.headers.update(headers)
-        return response
-    return error(exc.status, message, headers)
+    return family_error(request, exc.status, message, headers)
 
 
 def from_exception(exc: Exception) -> web.Response:
@@ -162,15 +188,18 @@ def build_app(
             if needed is not None and api_keys:
                 scope = api_keys.scope_of(presented_key(request.headers))
                 if scope is None:
-                    return error(
+                    return family_error(
+                        request,
                         401,
                         "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
                         {"WWW-Authenticate": 'Bearer realm="aimesh"'},
                     )
                 if needed == "admin" and scope != "admin":
-                    return error(403, f"this API key has the {scope} scope: {request.path} needs the admin scope")
+                    needs = f"this API key has the {scope} scope: {request.path} needs the admin scope"
+                    return family_error(request, 403, needs)
             if in_flight >= max_concurrency:
-                return error(
+                return family_error(
+                    request,
                     429,
                     f"gateway busy ({in_flight} requests in flight, limit {max_concurrency}): retry later",
                     {"Retry-After": "1"},
@@ -180,7 +209,7 @@ def build_app(
                 edge.check_path(request.match_info)  # before any handler names a subject or key
                 response: web.StreamResponse = await handler(request)
             except web.HTTPRequestEntityTooLarge:
-                response = error(413, f"request body over the limit of {max_body_bytes} bytes")
+                response = family_error(request, 413, f"request body over the limit of {max_body_bytes} bytes")
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise

@@ -42,9 +42,14 @@ _body = msgspec.json.Decoder(CompletionBody)
 
 
 def openai_error(
-    status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    *,
+    param: str | None = None,
 ) -> web.Response:
-    error = {"message": message, "type": kind, "param": param, "code": None}
+    error = {"message": message, "type": kind, "param": param, "code": code}
     return web.json_response({"error": error}, status=status)
 
 

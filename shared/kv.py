@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,6 +13,8 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
 
 
 async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False, replicas: int = 1) -> KeyValue | None:
@@ -27,7 +30,11 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False
 async def follow(kv: KeyValue, keys: str, apply: Callable[[KeyValue.Entry], Awaitable[None] | object]) -> None:
     """Apply every change of ``keys`` (current values first, then updates, deletes with an empty
     value) for as long as the caller's task runs.  nats-py's watcher re-creates its consumer
-    after a NATS restart, so this keeps following (tested across a restart)."""
+    after a NATS restart, so this keeps following (tested across a restart).
+
+    An entry that ``apply`` cannot take (an undecodable record, say) is logged with its key and
+    skipped: one bad record never ends the watch, or a service would go on reporting ready while
+    blind to every later change."""
     watcher = await kv.watch(keys)
     task = asyncio.current_task()
     while True:
@@ -40,9 +47,12 @@ async def follow(kv: KeyValue, keys: str, apply: Callable[[KeyValue.Entry], Awai
         if task is not None and task.cancelling():
             raise asyncio.CancelledError
         if entry is not None:
-            result = apply(entry)
-            if inspect.isawaitable(result):
-                await result
+            try:
+                result = apply(entry)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.warning("%s: skipped %s at revision %s", entry.bucket, entry.key, entry.revision, exc_info=True)
 
 
 async def next_number(kv: KeyValue, key: str) -> int:

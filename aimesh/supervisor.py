@@ -1,8 +1,8 @@
 """``aimesh up``: an embedded nats-server and one OS process per service instance, supervised.
 
-- The nats-server (JetStream on, store under ``<data_dir>/nats``) starts first, unless a NATS
-  URL was given.  If it dies it is restarted on the same port with the same store: services
-  reconnect on their own.
+- The nats-server (JetStream on, store under ``<data_dir>/nats``, messages up to
+  ``nats_max_payload``) starts first, unless a NATS URL was given.  If it dies it is restarted
+  on the same port with the same store: services reconnect on their own.
 - Each service instance is ``python -m services.<name>`` in its own session (so a terminal's
   Ctrl-C reaches only the supervisor, which orders the shutdown) and dies with the supervisor
   (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphans.
@@ -46,7 +46,7 @@ from shared import auth
 from shared.config import AutoscaleConfig, UpConfig, config_path, load_mesh_config, read_toml
 from shared.connect import connect
 from shared.names import Names
-from shared.natsserver import NatsServer, die_with_parent
+from shared.natsserver import NatsServer, die_with_parent, limits_config
 from shared.schemas import ScaleDecision
 from shared.tls import LocalPki, check_exposure, ensure_local_pki, is_loopback
 
@@ -141,10 +141,11 @@ class Supervisor:
             self.server.start()
             self.nats_url = self.server.url
             log.info(
-                "nats-server on %s (monitoring %s, store %s)",
+                "nats-server on %s (monitoring %s, store %s, max_payload %d bytes)",
                 self.server.url,
                 self.server.monitor_url,
                 self.server.store_dir,
+                self.up.nats_max_payload,
             )
             self._server_task = asyncio.create_task(self._watch_server())
         else:
@@ -162,7 +163,8 @@ class Supervisor:
         return await self.shutdown()
 
     def _server_config_args(self) -> list[str]:
-        """The embedded server's config file: every role's identity and permissions, and TLS."""
+        """The embedded server's config file: its message size limit, every role's identity and
+        permissions, and TLS."""
         check_exposure(
             "the embedded nats-server",
             self.up.host,
@@ -171,15 +173,14 @@ class Supervisor:
             override=self.up.insecure,
             setting="[up] insecure (AIMESH_UP_INSECURE)",
         )
-        parts: list[str] = []
+        # Bodies the router takes (16 MiB by default) must fit a message: NATS's own 1 MiB does not.
+        parts = [limits_config(self.up.nats_max_payload)]
         if self.credentials_dir is not None:
             prefix = self.child_env.get("AIMESH_PREFIX", "aimesh")
             parts.append(auth.server_config(Names(prefix), auth.ensure_seeds(self.credentials_dir)))
         if self.pki is not None:
             block = {"cert_file": str(self.pki.cert), "key_file": str(self.pki.key), "timeout": 5}
             parts.append(f"tls: {json.dumps(block)}\n")
-        if not parts:
-            return []
         config = self.data_dir / "nats-server.conf"
         auth.write_private(config, "".join(parts).encode())
         return ["-c", str(config)]

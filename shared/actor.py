@@ -9,7 +9,9 @@ queue and never a silent drop.
 Per message an actor decodes the request into its msgspec type (failure: ``400``), refuses it
 if its deadline has passed (``504``), runs the handler under a CONSUMER span whose parent is the
 trace context from the message headers, and replies with the encoded result or with an error in
-the micro-protocol headers.  A handler that raises never kills the actor.
+the micro-protocol headers.  A handler that raises never kills the actor.  A reply larger than
+the bus carries (the server's ``max_payload``) is not sent: the caller gets a ``413`` error reply
+with the sizes at once, rather than waiting for its timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared import tracing
+from shared.client import message_size, too_large
 from shared.connect import wait_sent
 from shared.errors import BadRequest, DeadlineExceeded, InternalError, Overloaded, ServiceError
 from shared.histogram import LatencyHistogram
@@ -259,7 +262,7 @@ class Actor(ActorCore[Req]):
                 result, err = await self._invoke(msg)
                 if msg.reply:
                     if err is None:
-                        await self._publish(msg.reply, encode(result), None)
+                        await self._reply(msg, encode(result))
                     else:
                         await self._reply_error(msg, err)
                 if not self._mailbox:
@@ -267,6 +270,16 @@ class Actor(ActorCore[Req]):
                 msg = self._mailbox.popleft()
         finally:
             self._finished_one()
+
+    async def _reply(self, msg: Msg, body: bytes) -> None:
+        size, limit = message_size(body), self._nc.max_payload
+        if size <= limit:
+            await self._publish(msg.reply, body, None)
+            return
+        err = too_large(f"{self.name}: the output", size, limit)
+        self._count_error(err, None)
+        log.warning("%s: %s", self.name, err)
+        await self._reply_error(msg, err)
 
     async def _reply_error(self, msg: Msg, err: ServiceError) -> None:
         if msg.reply:

@@ -4,20 +4,26 @@ Used by services that call other services and by the CLI.  An error reply become
 :class:`~shared.errors.ServiceError` subclass the handler raised; no responders becomes
 :class:`~shared.errors.Unavailable` (the request surely never ran, so it is safe to retry); a
 timeout becomes :class:`~shared.errors.MeshTimeout` (it may have run).
+
+A message larger than the bus carries (the server's ``max_payload``, which nats-py reads from the
+server's INFO at connect) is refused before it is sent, as :class:`~shared.errors.PayloadTooLarge`
+(413) with its size and the limit: the server would otherwise close the sender's connection
+(headers count against the limit; nats-py checks only the payload).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NatsClient
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import tracing
-from shared.errors import MeshTimeout, Unavailable
+from shared.config import NATS_MAX_PAYLOAD_LIMIT
+from shared.errors import MeshTimeout, PayloadTooLarge, Unavailable
 from shared.names import Header, Names
 from shared.routing import Route
 from shared.schemas import InferReply, InferRequest
@@ -33,6 +39,34 @@ def _decoder(kind: type[T]) -> msgspec.msgpack.Decoder[T]:
     if dec is None:
         dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     return dec
+
+
+_HEADER_LINE = len(b"NATS/1.0\r\n")
+
+
+def message_size(body: bytes, headers: Mapping[str, str] | None = None) -> int:
+    """The bytes the server counts against ``max_payload``: the payload and the header block."""
+    if not headers:
+        return len(body)
+    block = _HEADER_LINE + 2 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(body) + block
+
+
+def too_large(what: str, size: int, limit: int) -> PayloadTooLarge:
+    """The 413 for ``what`` (a request, an output) of ``size`` bytes over the bus's ``limit``."""
+    return PayloadTooLarge(
+        f"{what} is {size} bytes encoded, over the bus's max_payload of {limit} bytes: send or ask "
+        f"for less (a smaller batch), or raise the NATS server's max_payload ([up] nats_max_payload, "
+        f"at most {NATS_MAX_PAYLOAD_LIMIT} bytes)"
+    )
+
+
+def check_fits(nc: NatsClient, what: str, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+    """:class:`PayloadTooLarge` unless ``body`` with ``headers`` fits the connected server's
+    ``max_payload``."""
+    size = message_size(body, headers)
+    if size > nc.max_payload:
+        raise too_large(what, size, nc.max_payload)
 
 
 async def request(
@@ -53,8 +87,11 @@ async def request(
     hdrs[Header.DEADLINE] = theirs if theirs and theirs.isdigit() and int(theirs) < int(ours) else ours
     body = encode(payload)
     with tracing.send_span(template or subject, subject, hdrs, request=True) as span:
+        check_fits(nc, f"the request to {subject}", body, hdrs)
         try:
             reply = await nc.request(subject, body, timeout=timeout_s, headers=hdrs)
+        except MaxPayloadError:  # the server's limit changed since we checked (a reconnect)
+            raise too_large(f"the request to {subject}", message_size(body, hdrs), nc.max_payload) from None
         except NoRespondersError:
             raise Unavailable(f"no service answers on {subject}: is it running?") from None
         except (NatsTimeoutError, TimeoutError):
@@ -91,8 +128,13 @@ async def stream(
     sub = await nc.subscribe(inbox, cb=queue.put)
     decoder = _decoder(chunk_type)
     try:
+        body = encode(payload)
         with tracing.send_span(template or subject, subject, hdrs, request=True):
-            await nc.publish(subject, encode(payload), reply=inbox, headers=hdrs)
+            check_fits(nc, f"the request to {subject}", body, hdrs)
+            try:
+                await nc.publish(subject, body, reply=inbox, headers=hdrs)
+            except MaxPayloadError:
+                raise too_large(f"the request to {subject}", message_size(body, hdrs), nc.max_payload) from None
         while True:
             try:
                 msg = await asyncio.wait_for(queue.get(), timeout_s)

@@ -22,13 +22,19 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from shared.errors import ConfigError
 
 S = TypeVar("S", bound=msgspec.Struct)
+
+# The largest message on the bus: nats-server's max_payload.  Its own default is 1 MiB; the
+# embedded server gets 32 MiB, so that a router body of max_body_bytes (16 MiB) fits with room
+# for the encoding; nats-server refuses more than 64 MiB (and max_payload above max_pending).
+DEFAULT_NATS_MAX_PAYLOAD = 32 * 1024 * 1024
+NATS_MAX_PAYLOAD_LIMIT = 64 * 1024 * 1024
 
 
 class MeshConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -165,6 +171,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 16 * 1024 * 1024
     max_concurrency: int = 1024  # HTTP requests in flight; more get 429 with Retry-After
     timeout_s: float = 30.0  # default deadline of a request (header Aimesh-Timeout-Ms overrides, lower only)
+    # Slow clients: a request head (line and headers) not in within header_timeout_s of the
+    # connection's opening or its previous response closes the connection; a body not in within
+    # body_timeout_s is a 408 and the connection is closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     # API keys, "KEY:scope" or "sha256:<hex digest of KEY>:scope" (shared/apikeys.py), scope infer
     # or admin (admin may also infer; /admin/* needs admin).  Empty: no keys asked.
     api_keys: list[str] = []
@@ -293,6 +304,9 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True):
     tls: bool = False
     insecure: bool = False  # accept listening beyond loopback without authentication and TLS
     http_port: int = 8222  # its monitoring port; 0 picks a free one
+    # The embedded server's max_payload: the largest message (request, reply, durable request or
+    # result) the bus carries, in bytes.  Clients read it from the server; over it is a 413.
+    nats_max_payload: Annotated[int, msgspec.Meta(ge=1024, le=NATS_MAX_PAYLOAD_LIMIT)] = DEFAULT_NATS_MAX_PAYLOAD
     restart_backoff_s: float = 0.5  # doubled per crash, capped at restart_backoff_max_s
     restart_backoff_max_s: float = 30.0
     crash_loop_restarts: int = 5  # this many crashes within crash_loop_window_s is a crash loop

@@ -16,6 +16,11 @@
   no-op).  A worker killed mid-request leaves the message unacked; after the ack wait another
   worker serves it.
 - The caller fetches the latest message of its result subject: ``pending``, ``done`` or ``error``.
+- Sizes: a request over the bus's ``max_payload`` (read from the server at connect) or over what
+  the requests stream holds is refused with :class:`~shared.errors.PayloadTooLarge` (413) and
+  nothing is stored.  Each stream's ``max_msg_size`` is its ``max_bytes`` (or the bus's hard
+  limit, whichever is smaller), so a message it could never hold is refused, not stored and
+  dropped at once.  A result too large to store is stored as an ``error`` result with code 413.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NotFoundError
 
-from shared.config import DurableConfig
-from shared.errors import BadRequest, NotFound, Overloaded, Unavailable
+from shared.client import message_size, too_large
+from shared.config import NATS_MAX_PAYLOAD_LIMIT, DurableConfig
+from shared.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, Unavailable
 from shared.kv import open_bucket
 from shared.names import Header, Names, check_token
 from shared.schemas import Deployment, DurableResult, InferRequest
@@ -50,6 +56,7 @@ _deployment = msgspec.json.Decoder(Deployment)
 RESULT_TTL_S = 24 * 3600  # the default of DurableConfig.results_max_age_s
 _STREAM_FULL = 10077  # JetStream: the stream's limits refuse the message (discard policy new)
 _WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence did not hold
+_MESSAGE_TOO_LARGE = 10054  # JetStream: the message is over the stream's max_msg_size
 _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
 
@@ -73,6 +80,7 @@ def stream_configs(names: Names, config: DurableConfig) -> list[StreamConfig]:
             max_msgs=config.requests_max_msgs,
             max_bytes=config.requests_max_bytes,
             max_age=config.requests_max_age_s,
+            max_msg_size=largest_message(config.requests_max_bytes),
             discard=DiscardPolicy.NEW,
             duplicate_window=600,
         ),
@@ -84,10 +92,20 @@ def stream_configs(names: Names, config: DurableConfig) -> list[StreamConfig]:
             max_msgs_per_subject=1,
             max_bytes=config.results_max_bytes,
             max_age=config.results_max_age_s,
+            max_msg_size=largest_message(config.results_max_bytes),
             discard=DiscardPolicy.OLD,
             duplicate_window=600,
         ),
     ]
+
+
+def largest_message(max_bytes: int) -> int:
+    """A stream's ``max_msg_size``: what its ``max_bytes`` can hold.  Without it a results stream
+    (discard policy ``old``) would accept a result larger than itself and drop it at once, and
+    the request would look pending forever."""
+    if max_bytes <= 0:  # unlimited
+        return NATS_MAX_PAYLOAD_LIMIT
+    return min(max_bytes, NATS_MAX_PAYLOAD_LIMIT)
 
 
 def check_names(model: str, version: str | None = None) -> None:
@@ -179,11 +197,17 @@ async def submit(
         deployments = await read_deployments(js, names, model)
     check_deployed(deployments, model, version)
     req = msgspec.structs.replace(req, id=rid)
+    body, headers = msgspec.msgpack.encode(req), {Header.MSG_ID: rid}
+    what = f"the durable request {rid!r} for {model}@{version}"
+    size = message_size(body, headers)
+    limit = _bus_limit(js)
+    if size > limit:
+        raise too_large(what, size, limit)
     try:
-        await js.publish(
-            names.durable_request(model, version), msgspec.msgpack.encode(req), headers={Header.MSG_ID: rid}
-        )
+        await js.publish(names.durable_request(model, version), body, headers=headers)
     except APIError as exc:
+        if exc.err_code == _MESSAGE_TOO_LARGE:
+            raise await _over_stream(js, names.requests_stream, what, size, "requests_max_bytes") from None
         if exc.err_code != _STREAM_FULL:
             raise
         raise Overloaded(await _full_reason(js, names, exc), retry_after_s=5.0) from None
@@ -217,10 +241,43 @@ async def _full_reason(js: JetStreamContext, names: Names, exc: APIError) -> str
     )
 
 
-async def store_result(js: JetStreamContext, names: Names, result: DurableResult) -> None:
-    await js.publish(
-        names.result(result.id), msgspec.msgpack.encode(result), headers={Header.MSG_ID: f"{result.id}/result"}
+def _bus_limit(js: JetStreamContext) -> int:
+    # nats-py keeps the server's max_payload (from its INFO) on the connection under the context.
+    return int(js._nc.max_payload)
+
+
+async def _over_stream(js: JetStreamContext, stream: str, what: str, size: int, setting: str) -> PayloadTooLarge:
+    """413 for a message over what ``stream`` holds, with its limit when it can be read."""
+    limit = ""
+    with contextlib.suppress(Exception):
+        limit = f" of {(await js.stream_info(stream)).config.max_msg_size} bytes"
+    return PayloadTooLarge(
+        f"{what} is {size} bytes encoded, over the largest message stream {stream} holds{limit}: "
+        f"send less, or raise [durable] {setting}"
     )
+
+
+async def store_result(js: JetStreamContext, names: Names, result: DurableResult) -> None:
+    """Store ``result``; one too large for the bus or the results stream is stored as an error
+    result (413) instead, so its request is answered, never left pending."""
+    subject, headers = names.result(result.id), {Header.MSG_ID: f"{result.id}/result"}
+    body = msgspec.msgpack.encode(result)
+    size = message_size(body, headers)
+    limit = _bus_limit(js)
+    err: PayloadTooLarge | None = None
+    if size > limit:
+        err = too_large(f"the output of durable request {result.id!r}", size, limit)
+    else:
+        try:
+            await js.publish(subject, body, headers=headers)
+            return
+        except APIError as exc:
+            if exc.err_code != _MESSAGE_TOO_LARGE:
+                raise
+            what = f"the output of durable request {result.id!r}"
+            err = await _over_stream(js, names.results_stream, what, size, "results_max_bytes")
+    refused = msgspec.structs.replace(result, state="error", outputs={}, error=err.description, code=err.code)
+    await js.publish(subject, msgspec.msgpack.encode(refused), headers=headers)
 
 
 async def fetch(js: JetStreamContext, names: Names, rid: str, *, kept_s: float = RESULT_TTL_S) -> DurableResult:

@@ -8,6 +8,7 @@
     │   ├── BadRequest        400           the request does not decode or is invalid
     │   ├── Forbidden         403           valid, but not allowed (e.g. a path outside the ingest roots)
     │   ├── NotFound          404           unknown model, dataset, job, ...
+    │   ├── PayloadTooLarge   413           a message over the bus's max_payload (or a stream's limit)
     │   ├── Overloaded        429           a full mailbox; retry later or add capacity
     │   ├── Unavailable       503           draining, not ready, no responders
     │   ├── DeadlineExceeded  504 (TimeoutError)
@@ -66,6 +67,13 @@ class NotFound(ServiceError):
     code = 404
 
 
+class PayloadTooLarge(ServiceError):
+    """A request or reply too large to travel: over the NATS server's ``max_payload`` (read from
+    its INFO at connect) or over what a JetStream stream can hold."""
+
+    code = 413
+
+
 class Overloaded(ServiceError):
     code = 429
 
@@ -87,7 +95,17 @@ class DeadlineExceeded(ServiceError, TimeoutError):
 
 
 _BY_CODE: dict[int, type[ServiceError]] = {
-    cls.code: cls for cls in (BadRequest, Forbidden, NotFound, Overloaded, InternalError, Unavailable, DeadlineExceeded)
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        Forbidden,
+        NotFound,
+        PayloadTooLarge,
+        Overloaded,
+        InternalError,
+        Unavailable,
+        DeadlineExceeded,
+    )
 }
 
 

@@ -4,6 +4,10 @@ Used by ``aimesh up`` on a laptop, by the test suite and by the benchmarks.  Jet
 its store is a directory that survives restarts (so a restarted server keeps its streams), and
 ports are either given or picked by the server itself (reported through its ports file, so there
 is no race between choosing a free port and binding it).
+
+``max_payload`` raises the largest message the server takes (nats-server's own default is 1 MiB,
+too small for a batch of a few hundred images); it has no command-line flag, so it goes into a
+config file: :func:`limits_config` gives the lines.
 """
 
 from __future__ import annotations
@@ -21,7 +25,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.config import NATS_MAX_PAYLOAD_LIMIT
 from shared.errors import ConfigError, MeshError
+
+DEFAULT_MAX_PENDING = 64 * 1024 * 1024  # nats-server's default per-connection outbound buffer
+
+
+def limits_config(max_payload: int) -> str:
+    """nats-server config lines for messages of up to ``max_payload`` bytes.  The server refuses
+    a max_payload over 64 MiB or over ``max_pending`` (the bytes it buffers for a connection
+    before calling it a slow consumer), so max_pending gets room for four such messages."""
+    if not 0 < max_payload <= NATS_MAX_PAYLOAD_LIMIT:
+        raise ConfigError(f"max_payload must be between 1 and {NATS_MAX_PAYLOAD_LIMIT} bytes, got {max_payload}")
+    pending = max(DEFAULT_MAX_PENDING, 4 * max_payload)
+    return f"max_payload: {max_payload}\nmax_pending: {pending}\n"
 
 
 def find_binary() -> str:
@@ -46,6 +63,9 @@ class NatsServer:
     jetstream: bool = True
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    # The largest message, in bytes (None: nats-server's 1 MiB).  Written to a config file of its
+    # own; with your own config file (-c in extra_args), put limits_config() in it instead.
+    max_payload: int | None = None
     # Linux: the server gets SIGTERM when the thread that started it dies, so a supervisor
     # killed with SIGKILL leaves no orphan server.  Start it from a long-lived thread.
     die_with_parent: bool = False
@@ -64,6 +84,8 @@ class NatsServer:
         if self.http_port is not None:
             args += ["-m", str(self.http_port or -1)]
         args += self.extra_args
+        if self.max_payload is not None:
+            args += self._limits_args(ports_dir)
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
@@ -94,6 +116,16 @@ class NatsServer:
         if ports.get("monitoring"):
             self.monitor_url = ports["monitoring"][0]
             self.http_port = int(self.monitor_url.rsplit(":", 1)[1])
+
+    def _limits_args(self, directory: Path) -> list[str]:
+        if {"-c", "--config", "-config"} & set(self.extra_args):
+            raise ConfigError(
+                "NatsServer: max_payload and a config file (-c) together: put limits_config() in the file"
+            )
+        # Read once at start-up, before the ports file appears (and the directory is removed).
+        config = directory / "limits.conf"
+        config.write_text(limits_config(self.max_payload or 0))
+        return ["-c", str(config)]
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """Stop gracefully (SIGTERM), then kill.  Returns the exit code."""

@@ -2,11 +2,14 @@
 
 The server is, in order of preference: ``$NATS_URL``; a testcontainers ``NatsContainer`` when a
 Docker engine answers; else the ``nats-server`` binary from the venv on a free port with a
-temporary store.
+temporary store, whose max_payload is the one ``aimesh up`` gives its embedded server (32 MiB).
+A Docker or ``$NATS_URL`` server keeps its own: ``bus_max_payload`` reads it, and tests that need
+large messages skip when it is too small.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -21,7 +24,7 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from shared.config import MeshConfig
+from shared.config import DEFAULT_NATS_MAX_PAYLOAD, MeshConfig
 from shared.httpserve import serve_app
 from shared.names import Names
 from shared.natsserver import NatsServer
@@ -69,7 +72,9 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with NatsContainer(NATS_IMAGE, jetstream=True) as container:
             yield container.nats_uri()
     else:
-        server = NatsServer(store_dir=tmp_path_factory.mktemp("nats"), http_port=None)
+        server = NatsServer(
+            store_dir=tmp_path_factory.mktemp("nats"), http_port=None, max_payload=DEFAULT_NATS_MAX_PAYLOAD
+        )
         server.start()
         try:
             yield server.url
@@ -77,9 +82,46 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             server.stop()
 
 
+@pytest.fixture(scope="session")
+def bus_max_payload(nats_url: str) -> int:
+    """The session server's max_payload, as its INFO says at connect."""
+
+    async def read() -> int:
+        client = await nats.connect(nats_url)
+        try:
+            return client.max_payload
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
 @pytest.fixture
-def names() -> Names:
-    return Names(prefix=f"t{uuid.uuid4().hex[:10]}")
+def names(nats_url: str) -> Iterator[Names]:
+    """A mesh prefix of this test's own; its streams (durable queues, events, KV buckets, object
+    stores) are deleted afterwards, since JetStream reserves each stream's max_bytes on the server
+    for as long as it exists (the events stream alone reserves 1 GiB)."""
+    names = Names(prefix=f"t{uuid.uuid4().hex[:10]}")
+    yield names
+    asyncio.run(delete_streams(nats_url, names.prefix))
+
+
+async def delete_streams(nats_url: str, prefix: str) -> None:
+    """Every stream whose name holds ``prefix`` (case aside: stream names are upper case,
+    buckets keep the prefix's case), on a best-effort basis."""
+    try:
+        client = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=2)
+    except Exception:
+        return  # the test stopped the server, or it is gone: nothing left to reserve space
+    try:
+        js = client.jetstream()
+        for info in await js.streams_info():
+            if prefix.lower() in info.config.name.lower():
+                await js.delete_stream(info.config.name)
+    except Exception:
+        pass
+    finally:
+        await client.close()
 
 
 @pytest.fixture

@@ -37,7 +37,9 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float,
 
 
 # JetStream reserves a stream's max_bytes on the server when the stream is made: the suite runs
-# hundreds of meshes (prefixes) on one server, so each gets small durable streams.
+# hundreds of meshes (prefixes) on one server, so each gets small durable streams (at 40 MiB the
+# session server ran out of JetStream storage part-way through the suite).  Messages over them are
+# a 413 (tests/test_large_bodies.py).
 TEST_STREAM_LIMITS = {
     "AIMESH_DURABLE_REQUESTS_MAX_BYTES": str(16 * 1024 * 1024),
     "AIMESH_DURABLE_RESULTS_MAX_BYTES": str(16 * 1024 * 1024),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -201,7 +203,13 @@ async def test_the_http_gateway_speaks_the_open_inference_protocol(
 
         cases = [
             ("/v2/models/nothing/infer", body, 404, "is not deployed"),
-            ("/v2/models/digits/versions/9/infer", body, 503, "no inference worker serves digits@9"),
+            # A version nobody deployed: 404 (a 503 would have clients retry), naming what is.
+            (
+                "/v2/models/digits/versions/9/infer",
+                body,
+                404,
+                "version '9' of model 'digits' is not deployed (deployed: 1;",
+            ),
             (
                 "/v2/models/digits/infer",
                 {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
@@ -560,6 +568,12 @@ async def _some(items: list[int], n: int) -> bool:
     return len(items) >= n
 
 
+async def _routes_to_9(http: Any, base: str, body: dict[str, Any], headers: dict[str, str]) -> bool:
+    """Whether the router knows digits@9 is deployed (no worker serves it: 503, not 404)."""
+    async with http.post(f"{base}/v2/models/digits/versions/9/infer", json=body, headers=headers) as resp:
+        return bool(resp.status == 503)
+
+
 async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
 ) -> None:
@@ -601,6 +615,13 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
             assert resp.status == 400
 
         # The bound (1 in flight): a request held by a stand-in worker of version 9 fills it.
+        # Version 9 is deployed (a record, as `aimesh deploy` leaves it): the router routes only
+        # to versions it knows are served.
+        record = Deployment(model="digits", ref="9", version="9", updated_at="2026-01-01T00:00:00Z")
+        await (await nc.jetstream().key_value(names.deployments_bucket)).put(
+            "deploy.digits.9", msgspec.json.encode(record)
+        )
+        await eventually(lambda: _routes_to_9(http, base, body, user), 10, "the router to see digits@9 deployed")
         async with StandIn(nc, names.infer("digits", "9"), "9", hold=True) as held:
 
             async def held_request() -> tuple[int, str]:

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from shared.client import request
+from shared.kv import open_bucket
 from shared.names import Header, Names
 from shared.schemas import Deployment, DeployRequest, MetricsSnapshot
 from tests.helpers import ServiceProcess, eventually
@@ -36,6 +37,24 @@ def infer_body(x: np.ndarray, request_id: str = "") -> dict[str, object]:
     if request_id:
         body["id"] = request_id
     return body
+
+
+async def deploy_record(nc: NatsClient, names: Names, model: str, version: str) -> None:
+    """A deployment record, as `aimesh deploy` leaves it: routers route only to deployed versions
+    (a stand-in worker then answers for it)."""
+    kv = await open_bucket(nc.jetstream(), names.deployments_bucket, create=True)
+    assert kv is not None
+    record = Deployment(model=model, ref=version, version=version, updated_at="2026-01-01T00:00:00Z")
+    await kv.put(f"deploy.{model}.{version}", msgspec.json.encode(record))
+
+
+async def known(http: aiohttp.ClientSession, url: str, times: int = 1) -> bool:
+    """Whether ``times`` readiness probes in a row find the version deployed (not a 404)."""
+    for _ in range(times):
+        async with http.get(url) as resp:
+            if resp.status == 404:
+                return False
+    return True
 
 
 async def test_a_mirror_gets_its_share_of_copies_and_never_answers_the_caller(
@@ -89,6 +108,7 @@ async def test_routers_on_one_port_share_its_connections(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
 ) -> None:
     port = _free_port()
+    await deploy_record(nc, names, "digits", "1")  # before the routers start: both read it
     routers = [
         spawn("services.router", AIMESH_ROUTER_PORT=str(port), AIMESH_METRICS_INTERVAL_S="0.2") for _ in range(2)
     ]
@@ -109,6 +129,8 @@ async def test_routers_on_one_port_share_its_connections(
     # A new connection per request: the kernel picks the listener per connection.
     connector = aiohttp.TCPConnector(force_close=True)
     async with StandIn(nc, names.infer("digits", "1"), "1"), aiohttp.ClientSession(connector=connector) as http:
+        ready = f"http://127.0.0.1:{port}/v2/models/digits/versions/1/ready"  # probes are not counted
+        await eventually(lambda: known(http, ready, times=10), 10, "both routers to know digits@1")
         for _ in range(n):
             async with http.post(
                 f"http://127.0.0.1:{port}/v2/models/digits/versions/1/infer", json=infer_body(x)
@@ -127,8 +149,10 @@ async def test_the_deadline_reaches_the_worker_capped_at_the_routers_timeout(
 ) -> None:
     router = spawn("services.router", AIMESH_ROUTER_PORT="0")
     base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
+    await deploy_record(nc, names, "digits", "1")
     x = np.zeros((1, 64), dtype=np.float32)
     async with StandIn(nc, names.infer("digits", "1"), "1") as worker, aiohttp.ClientSession() as http:
+        await eventually(lambda: known(http, f"{base}/v2/models/digits/versions/1/ready"), 10, "digits@1 deployed")
         # (asked, applied): below the cap as asked; above it, and unsaid, the cap (30 s).
         for asked_ms, applied_s in ((2_000, 2.0), (120_000, 30.0), (None, 30.0)):
             headers = {"Aimesh-Timeout-Ms": str(asked_ms)} if asked_ms is not None else {}

@@ -5,6 +5,12 @@ JSON tensors are ``{"name", "shape", "datatype", "data"}``.  The binary tensor d
 bytes followed by each binary tensor's raw little-endian bytes, in order, each tensor saying its
 size in ``parameters.binary_data_size``.  Binary tensors become arrays with ``np.frombuffer``, no
 per-value work.
+
+Outputs: JSON has no NaN or infinities (and msgspec would write ``null``), so in JSON outputs a
+non-finite float is the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (the spelling of
+protobuf's JSON mapping); binary outputs carry IEEE values as they are.  ``BYTES`` tensors (class
+names) are lists of strings in JSON and, in binary, each element's 4-byte little-endian length
+followed by its UTF-8 bytes (as Triton does).
 """
 
 from __future__ import annotations
@@ -126,17 +132,13 @@ def encode_response(
     blobs = []
     for name, array in outputs.items():
         array = np.ascontiguousarray(array)
-        entry: dict[str, Any] = {
-            "name": name,
-            "shape": list(array.shape),
-            "datatype": BY_DTYPE.get(array.dtype, "FP32"),
-        }
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype(array.dtype)}
         if binary is True or (isinstance(binary, set) and name in binary):
-            data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            data = _binary(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = json_values(array)
         described.append(entry)
     header = msgspec.json.encode(
         {"model_name": model, "model_version": version, "id": request_id, "outputs": described}
@@ -144,6 +146,53 @@ def encode_response(
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
+
+
+def datatype(dtype: np.dtype) -> str:
+    """The OIP datatype of an output: BYTES for strings, else by :data:`DATATYPES`."""
+    if dtype.kind in "OSU":
+        return "BYTES"
+    return BY_DTYPE.get(dtype, "FP32")
+
+
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_values(array: np.ndarray) -> list[Any]:
+    """The flat values of ``array`` for JSON: floats as they are when all are finite (one
+    vectorized check, no per-value work), else with NaN and infinities spelled as strings."""
+    flat = array.reshape(-1)
+    if flat.dtype.kind != "f":
+        return flat.tolist()
+    finite = np.isfinite(flat)
+    if finite.all():
+        return flat.tolist()
+    values = flat.astype(object)
+    bad = ~finite
+    values[bad] = [NON_FINITE[str(v)] for v in flat[bad].astype(np.float64)]
+    return values.tolist()
+
+
+def _binary(array: np.ndarray) -> bytes:
+    if array.dtype.kind in "OSU":  # BYTES: each element's uint32 LE length, then its UTF-8 bytes
+        parts = []
+        for value in array.reshape(-1).tolist():
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            parts += [len(raw).to_bytes(4, "little"), raw]
+        return b"".join(parts)
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def class_labels(classes: np.ndarray, names: list[str]) -> np.ndarray:
+    """Class ids → their names (an object array of str, shaped like ``classes``); an id beyond
+    ``names`` is its number spelled out."""
+    table = np.array([*names, ""], dtype=object)  # one spare slot: never an empty lookup
+    ids = np.asarray(classes, dtype=np.int64)
+    labels = table[np.clip(ids, 0, len(names))]
+    outside = (ids < 0) | (ids >= len(names))
+    if outside.any():
+        labels[outside] = [str(i) for i in ids[outside].tolist()]
+    return labels
 
 
 def binary_outputs(body: InferBody) -> set[str] | bool:
@@ -154,4 +203,6 @@ def binary_outputs(body: InferBody) -> set[str] | bool:
 
 
 def tensor_metadata(name: str, dtype: str, shape: list[int]) -> dict[str, Any]:
-    return {"name": name, "datatype": BY_DTYPE.get(np.dtype(dtype), "FP32"), "shape": [-1, *shape]}
+    """A tensor of metadata ``inputs`` / ``outputs``: ``dtype`` a numpy name (or "str"), ``shape``
+    one row's (the batch dimension, -1, comes first)."""
+    return {"name": name, "datatype": datatype(np.dtype(dtype)), "shape": [-1, *shape]}

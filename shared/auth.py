@@ -184,6 +184,7 @@ def role_grant(names: Names, role: str) -> Grant:
         grant.subscribe |= {
             n.infer("*", "*"),
             n.generate("*", "*"),
+            n.generate_cancel_subjects,
             n.deploy,
         }
         grant.publish.add(n.result_subjects)
@@ -198,6 +199,7 @@ def role_grant(names: Names, role: str) -> Grant:
         grant.publish |= {
             n.infer("*", "*"),
             n.generate("*", "*"),
+            n.generate_cancel_subjects,
             n.durable_subjects,
             n.result_subjects,
             n.exposures("*"),

@@ -125,6 +125,16 @@ class Names:
     def generate_template(self) -> str:
         return f"{self.prefix}.generate.{{model}}.{{version}}"
 
+    def generate_cancel(self, request_id: str) -> str:
+        """Stop the generation with this id (the router publishes it when its client is gone);
+        not under ``.generate.``, where a model named ``cancel`` could be served."""
+        return f"{self.prefix}.cancel.generate.{request_id}"
+
+    @property
+    def generate_cancel_subjects(self) -> str:
+        """Every inference worker listens here (no queue group): any one may run the generation."""
+        return f"{self.prefix}.cancel.generate.*"
+
     def infer_template(self) -> str:
         return f"{self.prefix}.infer.{{model}}.{{version}}"
 

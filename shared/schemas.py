@@ -309,6 +309,18 @@ class Checkpoint(Message, frozen=True, kw_only=True):
     world: int
 
 
+class ChatTemplate(Message, frozen=True, kw_only=True):
+    """How chat messages become one prompt, declared by the model (``zoo.lm``) and recorded with
+    its version.  Plain data, never code: ``{role}`` and ``{content}`` in ``turn`` are replaced
+    with ``str.replace`` (no ``str.format``, no Jinja, which can reach attributes)."""
+
+    turn: str  # one message, e.g. "<|{role}|>\n{content}\n"
+    generation_prompt: str  # after the last message: where the assistant's turn begins
+    # The roles a message may have.
+    roles: list[str] = msgspec.field(default_factory=lambda: ["system", "user", "assistant"])
+    stop: list[str] = []  # sequences that end the assistant's turn (added to the request's stop)
+
+
 class ModelVersion(Message, frozen=True, kw_only=True):
     """A registered model version (bucket ``<prefix>-registry``, key ``version.<model>.<n>``)."""
 
@@ -328,6 +340,7 @@ class ModelVersion(Message, frozen=True, kw_only=True):
     created_at: str = ""
     label_classes: list[str] = []
     tokenizer: TokenizerSpec | None = None
+    chat_template: ChatTemplate | None = None  # a language model's, when its factory declares one
 
 
 # -- serving ----------------------------------------------------------------------------------------
@@ -442,14 +455,14 @@ class GenerateRequest(Message, frozen=True, kw_only=True):
     top_p: float | None = None
     stop: list[str] = []
     seed: int | None = None
-    id: str = ""
+    id: str = ""  # names the generation: ``<prefix>.cancel.generate.<id>`` stops it
 
 
 class GenerateChunk(Message, frozen=True, kw_only=True):
     text: str  # the new text since the previous chunk
     index: int  # chunk number, from 0
     done: bool = False
-    finish_reason: str | None = None  # stop | length (on the last chunk)
+    finish_reason: str | None = None  # stop | length | cancelled (on the last chunk)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str = ""

@@ -187,6 +187,12 @@ MATRIX: list[tuple[str, str, str, str]] = [
     ("metrics", "subscribe", f"{PREFIX}.infer.>", "refused"),
     ("trainer", "subscribe", f"{PREFIX}.infer.>", "refused"),
     ("router", "publish", N.infer("digits", "1"), "ok"),
+    # cancelling a generation: the router asks, every worker listens; nobody else does either
+    ("router", "publish", N.generate_cancel("abc"), "ok"),
+    ("inference", "subscribe", N.generate_cancel_subjects, "ok"),
+    ("metrics", "publish", N.generate_cancel("abc"), "refused"),
+    ("trainer", "subscribe", N.generate_cancel_subjects, "refused"),
+    ("router", "subscribe", N.generate_cancel_subjects, "refused"),
     ("trainer", "publish", N.infer("digits", "1"), "refused"),
     # training data: the router cannot read it; trainers can
     ("router", "stream_info", N.data_stream, "refused"),

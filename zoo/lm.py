@@ -15,7 +15,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.schemas import ChatTemplate
 from zoo import limits
+
+# The chat template the zoo's LMs declare (recorded with each trained version): a plain
+# transcript, one "### role" header per message; the assistant's turn ends at the next header.
+CHAT_TEMPLATE = ChatTemplate(
+    turn="### {role}\n{content}\n",
+    generation_prompt="### assistant\n",
+    roles=["system", "user", "assistant"],
+    stop=["\n### "],
+)
 
 
 def block_parameters(dim: int) -> int:
@@ -68,6 +78,8 @@ class Head(nn.Module):
 
 class CausalLM(nn.Module):
     """Token ids (batch, time) → logits (batch, time, vocab)."""
+
+    chat_template: ChatTemplate | None = CHAT_TEMPLATE  # what the trainer registers with a version
 
     def __init__(
         self,
@@ -136,6 +148,8 @@ class CausalLM(nn.Module):
                 if top_p is not None and top_p < 1.0:
                     sorted_p, order = torch.sort(probs, descending=True)
                     keep = torch.cumsum(sorted_p, -1) - sorted_p < top_p
+                    keep[..., 0] = True  # the likeliest token always: a top_p that is 0 in float32 keeps it
+                    keep[..., 0] = True  # the likeliest stays: a top_p under float32's least (5e-324) kept none
                     sorted_p = sorted_p * keep
                     probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
                     probs = probs / probs.sum(-1, keepdim=True)
@@ -148,6 +162,13 @@ def causal_lm(
     *, vocab: int = 257, dim: int = 128, layers: int = 4, heads: int = 4, context: int = 128, dropout: float = 0.0
 ) -> CausalLM:
     return CausalLM(vocab, dim, layers, heads, context, dropout)
+
+
+def declared_chat_template(model: nn.Module) -> ChatTemplate | None:
+    """The chat template a built model declares (its ``chat_template`` attribute), if any: data
+    only, so anything else there is ignored rather than registered."""
+    template = getattr(model, "chat_template", None)
+    return template if isinstance(template, ChatTemplate) else None
 
 
 def _check_heads(dim: int, heads: object) -> None:

@@ -1,11 +1,17 @@
 """Text generation for the byte-level language models: tokens one at a time, UTF-8 decoded
 incrementally (a character split over tokens comes out whole), stop sequences honoured (the
-text is cut before the stop sequence, which is never sent)."""
+text is cut before the stop sequence, which is never sent).
+
+A prompt longer than the model's context is cropped to its last ``context`` tokens (what the
+model would read anyway), so any prompt that reaches a worker costs one context's work.  A
+generation stops between two tokens once its ``cancel`` event is set (finish reason
+``cancelled``)."""
 
 from __future__ import annotations
 
 import codecs
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,9 +53,19 @@ def check(req: GenerateRequest, context: int) -> None:
     del context
 
 
-def pieces(model: torch.nn.Module, req: GenerateRequest) -> Iterator[Piece]:
+def prompt_ids(prompt: str, context: int) -> list[int]:
+    """The prompt's byte tokens, cropped to the last ``context`` of them (0: no limit)."""
+    data = prompt.encode()
+    return list(data[-context:] if context > 0 else data)
+
+
+def pieces(model: torch.nn.Module, req: GenerateRequest, cancel: threading.Event | None = None) -> Iterator[Piece]:
     """Yield text as it is generated; the last piece carries the finish reason."""
-    tokens = torch.tensor([list(req.prompt.encode())], dtype=torch.long)
+    if cancel is not None and cancel.is_set():
+        yield Piece("", "cancelled", 0)
+        return
+    context = getattr(model, "context", 0)
+    tokens = torch.tensor([prompt_ids(req.prompt, context if isinstance(context, int) else 0)], dtype=torch.long)
     generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     held = ""  # text not yet sent because it may be the start of a stop sequence
@@ -78,4 +94,7 @@ def pieces(model: torch.nn.Module, req: GenerateRequest) -> Iterator[Piece]:
         if safe > 0:
             yield Piece(held[:safe], None, count)
             held = held[safe:]
+        if cancel is not None and cancel.is_set():  # checked before the next token is computed
+            yield Piece("", "cancelled", count)
+            return
     yield Piece(held + decoder.decode(b"", final=True), "length", count)

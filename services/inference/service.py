@@ -9,17 +9,24 @@
   endpoint answers 503), and the worker's discovery metadata says why under ``failed``.
 - A deployment moved to another version is loaded in the background; the new subject is served
   before the old one is drained and dropped, so no request fails during the swap.
+- Every worker listens on ``<prefix>.cancel.generate.*`` (no queue group: whichever worker runs a
+  generation hears it): a cancel sets that generation's event, and its thread stops before the
+  next token, freeing the generation slot (the router sends it when its HTTP client is gone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -29,7 +36,7 @@ from services.inference.model import LoadedModel
 from shared import durable
 from shared.actor import Actor, Call
 from shared.clock import rfc3339_now
-from shared.config import load_durable_config, load_inference_config
+from shared.config import MeshConfig, load_durable_config, load_inference_config
 from shared.errors import BadRequest, NotFound, ServiceError
 from shared.kv import follow
 from shared.names import check_token
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 _deployment = msgspec.json.Decoder(Deployment)
 _json = msgspec.json.Encoder()
 DURABLE_MAX_DELIVER = 5
+# Cancels that arrived before their generation started (still in a mailbox): remembered, bounded.
+EARLY_CANCELS = 1024
 
 
 @dataclass
@@ -69,12 +78,9 @@ class InferenceService(Service):
 
     deployments: KeyValue
 
-    async def setup(self) -> None:
-        self.inference_config = load_inference_config()
-        self.deployments = await self.ensure_kv(self.names.deployments_bucket)
-        for config in durable.stream_configs(self.names, load_durable_config()):
-            await self.ensure_stream(config)
-        await self.ensure_kv(self.names.registry_bucket)
+    def __init__(self, config: MeshConfig) -> None:
+        super().__init__(config)
+        # State is whole from the start: a drain after a failed setup() finds nothing half-made.
         self._records: dict[str, Deployment] = {}  # by deployments-bucket key
         self._served: dict[str, Served] = {}  # by model@version
         self._loading: set[str] = set()
@@ -82,7 +88,45 @@ class InferenceService(Service):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._generators = ThreadPoolExecutor(max_workers=2, thread_name_prefix="generate")
         self._watcher: asyncio.Task[None] | None = None
+        # Generations running here, by id (one id may name several: a cancel stops them all).
+        self._generations: dict[str, list[threading.Event]] = {}
+        self._early_cancels: OrderedDict[str, None] = OrderedDict()
+
+    async def setup(self) -> None:
+        self.inference_config = load_inference_config()
+        self.deployments = await self.ensure_kv(self.names.deployments_bucket)
+        for config in durable.stream_configs(self.names, load_durable_config()):
+            await self.ensure_stream(config)
+        await self.ensure_kv(self.names.registry_bucket)
         self.add_actor("deploy", self.names.deploy, self.deploy, DeployRequest, max_concurrency=4)
+        await self.nc.subscribe(self.names.generate_cancel_subjects, cb=self._on_cancel)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        request_id = msg.subject.rsplit(".", 1)[1]
+        events = self._generations.get(request_id)
+        if events:
+            for event in events:
+                event.set()
+            return
+        self._early_cancels[request_id] = None
+        while len(self._early_cancels) > EARLY_CANCELS:
+            self._early_cancels.popitem(last=False)
+
+    def _start_generation(self, request_id: str) -> threading.Event:
+        event = threading.Event()
+        if request_id in self._early_cancels:  # cancelled while it waited in the mailbox
+            del self._early_cancels[request_id]
+            event.set()
+        self._generations.setdefault(request_id, []).append(event)
+        return event
+
+    def _end_generation(self, request_id: str, event: threading.Event) -> None:
+        event.set()  # whatever ended the handler, its thread stops before the next token
+        events = self._generations.get(request_id, [])
+        if event in events:
+            events.remove(event)
+        if not events:
+            self._generations.pop(request_id, None)
 
     async def after_start(self) -> None:
         self._watcher = asyncio.get_running_loop().create_task(
@@ -210,33 +254,23 @@ class InferenceService(Service):
         handler's own reply is the last chunk (``done``).  Generation runs on its own threads, so
         a long generation never holds up the batched forward passes."""
 
+        counts = {"generating": 0, "cancelled": 0}
+
         async def handle(req: GenerateRequest, call: Call) -> GenerateChunk:
             generate.check(req, getattr(model.module, "context", 0))
             if not call.msg.reply:
                 raise BadRequest("generation streams its reply: send a request, not a publish")
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[generate.Piece | BaseException | None] = asyncio.Queue()
-
-            def produce() -> None:
-                try:
-                    for piece in generate.pieces(model.module, req):
-                        loop.call_soon_threadsafe(queue.put_nowait, piece)
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
-                except BaseException as exc:
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
-
-            loop.run_in_executor(self._generators, produce)
-            index, last = 0, generate.Piece("")
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                last = item
-                if item.finish_reason is None and item.text:
-                    chunk = GenerateChunk(
-                        text=item.text, index=index, model=deployment.model, version=deployment.version
-                    )
-                    await self.nc.publish(call.msg.reply, msgspec.msgpack.encode(chunk))
-                    index += 1
+            request_id = req.id or uuid.uuid4().hex
+            cancel = self._start_generation(request_id)
+            counts["generating"] += 1
+            try:
+                index, last = await self._stream_pieces(req, model, cancel, call.msg.reply, deployment)
+            finally:
+                counts["generating"] -= 1
+                self._end_generation(request_id, cancel)
+            if last.finish_reason == "cancelled":
+                counts["cancelled"] += 1
+                log.info("generation %s on %s@%s cancelled", request_id, deployment.model, deployment.version)
             return GenerateChunk(
                 text=last.text if last.finish_reason else "",
                 index=index,
@@ -259,8 +293,37 @@ class InferenceService(Service):
             mailbox_size=64,
             labels={"model": deployment.model, "version": deployment.version},
         )
+        actor.extra_stats = lambda: dict(counts)
         await actor.start()
         return actor
+
+    async def _stream_pieces(
+        self, req: GenerateRequest, model: LoadedModel, cancel: threading.Event, reply: str, deployment: Deployment
+    ) -> tuple[int, generate.Piece]:
+        """Run the generation on a generator thread, publishing each piece to ``reply``; returns
+        the number of chunks sent and the last piece (its finish reason)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[generate.Piece | BaseException | None] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                for piece in generate.pieces(model.module, req, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        loop.run_in_executor(self._generators, produce)
+        index, last = 0, generate.Piece("")
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            last = item
+            if item.finish_reason is None and item.text:
+                chunk = GenerateChunk(text=item.text, index=index, model=deployment.model, version=deployment.version)
+                await self.nc.publish(reply, msgspec.msgpack.encode(chunk))
+                index += 1
+        return index, last
 
     # -- following deployments ---------------------------------------------------------------------
     def _on_record(self, entry: KeyValue.Entry) -> None:

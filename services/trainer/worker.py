@@ -50,7 +50,7 @@ from shared.registry import artifacts, put_object, register
 from shared.schemas import Checkpoint, DatasetManifest, ModelVersion, TrainJob, TrainProgress, TrainRequest, TrainResult
 from zoo import ModelSpec, build_model, check_factory, check_kwargs
 from zoo.artifacts import checkpoint_from_bytes, checkpoint_to_bytes, weights_to_bytes
-from zoo.lm import lm_loss
+from zoo.lm import declared_chat_template, lm_loss
 
 log = logging.getLogger("aimesh.trainer.worker")
 _json = msgspec.json.Encoder()
@@ -475,6 +475,7 @@ class Worker:
             created_at=rfc3339_now(),
             label_classes=manifest.label_classes,
             tokenizer=manifest.tokenizer,
+            chat_template=declared_chat_template(full) if task == "lm" else None,
         )
         registry = self.bridge.call(self.js.key_value(self.names.registry_bucket))
         registered = self.bridge.call(register(registry, version))

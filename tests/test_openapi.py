@@ -31,3 +31,58 @@ def test_every_route_is_documented_and_nothing_else() -> None:
     described = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert served == described
     assert doc["openapi"] == "3.1.0"
+
+
+def _statuses(doc: dict[str, Any], path: str, method: str) -> set[int]:
+    return {int(code) for code in doc["paths"][path][method]["responses"]}
+
+
+def test_every_route_lists_the_gates_statuses_and_its_familys_error_body() -> None:
+    doc = document("0.0.0")
+    open_routes = {"/openapi.json", "/v2/health/live", "/v2/health/ready"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            statuses = _statuses(doc, path, method)
+            assert 429 in statuses, (path, method)
+            if path not in open_routes:
+                assert 401 in statuses, (path, method)
+            if path.startswith("/admin/"):
+                assert 403 in statuses, (path, method)
+            if "requestBody" in op:
+                assert {408, 413} <= statuses, (path, method)
+            if "{" in path:
+                assert 400 in statuses, (path, method)
+                for param in op["parameters"]:
+                    if param["in"] == "path":
+                        assert param["schema"]["pattern"] == "^[A-Za-z0-9_-]+$", (path, param)
+            family = "OpenAIError" if path.startswith("/v1/") and path != "/v1/feedback" else "Error"
+            for code, response in op["responses"].items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                if int(code) >= 400 and schema.get("$ref", "").startswith("#/components/schemas/"):
+                    assert schema["$ref"].endswith(f"/{family}"), (path, method, code, schema)
+
+
+def test_the_openai_routes_take_exactly_the_parameters_the_router_decodes() -> None:
+    from services.router.openai import ChatBody, CompletionBody
+
+    schemas = document("0.0.0")["components"]["schemas"]
+    for name, body in (("CompletionRequest", CompletionBody), ("ChatCompletionRequest", ChatBody)):
+        assert set(schemas[name]["properties"]) == set(body.__struct_fields__), name
+        assert schemas[name]["additionalProperties"] is False  # unknown fields are 400s
+
+
+async def test_a_bad_path_token_under_v1_is_openais_error_object() -> None:
+    import aiohttp
+
+    from shared.httpserve import serve_app
+
+    app = build_app(_Routes(), max_body_bytes=1024)  # type: ignore[arg-type]
+    add_routes(app, lambda: [], lambda model, req: None)  # type: ignore[arg-type, return-value]
+    runner, base = await serve_app(app, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/v1/models/a.b") as resp:
+            body = await resp.json()
+    finally:
+        await runner.cleanup()
+    assert resp.status == 400 and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert "must be letters, digits" in body["error"]["message"], body

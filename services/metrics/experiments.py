@@ -6,8 +6,10 @@ request id and a reward.  :class:`ExperimentBook` joins the two:
 - an exposure counts a request (latency, status) for its variant, and remembers the request id
   (the most recent ``max_exposures`` ids: feedback for an older request is unmatched);
 - feedback for a remembered id is that variant's reward; feedback that names its variant and
-  arrives without a remembered exposure counts for the model's current experiment; feedback
-  that arrives before its exposure (exposures are batched) waits for it, within a bound;
+  arrives without a remembered exposure counts for the model's current experiment, if that
+  variant has served in it (the name is the client's: an unknown one must never become a
+  variant, nor a Prometheus label); feedback that arrives before its exposure (exposures are
+  batched) waits for it, within a bound;
 - each count is made once per request id (a redelivered exposure batch or a duplicated feedback
   counts once), so replaying the stream after a restart gives the same figures.
 """
@@ -52,14 +54,17 @@ class ExperimentBook:
             if key in self._seen:
                 self.duplicates += 1
                 continue
-            self.experiment(e.model, e.experiment).variant(e.variant).record_request(e.latency_s, e.code)
-            if self._current.get(e.model) != e.experiment:
-                self._current[e.model] = e.experiment
-                self._retry_named(e.model)
+            experiment = self.experiment(e.model, e.experiment)
+            new_variant = not experiment.has(e.variant)
+            experiment.variant(e.variant).record_request(e.latency_s, e.code)
             self._remember(key, _Seen(e.experiment, e.variant))
+            new_experiment = self._current.get(e.model) != e.experiment
+            self._current[e.model] = e.experiment
             waiting = self._waiting.pop(key, None)
             if waiting is not None:
                 self.on_feedback(waiting)
+            if new_experiment or new_variant:
+                self._retry_named(e.model)
 
     def on_feedback(self, fb: Feedback) -> bool:
         """Count a reward; False when it is waiting for (or will never find) its request."""
@@ -72,7 +77,7 @@ class ExperimentBook:
             self.experiment(fb.model, seen.experiment).variant(seen.variant).record_reward(fb.reward)
             self._seen[key] = _Seen(seen.experiment, seen.variant, rewarded=True)
             return True
-        if fb.variant and fb.model in self._current:
+        if fb.variant and fb.model in self._current and self._named_known(fb):
             self.experiment(fb.model, self._current[fb.model]).variant(fb.variant).record_reward(fb.reward)
             self._remember(key, _Seen(self._current[fb.model], fb.variant, rewarded=True))
             return True
@@ -85,8 +90,12 @@ class ExperimentBook:
         self._waiting[key] = fb
         return False
 
+    def _named_known(self, fb: Feedback) -> bool:
+        return self.experiment(fb.model, self._current[fb.model]).has(fb.variant)
+
     def _retry_named(self, model: str) -> None:
-        """Feedback that names its variant waited only for the model's experiment to be known."""
+        """Feedback that names its variant waited only for the model's experiment, or that variant
+        in it, to be known."""
         for key in [k for k, fb in self._waiting.items() if k[0] == model and fb.variant]:
             self.on_feedback(self._waiting.pop(key))
 

@@ -50,7 +50,7 @@ from shared.clock import rfc3339_now
 from shared.config import AutoscaleConfig, MetricsConfig, load_autoscale_config, load_metrics_config
 from shared.errors import BadRequest, ConfigError, NotFound
 from shared.experiments import autoscale_lease_key, split_key
-from shared.httpserve import serve_app
+from shared.httpserve import body_deadline, serve_app
 from shared.kv import Lease, follow
 from shared.names import Header
 from shared.schemas import (
@@ -134,7 +134,9 @@ class MetricsService(Service):
         except ValueError as exc:
             raise ConfigError(f"[metrics] api_keys: {exc}") from None
         check_http_exposure("metrics", cfg.host, has_keys=bool(keys), insecure=cfg.insecure)
-        app = web.Application(middlewares=[key_check(keys, metrics_open=cfg.metrics_open)] if keys else [])
+        # After the key check, a body within a deadline (408); serve_app bounds the request head.
+        checks = [key_check(keys, metrics_open=cfg.metrics_open)] if keys else []
+        app = web.Application(middlewares=[*checks, body_deadline()])
         app.router.add_get("/metrics", self._metrics)
         add_dashboard_routes(app, self)
         self._runner, self.http_url = await serve_app(app, self.metrics_config.host, self.metrics_config.port)

@@ -174,6 +174,10 @@ class Experiment:
         self._variants: dict[str, VariantStats] = {}
         self._tests: dict[str, _Sequential] = {}
 
+    def has(self, version: str) -> bool:
+        """Whether a variant has been seen serving (an exposure) in this experiment."""
+        return version in self._variants
+
     def variant(self, version: str) -> VariantStats:
         found = self._variants.get(version)
         if found is None:

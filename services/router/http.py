@@ -24,6 +24,7 @@ from services.router.openai import openai_error
 from shared import durable, tracing
 from shared.apikeys import KeyRing, presented_key
 from shared.errors import MeshTimeout, Overloaded, ServiceError
+from shared.httpserve import BODY_TIMEOUT_S, BodyTimeout, read_body, timed_out
 from shared.names import Header
 from shared.schemas import DurableResult, Feedback, Split
 from shared.tensors import from_wire
@@ -31,6 +32,7 @@ from shared.tensors import from_wire
 SERVER_NAME = "aimesh"
 VARIANT = Header.VARIANT  # which version served the request
 REQUEST_ID = "Aimesh-Request-Id"  # the id feedback names (also the OIP response's "id")
+LABEL = "label"  # a classifier's class names (BYTES): returned only when asked for by name
 _split = msgspec.json.Decoder(Split)
 _feedback = msgspec.json.Decoder(Feedback)
 
@@ -73,6 +75,8 @@ class Gateway(Protocol):
 
     async def model_ready(self, model: str, version: str | None) -> bool: ...
 
+    async def class_names(self, model: str, version: str) -> list[str]: ...
+
     async def feedback(self, fb: Feedback, idempotency_key: str | None) -> None: ...
 
 
@@ -105,8 +109,11 @@ OPENAI_KINDS: dict[int, tuple[str, str | None]] = {
     403: ("permission_error", "insufficient_scope"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
+    503: ("server_error", None),
+    504: ("timeout", None),
 }
 
 
@@ -122,6 +129,18 @@ def route_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     else:
         message, headers = exc.reason, {}
     return family_error(request, exc.status, message, headers)
+
+
+def gate_error(request: web.Request, exc: ServiceError | MeshTimeout) -> web.Response:
+    """An error a handler raised, in the path family's convention (as :func:`from_exception`
+    says it for OIP routes)."""
+    if not is_openai(request.path):
+        return from_exception(exc)
+    if isinstance(exc, Overloaded):
+        return family_error(request, 429, exc.description, {"Retry-After": str(max(1, round(exc.retry_after_s)))})
+    if isinstance(exc, ServiceError):
+        return family_error(request, exc.code, exc.description)
+    return family_error(request, 504, str(exc))
 
 
 def from_exception(exc: Exception) -> web.Response:
@@ -166,6 +185,7 @@ def build_app(
     timeout_s: float = 30.0,
     max_concurrency: int = 1024,
     api_keys: KeyRing | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> web.Application:
     in_flight = 0
     traced = not tracing.tracing_disabled()
@@ -175,7 +195,9 @@ def build_app(
         """Everything around a handler, in one layer (each middleware layer costs per request):
         the SERVER span (named by route template, current while the handler runs, so the NATS
         request is its child), API keys (see :func:`needs_scope`), the
-        bound on requests in flight, and errors as {"error"} with their status."""
+        bound on requests in flight, the body read within ``body_timeout_s`` (else 408 and the
+        connection closed: a slow client holds no handler nor slot), and errors as {"error"}
+        with their status."""
         nonlocal in_flight
         span = token = None
         if traced:
@@ -207,7 +229,10 @@ def build_app(
             in_flight += 1
             try:
                 edge.check_path(request.match_info)  # before any handler names a subject or key
+                await read_body(request, body_timeout_s)  # cached: the handler's read() is instant
                 response: web.StreamResponse = await handler(request)
+            except BodyTimeout as exc:
+                response = timed_out(family_error(request, 408, str(exc)))
             except web.HTTPRequestEntityTooLarge:
                 response = family_error(request, 413, f"request body over the limit of {max_body_bytes} bytes")
             except web.HTTPException as exc:
@@ -215,7 +240,7 @@ def build_app(
                     raise
                 response = route_error(request, exc)
             except (ServiceError, MeshTimeout) as exc:
-                response = from_exception(exc)
+                response = gate_error(request, exc)
             finally:
                 in_flight -= 1
             if span is not None and span.is_recording():
@@ -249,8 +274,13 @@ def build_app(
         return web.json_response(await gw.model_metadata(m, v))
 
     async def model_ready(request: web.Request) -> web.Response:
-        ok = await gw.model_ready(request.match_info["model"], request.match_info.get("version"))
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        # 404 (raised) when not deployed; 503 while deployed but not served by any worker yet.
+        model, version = request.match_info["model"], request.match_info.get("version")
+        ok = await gw.model_ready(model, version)
+        body: dict[str, Any] = {"name": model, "ready": ok}
+        if version:
+            body["version"] = version
+        return web.json_response(body, status=200 if ok else 503)
 
     async def infer(request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version")
@@ -278,6 +308,10 @@ def build_app(
         )
         wanted = {o.name for o in body.outputs}
         if wanted:
+            if LABEL in wanted and "class" in outputs:
+                names = await gw.class_names(model, served_version)
+                if names:
+                    outputs[LABEL] = oip.class_labels(outputs["class"], names)
             missing = wanted - outputs.keys()
             if missing:
                 return error(400, f"unknown outputs {sorted(missing)}; the model has {sorted(outputs)}")

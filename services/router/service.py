@@ -8,6 +8,7 @@ trace context and a deadline; no responders (the request surely never ran) is a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -21,20 +22,24 @@ from nats.js.kv import KeyValue
 
 from services.router.http import build_app, parse_keys
 from services.router.oip import tensor_metadata
+from services.router.openai import ChatMessage, chat_request
 from services.router.openai import add_routes as add_openai_routes
-from services.router.stats import ExposureLog, RouteCounters
+from services.router.stats import ExposureLog, RouteCounters, deployed_versions
 from shared import durable, events
 from shared.actor import Call
 from shared.client import infer_with_fallback, request, stream
 from shared.config import RouterConfig, load_durable_config, load_router_config
+from shared.datasets import get_manifest
 from shared.discovery import discover
 from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
 from shared.experiments import delete_split, put_split
 from shared.httpserve import serve_app
 from shared.kv import follow
+from shared.names import check_token
 from shared.registry import get_version, registry_kv
 from shared.routing import Route, RoutingTable
 from shared.schemas import (
+    DatasetManifest,
     Deployment,
     DurableResult,
     ExposureBatch,
@@ -44,6 +49,7 @@ from shared.schemas import (
     InferReply,
     InferRequest,
     MicroPing,
+    ModelVersion,
     RouteStats,
     Split,
 )
@@ -72,11 +78,13 @@ class RouterService(Service):
         for config in durable.stream_configs(self.names, self.durable_config):
             await self.ensure_stream(config)
         await self.ensure_stream(events.stream_config(self.names))
-        self.counters = RouteCounters()
+        self.counters = RouteCounters(lambda: deployed_versions(self.table))  # labels: deployed names only
         self.exposures = ExposureLog()
         self._exposures_task: asyncio.Task[None] | None = None
         self.table = RoutingTable()
         self._lm: set[str] = set()
+        self._versions: dict[tuple[str, str], ModelVersion] = {}  # registry records, by (model, version)
+        self._manifests: dict[str, DatasetManifest] = {}  # by NAME@VERSION
         self._watchers: list[asyncio.Task[None]] = []
         self._mirror_slots = asyncio.Semaphore(64)
         self.add_actor(
@@ -107,11 +115,30 @@ class RouterService(Service):
             timeout_s=cfg.timeout_s,
             max_concurrency=cfg.max_concurrency,
             api_keys=keys,
+            body_timeout_s=cfg.body_timeout_s,
         )
         add_openai_routes(app, self.lm_models, self.generate)
+        # The limits a body meets on its way: a binary body travels at about its own size (the
+        # encoding adds well under 4 KiB); a JSON body shrinks (numbers as text become 4 bytes).
+        bus = self.nc.max_payload
+        log.info(
+            "size limits: HTTP bodies up to %d bytes ([router] max_body_bytes), bus messages up to %d bytes "
+            "(the NATS server's max_payload), durable requests up to %d bytes ([durable] requests_max_bytes)",
+            cfg.max_body_bytes,
+            bus,
+            min(bus, durable.largest_message(self.durable_config.requests_max_bytes)),
+        )
+        if cfg.max_body_bytes + 4096 > bus:
+            log.warning(
+                "[router] max_body_bytes (%d) is over what the bus carries (max_payload %d bytes): a binary "
+                "inference body near that size gets 413 from the bus; raise the NATS server's max_payload "
+                "([up] nats_max_payload, at most 64 MiB) or lower max_body_bytes",
+                cfg.max_body_bytes,
+                bus,
+            )
         # SO_REUSEPORT: several routers on one host share the port (aimesh up --router N).
         self._runner, self.http_url = await serve_app(
-            app, cfg.host, cfg.port, reuse_port=cfg.port != 0, ssl_context=tls
+            app, cfg.host, cfg.port, reuse_port=cfg.port != 0, ssl_context=tls, header_timeout_s=cfg.header_timeout_s
         )
 
     async def after_start(self) -> None:
@@ -186,13 +213,30 @@ class RouterService(Service):
             asyncio.get_running_loop().create_task(self._learn_task(stored))
 
     async def _learn_task(self, deployment: Deployment) -> None:
-        """Remember which deployed models are language models (for /v1/models)."""
+        """Remember which deployed models are language models (for /v1/models); the version's
+        record is then cached for metadata and class names."""
         try:
-            version = await get_version(await registry_kv(self.js, self.names), deployment.model, deployment.version)
+            version = await self._model_version(deployment.model, deployment.version)
         except Exception:
             return
         if version.task == "lm":
             self._lm.add(deployment.model)
+
+    async def _model_version(self, model: str, version: str) -> ModelVersion:
+        """The registry's record of ``model@version`` (404 when there is none); a numbered
+        version's record never changes, so it is cached (an alias is read each time)."""
+        cached = self._versions.get((model, version))
+        if cached is not None:
+            return cached
+        record = await get_version(await registry_kv(self.js, self.names), model, version)
+        if version.isdigit():
+            self._versions[(model, version)] = record
+        return record
+
+    async def class_names(self, model: str, version: str) -> list[str]:
+        """The class labels of a classifier's version (empty when it has none)."""
+        record = await self._model_version(model, version)
+        return list(record.label_classes) if record.task == "classify" else []
 
     def _route(self, model: str, version: str | None, headers: Mapping[str, str] | None) -> Route:
         durable.check_names(model, version)  # 400 before anything names a subject with them
@@ -207,10 +251,13 @@ class RouterService(Service):
         if not req.id:  # the reply carries it: what feedback names
             req = msgspec.structs.replace(req, id=uuid.uuid4().hex)
         route = self._route(model, None, call.headers)
+        # The caller's deadline, capped like an HTTP request's: no NATS caller holds a worker longer.
+        cap = self.router_config.timeout_s
+        timeout_s = min(call.remaining_s() or cap, cap)
         if route.split is not None:
             for mirror in mirrors_for(route.split):
-                self._mirror(model, mirror, req, call.remaining_s() or 30.0)
-        return await self._serve(model, route, req, call.remaining_s() or 30.0)
+                self._mirror(model, mirror, req, timeout_s)
+        return await self._serve(model, route, req, timeout_s)
 
     async def submit_durable(
         self,
@@ -281,21 +328,58 @@ class RouterService(Service):
     def lm_models(self) -> list[str]:
         return sorted(self.table.models() & self._lm)
 
-    async def generate(self, model: str, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream a completion from the version the split or the deployment picks."""
-        served = self.table.route(model, None, req.id or None).version
+    async def generate(
+        self, model: str, req: GenerateRequest, chat: list[ChatMessage] | None = None
+    ) -> AsyncIterator[GenerateChunk]:
+        """Stream a completion from the version the split or the deployment picks: 404 for a
+        model that is not deployed or not a language model; with ``chat``, the prompt is the
+        messages in the version's chat template.  Ended before its last chunk (the caller closed
+        it: its client is gone; or an error), the generation is cancelled on its worker."""
+        served = self.table.route(model, None, None).version
+        version = await self._language_model(model, served, need_version=chat is not None)
+        if chat is not None:
+            assert version is not None
+            req = chat_request(version, req, chat)
+        req = msgspec.structs.replace(req, id=req.id or uuid.uuid4().hex)
+        finished = False
         try:
-            async for chunk in stream(
+            chunks = stream(
                 self.nc,
                 self.names.generate(model, served),
                 req,
                 GenerateChunk,
                 done=lambda c: c.done,
                 template=self.names.generate_template(),
-            ):
-                yield chunk
+            )
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    finished = chunk.done
+                    yield chunk
         except Unavailable:
-            raise Unavailable(f"no inference worker generates with {model}@{served}: is it a language model?") from None
+            raise Unavailable(f"no inference worker generates with {model}@{served} (start workers)") from None
+        finally:
+            if not finished:
+                await self._cancel_generation(req.id)
+
+    async def _language_model(self, model: str, version: str, *, need_version: bool) -> ModelVersion | None:
+        """The registry's record of ``model@version``, or None when the model is known to be a
+        language model and the record is not needed; 404 when it is not a language model."""
+        if model in self._lm and not need_version:
+            return None
+        found = await self._model_version(model, version)
+        if found.task != "lm":
+            raise NotFound(
+                f"model {model!r} is not a language model (version {version} is a {found.task!r} model): "
+                "GET /v1/models lists the language models"
+            )
+        return found
+
+    async def _cancel_generation(self, request_id: str) -> None:
+        """Tell the worker running it to stop (it frees its generation slot); best effort."""
+        try:
+            await self.nc.publish(self.names.generate_cancel(check_token(request_id, "generation id")))
+        except Exception:
+            log.debug("could not cancel generation %s", request_id, exc_info=True)
 
     def _mirror(self, model: str, version: str, req: InferRequest, timeout_s: float) -> None:
         """Send a copy and forget it: never slower for the caller; dropped (and counted) when
@@ -335,26 +419,87 @@ class RouterService(Service):
         self.table.splits.pop(model, None)
 
     async def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
-        v = await get_version(await registry_kv(self.js, self.names), model, version or self._deployed_ref(model))
-        outputs = [tensor_metadata("logits", "float32", [int(v.kwargs.get("classes", v.kwargs.get("vocab", 0)))])]
-        if v.task == "classify":
-            outputs.append(tensor_metadata("class", "int64", []))
+        """OIP model metadata of ``version`` (any registered one; 404 when the registry has none),
+        else of the version the model's requests go to; ``versions`` lists the served ones."""
+        v = await self._model_version(model, version or self._deployed_ref(model))
         return {
             "name": model,
-            "versions": [v.version],
+            "versions": self.table.versions(model),
             "platform": "pytorch",
             "inputs": [tensor_metadata(c.name, c.dtype, list(c.shape)) for c in v.inputs],
-            "outputs": outputs,
+            "outputs": _outputs_metadata(v),
+            "parameters": await self._parameters(v),
         }
 
+    async def _parameters(self, v: ModelVersion) -> dict[str, Any]:
+        """What a client needs to build inputs and read outputs: the version described, its task
+        and dataset, and for a tabular classifier its input columns (in the order packed into
+        ``x``), the label column and the class names (index order of ``class``)."""
+        out: dict[str, Any] = {"version": v.version, "task": v.task, "dataset": v.dataset}
+        if v.task != "classify":
+            return out
+        manifest = await self._manifest(v.dataset)
+        if manifest is not None and manifest.features:
+            out["input_columns"] = list(manifest.features)
+        if manifest is not None and manifest.label:
+            out["label_column"] = manifest.label
+        if v.label_classes:
+            out["label_classes"] = list(v.label_classes)
+        return out
+
+    async def _manifest(self, ref: str) -> DatasetManifest | None:
+        """The dataset version a model was trained on (cached: a version never changes), or None
+        when it is not (or no longer) stored: metadata then says less, it does not fail."""
+        if ref in self._manifests:
+            return self._manifests[ref]
+        dataset, _, number = ref.partition("@")
+        try:
+            manifest = await get_manifest(self.js, self.names, dataset, number or None)
+        except ServiceError:
+            return None
+        if number.isdigit():
+            self._manifests[ref] = manifest
+        return manifest
+
     def _deployed_ref(self, model: str) -> str:
+        """The version an unversioned request is described by: the default deployment's, else
+        the split's control, else the registry's latest."""
         deployment = self.table.default(model)
-        return deployment.version if deployment else "latest"
+        if deployment is not None:
+            return deployment.version
+        split = self.table.splits.get(model)
+        return split.control_version if split is not None and split.control_version else "latest"
 
     async def model_ready(self, model: str, version: str | None) -> bool:
-        try:
-            served = self.table.route(model, version).version
-        except NotFound:
-            return False
+        """Whether a worker serves what a request for ``model`` (at ``version``) would reach:
+        404 when that is not deployed (nor split), False while no worker serves it yet.  With no
+        version: every variant of the split with a positive weight, else the default deployment
+        (or the version it replaced, while the new one loads)."""
+        durable.check_names(model, version)
+        if version:
+            self.table.check_served(model, version)
+            wanted = [[version]]
+        else:
+            split = self.table.splits.get(model)
+            if split is not None:
+                wanted = [[v.version] for v in split.variants if v.weight > 0]
+            else:
+                route = self.table.route(model)  # 404 when not deployed
+                wanted = [[route.version, *([route.fallback] if route.fallback else [])]]
         pings = await discover(self.nc, "PING", MicroPing, name=self.names.micro_name("inference"), wait_s=0.3)
-        return any(f"{model}@{served}" in p.metadata.get("serving", "").split(",") for p in pings)
+        serving = {s for p in pings for s in p.metadata.get("serving", "").split(",")}
+        return all(any(f"{model}@{v}" in serving for v in group) for group in wanted)
+
+
+def _outputs_metadata(v: ModelVersion) -> list[dict[str, Any]]:
+    """The outputs a version's forward pass returns (see services/inference/model.py), and
+    ``label`` for a classifier that knows its class names (returned when asked for by name)."""
+    if v.task == "lm":
+        seq = v.inputs[0].shape[0] if v.inputs and v.inputs[0].shape else -1
+        return [tensor_metadata("logits", "float32", [seq, int(v.kwargs.get("vocab", 0))])]
+    outputs = [tensor_metadata("logits", "float32", [int(v.kwargs.get("classes", 0))])]
+    if v.task == "classify":
+        outputs.append(tensor_metadata("class", "int64", []))
+        if v.label_classes:
+            outputs.append(tensor_metadata("label", "str", []))
+    return outputs

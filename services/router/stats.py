@@ -2,6 +2,9 @@
 
 - :class:`RouteCounters`: requests, errors by status code and a latency histogram per model and
   served version, published in the router's metric snapshots (Prometheus ``aimesh_gateway_*``).
+  Labels are bounded (:func:`route_labels`): only deployed models and their deployed versions
+  are named, every other name a client sends is counted under ``_other``, so no request can add
+  a series (nor a counter in this process).
 - :class:`ExposureLog`: for requests routed by an experiment, which variant served which
   request id, how fast and how it ended; taken in batches by the service, which publishes them
   to the events stream, where the metrics service joins feedback to variants.  Bounded: when the
@@ -13,10 +16,40 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from shared.histogram import LatencyHistogram
+from shared.routing import RoutingTable
 from shared.schemas import Exposure, RouteStats
+
+OTHER = "_other"  # the one label value of every model or version that is not deployed
+
+Deployed = Mapping[str, Collection[str]]  # model → the versions it serves
+
+
+def route_labels(model: str, version: str, deployed: Deployed) -> tuple[str, str]:
+    """The (model, version) labels a request is counted under: a deployed model keeps its name
+    and a version it serves keeps its own; anything else (a name a client made up, a version
+    not deployed) is ``_other``."""
+    versions = deployed.get(model)
+    if versions is None:
+        return OTHER, OTHER
+    return model, version if version in versions else OTHER
+
+
+def deployed_versions(table: RoutingTable) -> dict[str, set[str]]:
+    """What the routing table serves: each deployment's version and the one it replaced (the
+    fallback while the new one loads), and the variants, mirrors and control of each model's split."""
+    out: dict[str, set[str]] = {}
+    for d in table.deployments.values():
+        out.setdefault(d.model, set()).update(v for v in (d.version, d.previous) if v)
+    for model, split in table.splits.items():
+        versions = out.setdefault(model, set())
+        versions.update(v.version for v in split.variants)
+        versions.update(m.version for m in split.mirrors)
+        versions.update([split.control] if split.control else [])
+    return out
 
 
 @dataclass(slots=True)
@@ -27,10 +60,16 @@ class _Route:
 
 
 class RouteCounters:
-    def __init__(self) -> None:
+    """Counters per (model, version) label pair; ``deployed`` says what is deployed now (see
+    :func:`route_labels`; None: every name is its own label, for tests of the counting alone)."""
+
+    def __init__(self, deployed: Callable[[], Deployed] | None = None) -> None:
         self._routes: dict[tuple[str, str], _Route] = {}
+        self._deployed = deployed
 
     def record(self, model: str, version: str, code: int, latency_s: float) -> None:
+        if self._deployed is not None:
+            model, version = route_labels(model, version, self._deployed())
         route = self._routes.get((model, version))
         if route is None:
             route = self._routes[(model, version)] = _Route()

@@ -21,7 +21,8 @@ from nats.aio.msg import Msg
 from shared.client import request
 from shared.kv import open_bucket
 from shared.names import Header, Names
-from shared.schemas import Deployment, DeployRequest, MetricsSnapshot
+from shared.schemas import Deployment, DeployRequest, InferReply, InferRequest, MetricsSnapshot
+from shared.tensors import to_wire
 from tests.helpers import ServiceProcess, eventually
 from tests.standin import StandIn
 from tests.test_inference import register_mlp, serving, start_gateway
@@ -166,3 +167,10 @@ async def test_the_deadline_reaches_the_worker_capped_at_the_routers_timeout(
             deadline = int(got.headers[Header.DEADLINE])
             earliest, latest = int((sent_at + applied_s) * 1000), got.at_ms + applied_s * 1000
             assert earliest <= deadline <= latest, (asked_ms, deadline - earliest, latest - deadline)
+        # A NATS caller of <prefix>.infer.<model> that allows itself 120 s gets the same cap.
+        sent_at = time.time()
+        req = InferRequest(inputs={"x": to_wire(x)})
+        await request(nc, names.infer_routed("digits"), req, InferReply, timeout_s=120)
+        got = worker.received[-1]
+        deadline = int(got.headers[Header.DEADLINE])
+        assert int((sent_at + 30) * 1000) <= deadline <= got.at_ms + 30_000, deadline - sent_at * 1000

@@ -35,11 +35,23 @@ async def registry_kv(js: JetStreamContext, names: Names) -> KeyValue:
 
 
 async def register(kv: KeyValue, version: ModelVersion) -> ModelVersion:
-    """Store a new version of ``version.model`` (its number is assigned here) and move ``latest``."""
+    """Store a new version of ``version.model`` (its number is assigned here) and move ``latest``.
+
+    Once per training job: a job whose attempt registered and then regrouped (a lost heartbeat
+    after the registration, say) finishes again in a later attempt, and that attempt gets the
+    version already registered instead of a second number (key ``job.<model>.<job id>``)."""
     check_token(version.model, "model name")
+    by_job = f"job.{version.model}.{check_token(version.job_id, 'job id')}" if version.job_id else None
+    if by_job is not None:
+        try:
+            return await get_version(kv, version.model, ((await kv.get(by_job)).value or b"").decode())
+        except (KeyNotFoundError, NotFound):
+            pass
     number = str(await next_number(kv, f"seq.{version.model}"))
     version = msgspec.structs.replace(version, version=number)
     await kv.put(f"version.{version.model}.{number}", _json.encode(version))
+    if by_job is not None:
+        await kv.put(by_job, number.encode())
     await kv.put(f"alias.{version.model}.latest", number.encode())
     return version
 

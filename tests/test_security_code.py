@@ -26,7 +26,7 @@ from nats.aio.client import Client as NatsClient
 
 from aimesh.datasets_cmd import ingest
 from services.ingest.service import IngestService
-from services.trainer import rendezvous
+from services.trainer import store as tcpstore
 from shared.client import request
 from shared.config import MeshConfig, load_mesh_config
 from shared.discovery import discover
@@ -284,15 +284,15 @@ def test_rank_zeros_store_listens_on_the_given_address_only() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    store = rendezvous.create_store(f"127.0.0.1:{port}", 0, 1, timedelta(seconds=10))
+    store = tcpstore.create_store(f"127.0.0.1:{port}", 0, 1, timedelta(seconds=10))
     store.set("k", "v")
     assert store.get("k") == b"v"
     assert [a for a in _listening(os.getpid()) if a[1] == port] == [("127.0.0.1", port)]
-    assert rendezvous.split_master("[::1]:5") == ("::1", 5)
+    assert tcpstore.split_master("[::1]:5") == ("::1", 5)
     with pytest.raises(ValueError, match="must look like host:port"):
-        rendezvous.split_master("nohost")
-    assert rendezvous.interface_of("127.0.0.1") is not None
-    env = rendezvous.collective_env("127.0.0.1", {"NCCL_SOCKET_IFNAME": "eth9"})
+        tcpstore.split_master("nohost")
+    assert tcpstore.interface_of("127.0.0.1") is not None
+    env = tcpstore.collective_env("127.0.0.1", {"NCCL_SOCKET_IFNAME": "eth9"})
     assert set(env) == {"GLOO_SOCKET_IFNAME"}  # a value already set wins
 
 
@@ -330,7 +330,7 @@ async def test_a_running_jobs_rendezvous_listens_on_the_trainer_host_only(
         assert job.state != "failed", job.error
         if not job.master:
             return None
-        port = rendezvous.split_master(job.master)[1]
+        port = tcpstore.split_master(job.master)[1]
         ranks = {c.pid: _listening(c.pid) for a in agents for c in psutil.Process(a.pid).children()}
         store_up = any(p == port for sockets in ranks.values() for _, p in sockets)
         return (port, ranks) if len(ranks) == 2 and store_up and all(ranks.values()) else None

@@ -38,8 +38,9 @@ import torch
 import torch.distributed as dist
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from services.trainer import data, rendezvous
+from services.trainer import data
 from services.trainer.bridge import NatsBridge
+from services.trainer.store import collective_env, create_store
 from shared.clock import rfc3339_now
 from shared.config import load_mesh_config, load_trainer_config
 from shared.datasets import DatasetReader
@@ -122,9 +123,9 @@ class Worker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=self.req.collective_timeout_s)
         # The store is made here, not by init_method="tcp://…": torch's own would listen on every
-        # interface; rendezvous.create_store binds rank 0's to the job's address only.
-        os.environ.update(rendezvous.collective_env(self.host, os.environ))
-        store = rendezvous.create_store(self.master, self.rank, self.world, timeout)
+        # interface; create_store (store.py) binds rank 0's to the job's address only.
+        os.environ.update(collective_env(self.host, os.environ))
+        store = create_store(self.master, self.rank, self.world, timeout)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
         try:
             manifest = self.bridge.call(DatasetReader.open(self.js, self.names, self.req.dataset)).manifest

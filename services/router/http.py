@@ -7,12 +7,17 @@ digests, compared in constant time; every route under ``/admin/`` needs the admi
 Client input is checked at the edge (:mod:`services.router.edge`: every path parameter is a
 subject token before a handler runs), and aiohttp's own 404 / 405 are JSON too, so no client
 input reaches a 5xx.
+
+The handlers are module-level functions of the request: they read the :class:`Gateway` and the
+:class:`HttpConfig` from the application (``request.app[GATEWAY]``, ``request.app[CONFIG]``),
+which :func:`build_app` fills, so each can be served over any gateway (a test's fake included).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -178,6 +183,223 @@ def needs_scope(request: web.Request) -> str | None:
     return "infer"
 
 
+@dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    """The gateway's HTTP limits: body size, a request's deadline (capped: a caller may ask for
+    less with ``Aimesh-Timeout-Ms``), requests in flight, the body's arrival, and the API keys
+    (None: every route is open)."""
+
+    max_body_bytes: int
+    timeout_s: float = 30.0
+    max_concurrency: int = 1024
+    body_timeout_s: float = BODY_TIMEOUT_S
+    api_keys: KeyRing | None = None
+
+
+class Gate:
+    """What the :func:`gate` middleware keeps between requests: its limits, whether spans are
+    recorded, and the requests in flight (one event loop: a plain counter)."""
+
+    def __init__(self, config: HttpConfig, *, traced: bool) -> None:
+        self.config = config
+        self.traced = traced
+        self.in_flight = 0
+
+
+# What the handlers read from their application (aiohttp's typed keys).
+GATEWAY = web.AppKey[Gateway]("gateway")
+CONFIG = web.AppKey("config", HttpConfig)
+GATE = web.AppKey("gate", Gate)
+
+
+@web.middleware
+async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Everything around a handler, in one layer (each middleware layer costs per request):
+    the SERVER span (named by route template, current while the handler runs, so the NATS
+    request is its child), API keys (see :func:`needs_scope`), the
+    bound on requests in flight, the body read within ``body_timeout_s`` (else 408 and the
+    connection closed: a slow client holds no handler nor slot), and errors as {"error"}
+    with their status."""
+    state = request.app[GATE]
+    config = state.config
+    span = token = None
+    if state.traced:
+        info = request.match_info.route.resource
+        route = info.canonical if info is not None else "unmatched"
+        span = tracing.start_server_span(request.method, route, request.path, request.headers)
+        token = tracing.activate(span)
+    try:
+        api_keys = config.api_keys
+        needed = needs_scope(request) if api_keys else None
+        if needed is not None and api_keys:
+            scope = api_keys.scope_of(presented_key(request.headers))
+            if scope is None:
+                return family_error(
+                    request,
+                    401,
+                    "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                    {"WWW-Authenticate": 'Bearer realm="aimesh"'},
+                )
+            if needed == "admin" and scope != "admin":
+                needs = f"this API key has the {scope} scope: {request.path} needs the admin scope"
+                return family_error(request, 403, needs)
+        if state.in_flight >= config.max_concurrency:
+            return family_error(
+                request,
+                429,
+                f"gateway busy ({state.in_flight} requests in flight, limit {config.max_concurrency}): retry later",
+                {"Retry-After": "1"},
+            )
+        state.in_flight += 1
+        try:
+            edge.check_path(request.match_info)  # before any handler names a subject or key
+            await read_body(request, config.body_timeout_s)  # cached: the handler's read() is instant
+            response: web.StreamResponse = await handler(request)
+        except BodyTimeout as exc:
+            response = timed_out(family_error(request, 408, str(exc)))
+        except web.HTTPRequestEntityTooLarge:
+            response = family_error(request, 413, f"request body over the limit of {config.max_body_bytes} bytes")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = route_error(request, exc)
+        except (ServiceError, MeshTimeout) as exc:
+            response = gate_error(request, exc)
+        finally:
+            state.in_flight -= 1
+        if span is not None and span.is_recording():
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                tracing.mark_error(span, str(response.status), getattr(response, "text", "") or "")
+        return response
+    finally:
+        if span is not None:
+            tracing.deactivate(token)
+            span.end()
+
+
+def deadline_s(request: web.Request) -> float:
+    return edge.timeout_s(request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, request.app[CONFIG].timeout_s)
+
+
+async def live(_: web.Request) -> web.Response:
+    # Open Inference Protocol v2: the status code carries the answer, the body mirrors it.
+    return web.json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    ok = request.app[GATEWAY].is_ready
+    return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    version = request.app[GATEWAY].version
+    return web.json_response({"name": SERVER_NAME, "version": version, "extensions": ["binary_tensor_data"]})
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    m, v = request.match_info["model"], request.match_info.get("version")
+    return web.json_response(await request.app[GATEWAY].model_metadata(m, v))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    # 404 (raised) when not deployed; 503 while deployed but not served by any worker yet.
+    model, version = request.match_info["model"], request.match_info.get("version")
+    ok = await request.app[GATEWAY].model_ready(model, version)
+    body: dict[str, Any] = {"name": model, "ready": ok}
+    if version:
+        body["version"] = version
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def infer(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    model, version = request.match_info["model"], request.match_info.get("version")
+    raw = await request.read()
+    length = request.headers.get(oip.HEADER_LENGTH)
+    try:
+        header_length = int(length) if length is not None else None
+    except ValueError:
+        return error(400, f"{oip.HEADER_LENGTH} is not a number")
+    body, inputs = oip.parse_request(raw, header_length)
+    if "respond-async" in request.headers.get("Prefer", "") or request.query.get("async") in ("1", "true"):
+        # Its id names a subject: the durable rule (a token) before anything else.
+        given = durable.request_id(body.id or request.headers.get("Idempotency-Key"))
+        rid, served = await gw.submit_durable(model, version, inputs, given, request.headers)
+        location = f"/v2/results/{rid}"
+        return web.json_response(
+            {"id": rid, "state": "pending", "model_name": model, "model_version": served, "result_url": location},
+            status=202,
+            headers={"Location": location, VARIANT: served},
+        )
+    # Every request gets an id (the caller's, else a new one): feedback names it later.
+    request_id = edge.check_request_id(body.id) if body.id else uuid.uuid4().hex
+    served_version, outputs = await gw.infer(model, version, inputs, request_id, deadline_s(request), request.headers)
+    wanted = {o.name for o in body.outputs}
+    if wanted:
+        if LABEL in wanted and "class" in outputs:
+            names = await gw.class_names(model, served_version)
+            if names:
+                outputs[LABEL] = oip.class_labels(outputs["class"], names)
+        missing = wanted - outputs.keys()
+        if missing:
+            return error(400, f"unknown outputs {sorted(missing)}; the model has {sorted(outputs)}")
+        outputs = {k: v for k, v in outputs.items() if k in wanted}
+    payload, json_length = oip.encode_response(
+        model=model, version=served_version, request_id=request_id, outputs=outputs, binary=oip.binary_outputs(body)
+    )
+    headers = {VARIANT: served_version, REQUEST_ID: request_id}
+    if json_length is None:
+        return web.Response(body=payload, content_type="application/json", headers=headers)
+    headers[oip.HEADER_LENGTH] = str(json_length)
+    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+
+async def result(request: web.Request) -> web.Response:
+    outcome = await request.app[GATEWAY].durable_result(request.match_info["id"])
+    if outcome.state == "pending":
+        return web.json_response({"id": outcome.id, "state": "pending"}, status=202, headers={"Retry-After": "1"})
+    if outcome.state == "error":
+        return error(outcome.code or 500, outcome.error)
+    outputs = {k: from_wire(t, k) for k, t in outcome.outputs.items()}
+    payload, _ = oip.encode_response(
+        model=outcome.model, version=outcome.version, request_id=outcome.id, outputs=outputs, binary=False
+    )
+    return web.Response(body=payload, content_type="application/json", headers={VARIANT: outcome.version})
+
+
+async def put_split(request: web.Request) -> web.Response:
+    split = edge.check_split(edge.decode(_split, await request.read(), "split"))
+    if split.model != request.match_info["model"]:
+        return error(400, f"the body names model {split.model!r}, the path {request.match_info['model']!r}")
+    return web.json_response(msgspec.to_builtins(await request.app[GATEWAY].set_split(split)))
+
+
+async def get_split(request: web.Request) -> web.Response:
+    split = request.app[GATEWAY].get_split(request.match_info["model"])
+    if split is None:
+        return error(404, f"model {request.match_info['model']!r} has no split")
+    return web.json_response(msgspec.to_builtins(split))
+
+
+async def delete_split(request: web.Request) -> web.Response:
+    await request.app[GATEWAY].delete_split(request.match_info["model"])
+    return web.Response(status=204)
+
+
+async def feedback(request: web.Request) -> web.Response:
+    fb = edge.decode(_feedback, await request.read(), "feedback")
+    edge.check_name(fb.model, "model name")
+    if fb.variant:
+        edge.check_name(fb.variant, "variant version")
+    await request.app[GATEWAY].feedback(fb, request.headers.get("Idempotency-Key"))
+    return web.json_response({"id": fb.id, "model": fb.model, "accepted": True}, status=202)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(request.app[GATEWAY].version))
+
+
 def build_app(
     gw: Gateway,
     *,
@@ -187,183 +409,18 @@ def build_app(
     api_keys: KeyRing | None = None,
     body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> web.Application:
-    in_flight = 0
-    traced = not tracing.tracing_disabled()
-
-    @web.middleware
-    async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
-        """Everything around a handler, in one layer (each middleware layer costs per request):
-        the SERVER span (named by route template, current while the handler runs, so the NATS
-        request is its child), API keys (see :func:`needs_scope`), the
-        bound on requests in flight, the body read within ``body_timeout_s`` (else 408 and the
-        connection closed: a slow client holds no handler nor slot), and errors as {"error"}
-        with their status."""
-        nonlocal in_flight
-        span = token = None
-        if traced:
-            info = request.match_info.route.resource
-            route = info.canonical if info is not None else "unmatched"
-            span = tracing.start_server_span(request.method, route, request.path, request.headers)
-            token = tracing.activate(span)
-        try:
-            needed = needs_scope(request) if api_keys else None
-            if needed is not None and api_keys:
-                scope = api_keys.scope_of(presented_key(request.headers))
-                if scope is None:
-                    return family_error(
-                        request,
-                        401,
-                        "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
-                        {"WWW-Authenticate": 'Bearer realm="aimesh"'},
-                    )
-                if needed == "admin" and scope != "admin":
-                    needs = f"this API key has the {scope} scope: {request.path} needs the admin scope"
-                    return family_error(request, 403, needs)
-            if in_flight >= max_concurrency:
-                return family_error(
-                    request,
-                    429,
-                    f"gateway busy ({in_flight} requests in flight, limit {max_concurrency}): retry later",
-                    {"Retry-After": "1"},
-                )
-            in_flight += 1
-            try:
-                edge.check_path(request.match_info)  # before any handler names a subject or key
-                await read_body(request, body_timeout_s)  # cached: the handler's read() is instant
-                response: web.StreamResponse = await handler(request)
-            except BodyTimeout as exc:
-                response = timed_out(family_error(request, 408, str(exc)))
-            except web.HTTPRequestEntityTooLarge:
-                response = family_error(request, 413, f"request body over the limit of {max_body_bytes} bytes")
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = route_error(request, exc)
-            except (ServiceError, MeshTimeout) as exc:
-                response = gate_error(request, exc)
-            finally:
-                in_flight -= 1
-            if span is not None and span.is_recording():
-                span.set_attribute("http.response.status_code", response.status)
-                if response.status >= 500:
-                    tracing.mark_error(span, str(response.status), getattr(response, "text", "") or "")
-            return response
-        finally:
-            if span is not None:
-                tracing.deactivate(token)
-                span.end()
-
-    def deadline_s(request: web.Request) -> float:
-        return edge.timeout_s(request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, timeout_s)
-
+    """The OIP application over ``gw``: its keys, the :func:`gate` middleware and the routes."""
+    config = HttpConfig(
+        max_body_bytes=max_body_bytes,
+        timeout_s=timeout_s,
+        max_concurrency=max_concurrency,
+        body_timeout_s=body_timeout_s,
+        api_keys=api_keys,
+    )
     app = web.Application(client_max_size=max_body_bytes, middlewares=[gate])
-
-    async def live(_: web.Request) -> web.Response:
-        # Open Inference Protocol v2: the status code carries the answer, the body mirrors it.
-        return web.json_response({"live": True})
-
-    async def ready(_: web.Request) -> web.Response:
-        ok = gw.is_ready
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
-
-    async def server_metadata(_: web.Request) -> web.Response:
-        return web.json_response({"name": SERVER_NAME, "version": gw.version, "extensions": ["binary_tensor_data"]})
-
-    async def model_metadata(request: web.Request) -> web.Response:
-        m, v = request.match_info["model"], request.match_info.get("version")
-        return web.json_response(await gw.model_metadata(m, v))
-
-    async def model_ready(request: web.Request) -> web.Response:
-        # 404 (raised) when not deployed; 503 while deployed but not served by any worker yet.
-        model, version = request.match_info["model"], request.match_info.get("version")
-        ok = await gw.model_ready(model, version)
-        body: dict[str, Any] = {"name": model, "ready": ok}
-        if version:
-            body["version"] = version
-        return web.json_response(body, status=200 if ok else 503)
-
-    async def infer(request: web.Request) -> web.Response:
-        model, version = request.match_info["model"], request.match_info.get("version")
-        raw = await request.read()
-        length = request.headers.get(oip.HEADER_LENGTH)
-        try:
-            header_length = int(length) if length is not None else None
-        except ValueError:
-            return error(400, f"{oip.HEADER_LENGTH} is not a number")
-        body, inputs = oip.parse_request(raw, header_length)
-        if "respond-async" in request.headers.get("Prefer", "") or request.query.get("async") in ("1", "true"):
-            # Its id names a subject: the durable rule (a token) before anything else.
-            given = durable.request_id(body.id or request.headers.get("Idempotency-Key"))
-            rid, served = await gw.submit_durable(model, version, inputs, given, request.headers)
-            location = f"/v2/results/{rid}"
-            return web.json_response(
-                {"id": rid, "state": "pending", "model_name": model, "model_version": served, "result_url": location},
-                status=202,
-                headers={"Location": location, VARIANT: served},
-            )
-        # Every request gets an id (the caller's, else a new one): feedback names it later.
-        request_id = edge.check_request_id(body.id) if body.id else uuid.uuid4().hex
-        served_version, outputs = await gw.infer(
-            model, version, inputs, request_id, deadline_s(request), request.headers
-        )
-        wanted = {o.name for o in body.outputs}
-        if wanted:
-            if LABEL in wanted and "class" in outputs:
-                names = await gw.class_names(model, served_version)
-                if names:
-                    outputs[LABEL] = oip.class_labels(outputs["class"], names)
-            missing = wanted - outputs.keys()
-            if missing:
-                return error(400, f"unknown outputs {sorted(missing)}; the model has {sorted(outputs)}")
-            outputs = {k: v for k, v in outputs.items() if k in wanted}
-        payload, json_length = oip.encode_response(
-            model=model, version=served_version, request_id=request_id, outputs=outputs, binary=oip.binary_outputs(body)
-        )
-        headers = {VARIANT: served_version, REQUEST_ID: request_id}
-        if json_length is None:
-            return web.Response(body=payload, content_type="application/json", headers=headers)
-        headers[oip.HEADER_LENGTH] = str(json_length)
-        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
-
-    async def result(request: web.Request) -> web.Response:
-        outcome = await gw.durable_result(request.match_info["id"])
-        if outcome.state == "pending":
-            return web.json_response({"id": outcome.id, "state": "pending"}, status=202, headers={"Retry-After": "1"})
-        if outcome.state == "error":
-            return error(outcome.code or 500, outcome.error)
-        outputs = {k: from_wire(t, k) for k, t in outcome.outputs.items()}
-        payload, _ = oip.encode_response(
-            model=outcome.model, version=outcome.version, request_id=outcome.id, outputs=outputs, binary=False
-        )
-        return web.Response(body=payload, content_type="application/json", headers={VARIANT: outcome.version})
-
-    async def put_split(request: web.Request) -> web.Response:
-        split = edge.check_split(edge.decode(_split, await request.read(), "split"))
-        if split.model != request.match_info["model"]:
-            return error(400, f"the body names model {split.model!r}, the path {request.match_info['model']!r}")
-        return web.json_response(msgspec.to_builtins(await gw.set_split(split)))
-
-    async def get_split(request: web.Request) -> web.Response:
-        split = gw.get_split(request.match_info["model"])
-        if split is None:
-            return error(404, f"model {request.match_info['model']!r} has no split")
-        return web.json_response(msgspec.to_builtins(split))
-
-    async def delete_split(request: web.Request) -> web.Response:
-        await gw.delete_split(request.match_info["model"])
-        return web.Response(status=204)
-
-    async def feedback(request: web.Request) -> web.Response:
-        fb = edge.decode(_feedback, await request.read(), "feedback")
-        edge.check_name(fb.model, "model name")
-        if fb.variant:
-            edge.check_name(fb.variant, "variant version")
-        await gw.feedback(fb, request.headers.get("Idempotency-Key"))
-        return web.json_response({"id": fb.id, "model": fb.model, "accepted": True}, status=202)
-
-    async def openapi_document(_: web.Request) -> web.Response:
-        return web.json_response(openapi.document(gw.version))
-
+    app[GATEWAY] = gw
+    app[CONFIG] = config
+    app[GATE] = Gate(config, traced=not tracing.tracing_disabled())
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)

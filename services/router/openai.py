@@ -11,6 +11,9 @@ a 404 ``model_not_found``.  Errors use OpenAI's shape ``{"error": {"message", "t
 Chat messages become one prompt through the chat template the model version declares
 (:class:`~shared.schemas.ChatTemplate`, plain data): ``{role}`` and ``{content}`` are substituted
 with ``str.replace``, never ``str.format`` or a template engine.
+
+The handlers are module-level functions of the request over the :class:`LanguageModels` that
+:func:`add_routes` keeps in ``app[LANGUAGE_MODELS]``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 from aiohttp import web
@@ -101,8 +104,6 @@ _chat_body = msgspec.json.Decoder(ChatBody)
 # "… unknown field `x` - at `$.messages[0]`", "… missing required field `x`", "… - at `$.n`"
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
-
-Generate = Callable[..., AsyncIterator[GenerateChunk]]  # (model, request, chat=messages | None)
 
 
 def openai_error(
@@ -316,40 +317,63 @@ def sse(data: Any) -> bytes:
     return b"data: " + msgspec.json.encode(data) + b"\n\n"
 
 
-def add_routes(app: web.Application, models: Callable[[], list[str]], generate: Generate) -> None:
-    def model_object(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "aimesh"}
+class LanguageModels(Protocol):
+    """The OpenAI side of the gateway: which language models are deployed, and a completion
+    from one of them (404 for a model that is not a deployed language model; with ``chat``, the
+    prompt is the messages in the model's chat template)."""
 
-    async def list_models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [model_object(m) for m in sorted(models())]})
+    def lm_models(self) -> list[str]: ...
 
-    async def retrieve_model(request: web.Request) -> web.Response:
-        name = request.match_info["model"]
-        if name not in models():
-            return model_not_found(name, f"model {name!r} is not a deployed language model (GET /v1/models lists them)")
-        return web.json_response(model_object(name))
+    def generate(
+        self, model: str, req: GenerateRequest, chat: list[ChatMessage] | None = None
+    ) -> AsyncIterator[GenerateChunk]: ...
 
-    async def completions(request: web.Request) -> web.StreamResponse:
-        try:
-            body = decode(_completion_body, await request.read())
-            prompt = check_completion(body)
-        except ParamError as exc:
-            return openai_error(400, exc.description, param=exc.param)
-        req = sampling_request(body, prompt, body.max_tokens or 16)
-        shape = Shape("text", body.model, req.id, include(body))
-        return await respond(request, body, generate(body.model, req), shape)
 
-    async def chat_completions(request: web.Request) -> web.StreamResponse:
-        try:
-            body = decode(_chat_body, await request.read())
-            check_chat(body)
-        except ParamError as exc:
-            return openai_error(400, exc.description, param=exc.param)
-        max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
-        req = sampling_request(body, "", max_tokens)
-        chunks = generate(body.model, req, chat=body.messages)
-        return await respond(request, body, chunks, Shape("chat", body.model, req.id, include(body)))
+LANGUAGE_MODELS = web.AppKey[LanguageModels]("language_models")
 
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "aimesh"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = request.app[LANGUAGE_MODELS].lm_models()
+    return web.json_response({"object": "list", "data": [model_object(m) for m in sorted(models)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    if name not in request.app[LANGUAGE_MODELS].lm_models():
+        return model_not_found(name, f"model {name!r} is not a deployed language model (GET /v1/models lists them)")
+    return web.json_response(model_object(name))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    try:
+        body = decode(_completion_body, await request.read())
+        prompt = check_completion(body)
+    except ParamError as exc:
+        return openai_error(400, exc.description, param=exc.param)
+    req = sampling_request(body, prompt, body.max_tokens or 16)
+    shape = Shape("text", body.model, req.id, include(body))
+    return await respond(request, body, request.app[LANGUAGE_MODELS].generate(body.model, req), shape)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        body = decode(_chat_body, await request.read())
+        check_chat(body)
+    except ParamError as exc:
+        return openai_error(400, exc.description, param=exc.param)
+    max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
+    req = sampling_request(body, "", max_tokens)
+    chunks = request.app[LANGUAGE_MODELS].generate(body.model, req, chat=body.messages)
+    return await respond(request, body, chunks, Shape("chat", body.model, req.id, include(body)))
+
+
+def add_routes(app: web.Application, lm: LanguageModels) -> None:
+    """The OpenAI routes on ``app``, over ``lm`` (kept in ``app[LANGUAGE_MODELS]``)."""
+    app[LANGUAGE_MODELS] = lm
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", retrieve_model)
     app.router.add_post("/v1/completions", completions)
@@ -439,4 +463,4 @@ def error_response(exc: Exception) -> web.Response:
     return web.json_response({"error": error_body(exc)}, status=status)
 
 
-__all__ = ["BadRequest", "ChatMessage", "add_routes", "chat_request", "openai_error"]
+__all__ = ["BadRequest", "ChatMessage", "LanguageModels", "add_routes", "chat_request", "openai_error"]

@@ -27,32 +27,48 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False
         return await js.create_key_value(KeyValueConfig(bucket=bucket, storage=StorageType.FILE, replicas=replicas))
 
 
-async def follow(kv: KeyValue, keys: str, apply: Callable[[KeyValue.Entry], Awaitable[None] | object]) -> None:
+async def follow(
+    kv: KeyValue,
+    keys: str,
+    apply: Callable[[KeyValue.Entry], Awaitable[None] | object],
+    *,
+    on_watching: Callable[[], None] | None = None,
+) -> None:
     """Apply every change of ``keys`` (current values first, then updates, deletes with an empty
     value) for as long as the caller's task runs.  nats-py's watcher re-creates its consumer
-    after a NATS restart, so this keeps following (tested across a restart).
+    after a NATS restart, so this keeps following (tested across a restart).  ``on_watching`` is
+    called once the watch is set up (an owner's sign that a restarted watcher recovered); setting
+    it up can raise (the bucket is gone, NATS is away), and the owner restarts it
+    (:meth:`shared.service.Service.watch`).
 
     An entry that ``apply`` cannot take (an undecodable record, say) is logged with its key and
     skipped: one bad record never ends the watch, or a service would go on reporting ready while
     blind to every later change."""
     watcher = await kv.watch(keys)
+    if on_watching is not None:
+        on_watching()
     task = asyncio.current_task()
-    while True:
-        try:
-            entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
-        except Exception:  # a timeout, or a disconnect the watcher recovers from
-            entry = None
-        # Python 3.11's wait_for (inside nats-py's watcher) can swallow a cancellation that
-        # lands as an update arrives: honour it here, or a draining service waits forever.
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError
-        if entry is not None:
+    try:
+        while True:
             try:
-                result = apply(entry)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.warning("%s: skipped %s at revision %s", entry.bucket, entry.key, entry.revision, exc_info=True)
+                entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+            except Exception:  # a timeout, or a disconnect the watcher recovers from
+                entry = None
+            # Python 3.11's wait_for (inside nats-py's watcher) can swallow a cancellation that
+            # lands as an update arrives: honour it here, or a draining service waits forever.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+            if entry is not None:
+                try:
+                    result = apply(entry)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.warning("%s: skipped %s at revision %s", entry.bucket, entry.key, entry.revision, exc_info=True)
+
+    finally:  # cancelled (or the loop broke): the watch's subscription goes with it
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 async def next_number(kv: KeyValue, key: str) -> int:

@@ -55,6 +55,7 @@ class ServiceStatus(Message, frozen=True, kw_only=True):
     started_at: str  # RFC 3339
     uptime_s: float
     actors: list[ActorStats]
+    failing_tasks: dict[str, str] = {}  # owned background tasks that keep failing → last error
 
 
 # -- tensors -----------------------------------------------------------------------------------

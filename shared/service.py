@@ -12,8 +12,9 @@ the health port, and only then reports ready.
 ``drain()`` shuts down in a fixed order:
 
 1. readiness turns false;
-2. intake stops: :meth:`Service.stop_intake` (e.g. an HTTP listener), then every actor
-   unsubscribes / stops fetching, so new work goes to other instances;
+2. intake stops: :meth:`Service.stop_intake` (e.g. an HTTP listener), then the service's owned
+   tasks (below) are cancelled and awaited, then every actor unsubscribes / stops fetching, so
+   new work goes to other instances;
 3. work already accepted is finished, up to ``drain_timeout_s``; what is still running then is
    cancelled and logged with its count;
 4. :meth:`Service.close_resources` releases the service's own dependencies;
@@ -22,6 +23,20 @@ the health port, and only then reports ready.
 
 Both are idempotent.  A service is also an async context manager (start on enter, drain on
 exit).
+
+Background work has one owner: the service.  :meth:`Service.spawn` (a task that runs once),
+:meth:`Service.watch` (:func:`shared.kv.follow` of a key range) and :meth:`Service.every` (a
+timer) keep their tasks in one set, cancelled and awaited together at drain step 2, right after
+:meth:`Service.stop_intake` (so nothing a task does races the release of resources at step 4);
+a task spawned later (by a handler still finishing) is cancelled by a last sweep before NATS
+drains.  Nothing is left running after :meth:`Service.drain`.
+
+A task that raises (other than being cancelled) is logged once per failure with its name and
+traceback.  Watchers and timers are meant to run forever: they are restarted after a back-off
+that doubles per failure in a row (``task_backoff_s`` up to ``task_backoff_max_s``), and after
+``task_failures_unready`` failures in a row the service reports not ready, with the task's name
+in its status, until a run succeeds again (a watch re-established, a timer's step done).  A
+one-shot task that raises turns the service not ready for good: it is a bug to fix.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ClassVar
 
 from nats.aio.client import Client as NatsClient
@@ -49,6 +64,7 @@ from shared.connect import connect, wait_sent
 from shared.discovery import Discovery
 from shared.health import HealthServer
 from shared.jsactor import JetStreamActor
+from shared.kv import follow
 from shared.names import Names
 from shared.schemas import ActorStats, GpuStats, RouteStats, ServiceStatus, StatusRequest
 from shared.snapshots import SnapshotPublisher
@@ -66,6 +82,22 @@ class ServiceState(enum.StrEnum):
     FAILED = "failed"
 
 
+TaskFn = Callable[[], Coroutine[Any, Any, None]]
+
+
+class _Owned:
+    """The failures in a row of one owned task (reset by :meth:`recovered`)."""
+
+    def __init__(self, service: Service, name: str) -> None:
+        self.service, self.name, self.failures = service, name, 0
+
+    def recovered(self) -> None:
+        if self.failures:
+            self.failures = 0
+            if self.service._failing.pop(self.name, None) is not None:
+                log.info("%s: task %s recovered", self.service.name, self.name)
+
+
 def new_instance_id() -> str:
     from nats.nuid import NUID
 
@@ -78,6 +110,11 @@ class Service:
     name: ClassVar[str] = "service"
     version: ClassVar[str] = __version__
     description: ClassVar[str] = ""
+    # Restarts of a failed watcher or timer: the delay doubles per failure in a row, up to the
+    # maximum; after this many failures in a row the service reports not ready until it recovers.
+    task_backoff_s: ClassVar[float] = 0.5
+    task_backoff_max_s: ClassVar[float] = 10.0
+    task_failures_unready: ClassVar[int] = 3
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
@@ -92,6 +129,9 @@ class Service:
         self._health: HealthServer | None = None
         self._snapshots: SnapshotPublisher | None = None
         self._spans_out: LoopPublisher | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._owned: dict[str, _Owned] = {}  # the restartable ones, by name
+        self._failing: dict[str, str] = {}  # owned task's name → its last error, while failing
         self._lifecycle = asyncio.Lock()
         self.ready = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -136,7 +176,88 @@ class Service:
 
     @property
     def is_ready(self) -> bool:
-        return self.state is ServiceState.READY and self._nc is not None and self._nc.is_connected
+        return self.state is ServiceState.READY and self._nc is not None and self._nc.is_connected and not self._failing
+
+    @property
+    def failing_tasks(self) -> dict[str, str]:
+        """Owned tasks that keep failing (or failed for good), with their last error."""
+        return dict(self._failing)
+
+    # -- owned background tasks ----------------------------------------------------------------
+    def spawn(self, name: str, coro_fn: TaskFn, *, restart: bool = False, backoff_s: float | None = None) -> None:
+        """Run ``coro_fn()`` as a task the service owns (cancelled at drain step 2).  With
+        ``restart`` it is run again after a back-off whenever it raises; without, a failure is
+        logged and the service turns not ready (see the module's docstring)."""
+        owned = _Owned(self, name)
+        task = asyncio.get_running_loop().create_task(self._run_owned(owned, coro_fn, restart, backoff_s), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def watch(self, kv: KeyValue, keys: str, apply: Callable[[KeyValue.Entry], object], *, name: str) -> None:
+        """Follow ``keys`` of ``kv`` (:func:`shared.kv.follow`) in an owned, restarted task."""
+
+        async def run() -> None:
+            await follow(kv, keys, apply, on_watching=lambda: self._recovered(name))
+
+        self.spawn(name, run, restart=True)
+
+    def every(self, interval_s: float, fn: Callable[[], Awaitable[None]], *, name: str) -> None:
+        """Await ``fn()`` now and then ``interval_s`` after each run ends, in an owned task; a run
+        that raises restarts the timer after a back-off (at least ``interval_s``)."""
+
+        async def run() -> None:
+            while True:
+                await fn()
+                self._recovered(name)
+                await asyncio.sleep(interval_s)
+
+        self.spawn(name, run, restart=True, backoff_s=max(interval_s, self.task_backoff_s))
+
+    def _recovered(self, name: str) -> None:
+        owned = self._owned.get(name)
+        if owned is not None:
+            owned.recovered()
+
+    async def _run_owned(self, owned: _Owned, coro_fn: TaskFn, restart: bool, backoff_s: float | None) -> None:
+        if restart:
+            self._owned[owned.name] = owned
+        try:
+            while True:
+                try:
+                    await coro_fn()
+                    return
+                except Exception as exc:
+                    owned.failures += 1
+                    error = f"{type(exc).__name__}: {exc}"
+                    if not restart:
+                        self._failing[owned.name] = error
+                        log.error("%s: task %s failed; not ready", self.name, owned.name, exc_info=True)
+                        return
+                    base = backoff_s or self.task_backoff_s
+                    delay = min(base * 2 ** (owned.failures - 1), max(self.task_backoff_max_s, base))
+                    if owned.failures >= self.task_failures_unready:
+                        self._failing[owned.name] = error
+                    log.error(
+                        "%s: task %s failed (%d in a row%s); restarting in %.1fs",
+                        self.name,
+                        owned.name,
+                        owned.failures,
+                        "; not ready until it recovers" if owned.name in self._failing else "",
+                        delay,
+                        exc_info=True,
+                    )
+                    await asyncio.sleep(delay)
+        finally:
+            if self._owned.get(owned.name) is owned:
+                del self._owned[owned.name]
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every owned task and wait for them (including ones spawned meanwhile)."""
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def health_url(self) -> str | None:
@@ -259,6 +380,7 @@ class Service:
                 await self._start()
             except BaseException:
                 self.state = ServiceState.FAILED
+                await self._cancel_tasks()
                 await self._detach_spans()
                 await self._close_connection()
                 raise
@@ -339,6 +461,7 @@ class Service:
             log.info("%s draining (up to %gs for in-flight work)", self.name, timeout)
             try:
                 await self._run_step("stop_intake", self.stop_intake)
+                await self._cancel_tasks()
                 for actor in self._actors:
                     await actor.stop_intake()
                 deadline = time.monotonic() + timeout
@@ -354,6 +477,7 @@ class Service:
                 if self._health is not None:
                     await self._health.stop()
             finally:
+                await self._cancel_tasks()  # spawned after step 2, or left by a failed step
                 await asyncio.to_thread(tracing.flush_tracing)
                 await self._detach_spans()
                 await self._close_connection()
@@ -413,6 +537,7 @@ class Service:
             started_at=rfc3339_from_ts(self.started_at),
             uptime_s=round(time.time() - self.started_at, 3),
             actors=self.actor_stats(),
+            failing_tasks=self.failing_tasks,
         )
 
     async def _status_handler(self, _: StatusRequest, __: Call) -> ServiceStatus:
@@ -428,6 +553,8 @@ class Service:
         }
         if self._health is not None:
             meta["health"] = self._health.url
+        if self._failing:
+            meta["failing"] = ",".join(sorted(self._failing))
         meta.update(self.metadata())
         return meta
 
@@ -435,7 +562,12 @@ class Service:
         alive = self.state is not ServiceState.FAILED
         state = self.state.value
         if self.state is ServiceState.READY and not self.is_ready:
-            state = "disconnected from NATS"
+            if self._nc is None or not self._nc.is_connected:
+                state = "disconnected from NATS"
+            elif self._failing:
+                state = "failing tasks: " + ", ".join(sorted(self._failing))
+            else:
+                state = "not ready"
         return alive, self.is_ready, state
 
     # -- NATS callbacks --------------------------------------------------------------------------

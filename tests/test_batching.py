@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from services.inference.batching import DynamicBatcher
+from shared.errors import Overloaded
 from tests.helpers import eventually
 
 Forward = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -94,4 +95,19 @@ async def test_one_bad_request_never_fails_its_batch_mates() -> None:
         await bad
     # They did share a pass (3 rows, which failed), then each was retried alone.
     assert sorted(batcher.sizes.elements()) == [1, 1, 1, 1, 3]
+    await batcher.stop()
+
+
+async def test_a_full_batch_queue_refuses_with_the_numbers() -> None:
+    gate = Gate(doubling)
+    batcher = DynamicBatcher(gate, max_batch_size=8, max_wait_ms=0, max_queued=2)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(np.array([[0.0]])))
+    await gate.wait_started()  # the first pass runs: what follows waits in the queue
+    queued = [asyncio.create_task(batcher.submit(np.array([[float(i)]]))) for i in (1, 2)]
+    await wait_queued(batcher, 2)
+    with pytest.raises(Overloaded, match=r"batch queue full \(2 waiting, limit 2\)"):
+        await batcher.submit(np.array([[3.0]]))
+    gate.opened.set()
+    assert [(await t)[0]["y"][0, 0] for t in (first, *queued)] == [0.0, 2.0, 4.0]
     await batcher.stop()

@@ -8,11 +8,16 @@
   for more rows before it is released.
 - The forward pass runs in a worker thread, never on the event loop.  If a batched pass fails,
   each request is retried alone, so one bad request never fails its batch-mates.
+- At most ``max_queued`` requests wait (the callers' concurrency, in the inference service): one
+  more is refused with :class:`~shared.errors.Overloaded`, never queued without limit.
+- The batcher owns its loop task (:meth:`DynamicBatcher.start` / :meth:`DynamicBatcher.stop`);
+  should it ever crash, the error is logged, waiting requests fail with it, and so do new ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -23,7 +28,10 @@ import numpy as np
 from opentelemetry.trace import SpanContext
 
 from shared import tracing
+from shared.errors import Overloaded
 
+log = logging.getLogger(__name__)
+DEFAULT_MAX_QUEUED = 1024
 Outputs = dict[str, np.ndarray]
 
 
@@ -44,12 +52,15 @@ class DynamicBatcher:
         max_wait_ms: float,
         executor: Executor | None = None,
         name: str = "forward",
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.executor = executor
-        self._queue: deque[_Pending] = deque()
+        self.max_queued = max_queued
+        self._queue: deque[_Pending] = deque()  # at most max_queued requests
+        self._crashed: BaseException | None = None
         self._queued_rows = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -65,19 +76,39 @@ class DynamicBatcher:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+            self._task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._crashed = task.exception()
+        log.error("%s: the batcher crashed", self.name, exc_info=self._crashed)
+        self._fail_queued(RuntimeError(f"the batcher crashed ({type(self._crashed).__name__})"))
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(exc)
+        self._queued_rows = 0
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("the model was unloaded"))
+        self._fail_queued(RuntimeError("the model was unloaded"))
 
     async def submit(self, rows: np.ndarray) -> tuple[Outputs, int]:
-        """Queue rows (first dimension = records); returns their outputs and the batch size."""
+        """Queue rows (first dimension = records); returns their outputs and the batch size.
+        :class:`~shared.errors.Overloaded` when ``max_queued`` requests already wait."""
+        if self._crashed is not None:
+            raise RuntimeError(f"the batcher crashed ({type(self._crashed).__name__})")
+        if len(self._queue) >= self.max_queued:
+            raise Overloaded(
+                f"batch queue full ({len(self._queue)} waiting, limit {self.max_queued}): "
+                "add inference workers or raise max_batch_size"
+            )
         future: asyncio.Future[tuple[Outputs, int]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, future, span=tracing.current_context() if self._traced else None))
         self._queued_rows += len(rows)

@@ -8,7 +8,8 @@
   version (or cannot) takes none of its requests: that version is not ready (its OIP ready
   endpoint answers 503), and the worker's discovery metadata says why under ``failed``.
 - A deployment moved to another version is loaded in the background; the new subject is served
-  before the old one is drained and dropped, so no request fails during the swap.
+  before the old one is drained and dropped, so no request fails during the swap.  What to
+  load, update and retire is decided by ``deployments.reconcile`` (pure); this module applies it.
 - Every worker listens on ``<prefix>.cancel.generate.*`` (no queue group: whichever worker runs a
   generation hears it): a cancel sets that generation's event, and its thread stops before the
   next token, freeing the generation slot (the router sends it when its HTTP client is gone).
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import uuid
@@ -32,14 +34,13 @@ from nats.js.kv import KeyValue
 
 from services.inference import generate
 from services.inference.batching import DynamicBatcher
+from services.inference.deployments import check_deploy, previous_version, reconcile
 from services.inference.model import LoadedModel
 from shared import durable
 from shared.actor import Actor, Call
 from shared.clock import rfc3339_now
 from shared.config import MeshConfig, load_durable_config, load_inference_config
 from shared.errors import BadRequest, NotFound, ServiceError
-from shared.kv import follow
-from shared.names import check_token
 from shared.registry import artifacts, get_version, registry_kv
 from shared.schemas import (
     Deployment,
@@ -62,6 +63,7 @@ _json = msgspec.json.Encoder()
 DURABLE_MAX_DELIVER = 5
 # Cancels that arrived before their generation started (still in a mailbox): remembered, bounded.
 EARLY_CANCELS = 1024
+GENERATION_AHEAD = 16  # pieces a generation thread may run ahead of the publisher
 
 
 @dataclass
@@ -87,7 +89,6 @@ class InferenceService(Service):
         self._failed: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._generators = ThreadPoolExecutor(max_workers=2, thread_name_prefix="generate")
-        self._watcher: asyncio.Task[None] | None = None
         # Generations running here, by id (one id may name several: a cancel stops them all).
         self._generations: dict[str, list[threading.Event]] = {}
         self._early_cancels: OrderedDict[str, None] = OrderedDict()
@@ -129,14 +130,7 @@ class InferenceService(Service):
             self._generations.pop(request_id, None)
 
     async def after_start(self) -> None:
-        self._watcher = asyncio.get_running_loop().create_task(
-            follow(self.deployments, "deploy.>", self._on_record), name="deployments"
-        )
-
-    async def stop_intake(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        self.watch(self.deployments, "deploy.>", self._on_record, name="deployments")
 
     async def close_resources(self) -> None:
         for served in self._served.values():
@@ -159,13 +153,7 @@ class InferenceService(Service):
 
     # -- deploy ----------------------------------------------------------------------------------
     async def deploy(self, req: DeployRequest, _: Call) -> Deployment:
-        try:
-            check_token(req.model, "model name")
-            check_token(req.ref, "version or alias")
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        if req.max_batch_size < 1 or req.max_wait_ms < 0 or req.replicas < 0:
-            raise BadRequest("max_batch_size must be ≥ 1, max_wait_ms ≥ 0 and replicas ≥ 0")
+        check_deploy(req)
         try:
             version = await get_version(await registry_kv(self.js, self.names), req.model, req.ref)
         except NotFound as exc:
@@ -175,12 +163,11 @@ class InferenceService(Service):
         check_kwargs(version.kwargs)
         key = f"deploy.{req.model}.{req.ref}"
         try:
-            before = _deployment.decode((await self.deployments.get(key)).value or b"")
-            previous = before.version if before.version != version.version else before.previous
+            before: Deployment | None = _deployment.decode((await self.deployments.get(key)).value or b"")
         except KeyNotFoundError:
-            previous = ""
+            before = None
         deployment = Deployment(
-            previous=previous,
+            previous=previous_version(before, version.version),
             model=req.model,
             ref=req.ref,
             version=version.version,
@@ -304,25 +291,48 @@ class InferenceService(Service):
         the number of chunks sent and the last piece (its finish reason)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[generate.Piece | BaseException | None] = asyncio.Queue()
+        # Bounded: at most GENERATION_AHEAD items wait in ``queue``.  The thread takes a slot per
+        # item (blocking on the semaphore, never on the event loop) and gives up once this
+        # coroutine has stopped reading (``gone``), so a stalled or failed reader never leaves
+        # it blocked, nor its pieces piling up.
+        slots = threading.Semaphore(GENERATION_AHEAD)
+        gone = threading.Event()
+
+        def put(item: generate.Piece | BaseException | None) -> bool:
+            while not slots.acquire(timeout=0.1):
+                if gone.is_set():
+                    return False
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+            return True
 
         def produce() -> None:
             try:
                 for piece in generate.pieces(model.module, req, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                    if not put(piece):
+                        return
+                put(None)
             except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                put(exc)
 
+        # Threads: the executor's two generator threads; generations waiting for one are bounded
+        # by the generate actor's concurrency (8 per version).  The thread ends with the
+        # generation, so its future need not be kept.
         loop.run_in_executor(self._generators, produce)
         index, last = 0, generate.Piece("")
-        while (item := await queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            last = item
-            if item.finish_reason is None and item.text:
-                chunk = GenerateChunk(text=item.text, index=index, model=deployment.model, version=deployment.version)
-                await self.nc.publish(reply, msgspec.msgpack.encode(chunk))
-                index += 1
+        try:
+            while (item := await queue.get()) is not None:
+                slots.release()
+                if isinstance(item, BaseException):
+                    raise item
+                last = item
+                if item.finish_reason is None and item.text:
+                    chunk = GenerateChunk(
+                        text=item.text, index=index, model=deployment.model, version=deployment.version
+                    )
+                    await self.nc.publish(reply, msgspec.msgpack.encode(chunk))
+                    index += 1
+        finally:
+            gone.set()
         return index, last
 
     # -- following deployments ---------------------------------------------------------------------
@@ -333,28 +343,21 @@ class InferenceService(Service):
             self._records.pop(entry.key, None)
         self._reconcile()
 
-    def _desired(self) -> dict[str, Deployment]:
-        desired: dict[str, Deployment] = {}
-        for record in sorted(self._records.values(), key=lambda d: d.updated_at):
-            desired[f"{record.model}@{record.version}"] = record  # the newest record's settings win
-        return desired
-
     def _reconcile(self) -> None:
-        """Load what is deployed and not served; retire what is served and no longer deployed,
-        but only once every wanted version of that model is up (an alias move never leaves a gap)."""
-        desired = self._desired()
-        for key, deployment in desired.items():
-            served = self._served.get(key)
-            if served is None and key not in self._loading:
-                self._loading.add(key)
-                asyncio.get_running_loop().create_task(self._load(key, deployment))
-            elif served is not None and served.deployment != deployment:  # only batching settings changed
-                served.batcher.max_batch_size = deployment.max_batch_size
-                served.batcher.max_wait_s = deployment.max_wait_ms / 1000
-                served.deployment = deployment
-        busy_models = {key.split("@", 1)[0] for key in self._loading}
-        for key in [k for k in self._served if k not in desired and k.split("@", 1)[0] not in busy_models]:
-            asyncio.get_running_loop().create_task(self._retire(key))
+        """Carry out the plan of ``deployments.reconcile``: load what is deployed and not served;
+        retire what is served and no longer deployed, but only once every wanted version of that
+        model is up (an alias move never leaves a gap)."""
+        plan = reconcile(self._records.values(), {k: s.deployment for k, s in self._served.items()}, self._loading)
+        for key, deployment in plan.load.items():
+            self._loading.add(key)
+            self.spawn(f"load-{key}", functools.partial(self._load, key, deployment))
+        for key, deployment in plan.update.items():  # only batching settings changed
+            served = self._served[key]
+            served.batcher.max_batch_size = deployment.max_batch_size
+            served.batcher.max_wait_s = deployment.max_wait_ms / 1000
+            served.deployment = deployment
+        for key in plan.retire:
+            self.spawn(f"retire-{key}", functools.partial(self._retire, key))
 
     async def _retire(self, key: str) -> None:
         served = self._served.pop(key, None)
@@ -382,6 +385,8 @@ class InferenceService(Service):
             max_wait_ms=deployment.max_wait_ms,
             executor=self._executor,
             name=f"forward {deployment.model}",
+            # What its two callers, the infer and durable actors below, can have in flight.
+            max_queued=2 * max(64, deployment.max_batch_size * 4),
         )
         batcher.start()
 

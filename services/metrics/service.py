@@ -21,7 +21,6 @@ counted (``aimesh_rejected_total``) and dropped; they never stop the service.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -51,7 +50,7 @@ from shared.config import AutoscaleConfig, MetricsConfig, load_autoscale_config,
 from shared.errors import BadRequest, ConfigError, NotFound
 from shared.experiments import autoscale_lease_key, split_key
 from shared.httpserve import body_deadline, serve_app
-from shared.kv import Lease, follow
+from shared.kv import Lease
 from shared.names import Header
 from shared.schemas import (
     ExperimentDecision,
@@ -124,7 +123,6 @@ class MetricsService(Service):
         self.rejected: Counter[str] = Counter()
         self._started = time.monotonic()
         self._subs: list[Subscription] = []
-        self._tasks: list[asyncio.Task[None]] = []
         self.add_actor(
             "experiments", self.names.experiments_query, self.experiment_query, ExperimentQuery, max_concurrency=8
         )
@@ -158,28 +156,24 @@ class MetricsService(Service):
                     subject, stream=names.events_stream, ordered_consumer=True, cb=self._guard(kind, handler)
                 )
             )
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(follow(self.experiments_kv, "split.*", self._on_split), name="splits"),
-            loop.create_task(follow(self.jobs_kv, "job.*", self._on_job), name="jobs"),
-            loop.create_task(follow(self.jobs_kv, "progress.*", self._on_job), name="progress"),
-            loop.create_task(self._every(self.metrics_config.tick_s, self.tick), name="tick"),
-            loop.create_task(self._every(self._queue_interval_s(), self.read_queues), name="queues"),
-        ]
+        self.watch(self.experiments_kv, "split.*", self._on_split, name="splits")
+        self.watch(self.jobs_kv, "job.*", self._on_job, name="jobs")
+        self.watch(self.jobs_kv, "progress.*", self._on_job, name="progress")
+        self.every(self.metrics_config.tick_s, self.tick, name="tick")
+        self.every(self._queue_interval_s(), self.read_queues, name="queues")
 
     async def stop_intake(self) -> None:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs = []
-        tasks, self._tasks = getattr(self, "_tasks", []), []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.autoscale_lease.release()  # the next instance takes over at its next tick
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+    async def close_resources(self) -> None:
+        # After drain step 2 cancelled the timers: no tick takes the lease back.
+        await self.autoscale_lease.release()  # the next instance takes over at its next tick
 
     def metadata(self) -> dict[str, str]:
         return {"http": self.http_url} if self.http_url else {}
@@ -274,14 +268,6 @@ class MetricsService(Service):
         self.backlog = max(lag, int(info.state.messages or 0))
 
     # -- every tick --------------------------------------------------------------------------------
-    async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            try:
-                await step()
-            except Exception:  # NATS away or a bug: logged, and the next tick tries again
-                log.exception("metrics %s failed", getattr(step, "__name__", "step"))
-            await asyncio.sleep(interval_s)
-
     async def tick(self) -> None:
         now = time.time()
         for key, window in self.rates.variants(now).items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -34,7 +35,6 @@ from shared.discovery import discover
 from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
 from shared.experiments import delete_split, put_split
 from shared.httpserve import serve_app
-from shared.kv import follow
 from shared.names import check_token
 from shared.registry import get_version, registry_kv
 from shared.routing import Route, RoutingTable
@@ -80,12 +80,10 @@ class RouterService(Service):
         await self.ensure_stream(events.stream_config(self.names))
         self.counters = RouteCounters(lambda: deployed_versions(self.table))  # labels: deployed names only
         self.exposures = ExposureLog()
-        self._exposures_task: asyncio.Task[None] | None = None
         self.table = RoutingTable()
         self._lm: set[str] = set()
         self._versions: dict[tuple[str, str], ModelVersion] = {}  # registry records, by (model, version)
         self._manifests: dict[str, DatasetManifest] = {}  # by NAME@VERSION
-        self._watchers: list[asyncio.Task[None]] = []
         self._mirror_slots = asyncio.Semaphore(64)
         self.add_actor(
             "infer-routed",
@@ -117,7 +115,7 @@ class RouterService(Service):
             api_keys=keys,
             body_timeout_s=cfg.body_timeout_s,
         )
-        add_openai_routes(app, self.lm_models, self.generate)
+        add_openai_routes(app, self)
         # The limits a body meets on its way: a binary body travels at about its own size (the
         # encoding adds well under 4 KiB); a JSON body shrinks (numbers as text become 4 bytes).
         bus = self.nc.max_payload
@@ -142,41 +140,29 @@ class RouterService(Service):
         )
 
     async def after_start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._watchers = [
-            loop.create_task(follow(self.deployments, "deploy.>", self._on_entry), name="deployments"),
-            loop.create_task(follow(self.experiments, "split.*", self._on_entry), name="splits"),
-        ]
-        self._exposures_task = loop.create_task(self._publish_exposures_forever(), name="exposures")
+        self.watch(self.deployments, "deploy.>", self._on_entry, name="deployments")
+        self.watch(self.experiments, "split.*", self._on_entry, name="splits")
+        self.every(0.25, self._flush_exposures, name="exposures")
 
     async def stop_intake(self) -> None:
         # Close the listener and finish in-flight HTTP requests before the actors drain.
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        watchers = getattr(self, "_watchers", [])  # empty when setup failed part-way
-        for task in watchers:
-            task.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
 
     async def close_resources(self) -> None:
-        # Requests have finished: the exposures they left are sent before NATS drains.
-        task, self._exposures_task = getattr(self, "_exposures_task", None), None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            while len(self.exposures) and await self._publish_exposures():
-                pass
+        # Requests have finished and the exposures timer is cancelled (drain step 2): the
+        # exposures they left are sent before NATS drains.
+        if hasattr(self, "exposures"):  # not when setup failed part-way
+            await self._flush_exposures()
 
     def route_stats(self) -> list[RouteStats]:
         return self.counters.stats() if hasattr(self, "counters") else []
 
     # -- experiments: exposures and feedback -----------------------------------------------------
-    async def _publish_exposures_forever(self, interval_s: float = 0.25) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            while len(self.exposures) and await self._publish_exposures():
-                pass
+    async def _flush_exposures(self) -> None:
+        while len(self.exposures) and await self._publish_exposures():
+            pass
 
     async def _publish_exposures(self) -> bool:
         """One batch per model to the events stream; False (batch kept) when JetStream is away."""
@@ -210,7 +196,7 @@ class RouterService(Service):
         """A deployment or split changed: routing follows it at once (no restart)."""
         stored = self.table.apply(entry.key, entry.value)
         if isinstance(stored, Deployment):
-            asyncio.get_running_loop().create_task(self._learn_task(stored))
+            self.spawn("learn", functools.partial(self._learn_task, stored))
 
     async def _learn_task(self, deployment: Deployment) -> None:
         """Remember which deployed models are language models (for /v1/models); the version's
@@ -403,7 +389,7 @@ class RouterService(Service):
                     log.debug("mirror to %s@%s failed", model, version, exc_info=True)
 
         self.mirrors_sent += 1
-        asyncio.get_running_loop().create_task(send())
+        self.spawn("mirror", send)
 
     # -- admin -----------------------------------------------------------------------------------
     async def set_split(self, split: Split) -> Split:

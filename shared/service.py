@@ -206,8 +206,13 @@ class Service:
         that raises restarts the timer after a back-off (at least ``interval_s``)."""
 
         async def run() -> None:
+            task = asyncio.current_task()
             while True:
                 await fn()
+                # Python 3.11's wait_for (inside fn, or nats-py) can swallow a cancellation that
+                # lands as it completes: honour it here, or drain waits for a timer that goes on.
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 self._recovered(name)
                 await asyncio.sleep(interval_s)
 
@@ -251,13 +256,21 @@ class Service:
             if self._owned.get(owned.name) is owned:
                 del self._owned[owned.name]
 
-    async def _cancel_tasks(self) -> None:
-        """Cancel every owned task and wait for them (including ones spawned meanwhile)."""
-        while self._tasks:
+    async def _cancel_tasks(self, rounds: int = 3, wait_s: float = 5.0) -> None:
+        """Cancel every owned task and wait for them (including ones spawned meanwhile).  A task
+        that swallows its cancellation is cancelled again, ``rounds`` times ``wait_s`` at most,
+        then named in a warning and left behind: drain never waits forever."""
+        for _ in range(rounds):
+            if not self._tasks:
+                return
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=wait_s)
+        if self._tasks:
+            names = ", ".join(sorted(t.get_name() for t in self._tasks))
+            log.warning("%s: tasks still running after cancellation, left behind: %s", self.name, names)
+            self._tasks.clear()
 
     @property
     def health_url(self) -> str | None:

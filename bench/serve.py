@@ -379,8 +379,6 @@ def main() -> None:
         uvloop.run(inproc_server(args.port, with_model=args.role == "inproc"))
         return
 
-    from shared.natsserver import NatsServer
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
     env.update(
         AIMESH_PREFIX="benchserve",
@@ -400,12 +398,20 @@ def main() -> None:
     if args.secure:
         secure(env, args.seconds, args.rounds)
         return
+    compare(env, args.seconds, args.rounds)
+    overhead(env, args.seconds, args.rounds)
+
+
+def compare(env: dict[str, str], seconds: float, rounds: int) -> None:
+    """Rows (a) to (e) side by side, ``rounds`` times rotated; medians printed with the goals."""
+    from shared.natsserver import NatsServer
+
     samples: dict[str, dict[int, list[dict[str, float]]]] = {}
     offline: list[float] = []
 
     def sample(label: str, url: str, concurrencies: tuple[int, ...]) -> None:
         for c in concurrencies:
-            samples.setdefault(label, {}).setdefault(c, []).append(run_client(url, c, args.seconds))
+            samples.setdefault(label, {}).setdefault(c, []).append(run_client(url, c, seconds))
 
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-serve-")), http_port=None) as server:
         env["AIMESH_NATS_URL"] = server.url
@@ -426,7 +432,7 @@ def main() -> None:
 
             loop = asyncio.new_event_loop()
             nc, names = loop.run_until_complete(mesh_setup(server.url))
-            for _ in range(args.rounds):
+            for _ in range(rounds):
                 url = loop.run_until_complete(deploy(nc, names, max_batch=1, workers=1))
                 sample("(a) batching off, 1 worker", url, (1,))
                 url = loop.run_until_complete(deploy(nc, names, max_batch=32, workers=1))
@@ -441,7 +447,7 @@ def main() -> None:
                 loop.run_until_complete(wait_workers(nc, names, 1))
                 for label, url in baselines:
                     sample(label, url, (1, 64))
-                offline.append(offline_rate(args.seconds))
+                offline.append(offline_rate(seconds))
             loop.run_until_complete(nc.close())
         finally:
             for p in procs:
@@ -467,7 +473,6 @@ def main() -> None:
         f"(b)/(a) = {b64 / a64:.2f}"
     )
     print(f"  at 1: p50 with batching / without = {p50_on / p50_off:.2f} (goal ≤ 1.2)")
-    overhead(env, args.seconds, args.rounds)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,15 @@ def _inside(module: str, packages: Iterable[str]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in packages)
 
 
+def _check_scalar(value: object, where: str) -> None:
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise BadRequest(f"model kwargs: {where} is out of the 64-bit integer range")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"model kwargs: {where} must be a finite number")
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise BadRequest(f"model kwargs: {where} is longer than {MAX_STRING} characters")
+
+
 def _check_value(value: object, where: str, depth: int, budget: list[int]) -> None:
     budget[0] -= 1
     if budget[0] < 0:
@@ -154,12 +163,7 @@ def _check_value(value: object, where: str, depth: int, budget: list[int]) -> No
             f"model kwargs: {where} is a {type(value).__name__}; "
             "only strings, numbers, booleans, null, lists and maps are allowed"
         )
-    if isinstance(value, int) and abs(value) > MAX_INT:
-        raise BadRequest(f"model kwargs: {where} is out of the 64-bit integer range")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadRequest(f"model kwargs: {where} must be a finite number")
-    if isinstance(value, str) and len(value) > MAX_STRING:
-        raise BadRequest(f"model kwargs: {where} is longer than {MAX_STRING} characters")
+    _check_scalar(value, where)
     if isinstance(value, list | dict) and depth >= MAX_KWARGS_DEPTH:
         raise BadRequest(f"model kwargs: {where} is nested deeper than {MAX_KWARGS_DEPTH} levels")
     if isinstance(value, list):

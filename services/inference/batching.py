@@ -180,16 +180,11 @@ class DynamicBatcher:
             x = live[0].rows if len(live) == 1 else np.concatenate([p.rows for p in live])
             out = await loop.run_in_executor(self.executor, self.forward, x)
         except Exception as exc:
-            if span is not None:
+            if span is not None:  # ended before the retries below, which are passes of their own
                 tracing.mark_error(span, type(exc).__name__, str(exc))
                 span.end()
                 span = None
-            if len(live) == 1:
-                if not live[0].future.done():
-                    live[0].future.set_exception(exc)
-                return
-            for item in live:  # find the culprit: each request alone
-                await self._serve([item])
+            await self._isolate(live, exc)
             return
         finally:
             if span is not None:
@@ -200,3 +195,13 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_result(({k: v[start : start + n] for k, v in out.items()}, rows))
             start += n
+
+    async def _isolate(self, live: list[_Pending], exc: Exception) -> None:
+        """A failed pass: a lone request gets the error; several are each served alone, so only
+        the culprit fails."""
+        if len(live) == 1:
+            if not live[0].future.done():
+                live[0].future.set_exception(exc)
+            return
+        for item in live:
+            await self._serve([item])

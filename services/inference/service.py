@@ -41,6 +41,7 @@ from shared.actor import Actor, Call
 from shared.clock import rfc3339_now
 from shared.config import MeshConfig, load_durable_config, load_inference_config
 from shared.errors import BadRequest, NotFound, ServiceError
+from shared.handoff import Handoff
 from shared.registry import artifacts, get_version, registry_kv
 from shared.schemas import (
     Deployment,
@@ -290,29 +291,16 @@ class InferenceService(Service):
         """Run the generation on a generator thread, publishing each piece to ``reply``; returns
         the number of chunks sent and the last piece (its finish reason)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[generate.Piece | BaseException | None] = asyncio.Queue()
-        # Bounded: at most GENERATION_AHEAD items wait in ``queue``.  The thread takes a slot per
-        # item (blocking on the semaphore, never on the event loop) and gives up once this
-        # coroutine has stopped reading (``gone``), so a stalled or failed reader never leaves
-        # it blocked, nor its pieces piling up.
-        slots = threading.Semaphore(GENERATION_AHEAD)
-        gone = threading.Event()
-
-        def put(item: generate.Piece | BaseException | None) -> bool:
-            while not slots.acquire(timeout=0.1):
-                if gone.is_set():
-                    return False
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-            return True
+        ahead: Handoff[generate.Piece | BaseException | None] = Handoff(loop, GENERATION_AHEAD)
 
         def produce() -> None:
             try:
                 for piece in generate.pieces(model.module, req, cancel):
-                    if not put(piece):
-                        return
-                put(None)
+                    if not ahead.put(piece):
+                        return  # the reader has gone
+                ahead.put(None)
             except BaseException as exc:
-                put(exc)
+                ahead.put(exc)
 
         # Threads: the executor's two generator threads; generations waiting for one are bounded
         # by the generate actor's concurrency (8 per version).  The thread ends with the
@@ -320,8 +308,7 @@ class InferenceService(Service):
         loop.run_in_executor(self._generators, produce)
         index, last = 0, generate.Piece("")
         try:
-            while (item := await queue.get()) is not None:
-                slots.release()
+            while (item := await ahead.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 last = item
@@ -332,7 +319,7 @@ class InferenceService(Service):
                     await self.nc.publish(reply, msgspec.msgpack.encode(chunk))
                     index += 1
         finally:
-            gone.set()
+            ahead.close()
         return index, last
 
     # -- following deployments ---------------------------------------------------------------------

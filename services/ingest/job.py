@@ -42,6 +42,7 @@ from shared import tracing
 from shared.batches import column_spec, encode_batch
 from shared.clock import rfc3339_now
 from shared.errors import BadRequest, ServiceError
+from shared.handoff import Handoff
 from shared.names import Header, Names
 from shared.schemas import ColumnSpec, DatasetManifest, IngestJob, ShardInfo
 
@@ -106,15 +107,8 @@ class IngestRun:
                 if not len(block):
                     continue
                 if sharder is None:
-                    columns = [column_spec(name, values) for name, values in block.columns.items()]
-                    if key is not None and key not in block.columns:
-                        raise BadRequest(f"shard_by column {request.shard_by!r} is not among {list(block.columns)}")
-                    per_record = sum(v[:1].nbytes for v in block.columns.values()) or 1
-                    sharder = Sharder(request.shards, batch_rows_for(per_record, request.batch_bytes), key)
-                self.records += len(block)
-                labels = block.columns.get("y")
-                if labels is not None and labels.dtype.kind == "i" and len(labels):
-                    self.classes = max(self.classes, int(labels.max()) + 1)
+                    columns, sharder = self._plan(block, key)
+                self._count(block)
                 for batch in sharder.add(block.columns):
                     await self._emit(batch, tallies, resume, publisher)
                 self._check_rejects(final=False)
@@ -134,30 +128,39 @@ class IngestRun:
         await self.progress(self.figures())
         return self._manifest(columns, tallies)
 
+    def _plan(self, first: Block, key: str | None) -> tuple[list[ColumnSpec], Sharder]:
+        """The dataset's columns and the sharder's batch size, from the first block."""
+        request = self.job.request
+        columns = [column_spec(name, values) for name, values in first.columns.items()]
+        if key is not None and key not in first.columns:
+            raise BadRequest(f"shard_by column {request.shard_by!r} is not among {list(first.columns)}")
+        per_record = sum(v[:1].nbytes for v in first.columns.values()) or 1
+        return columns, Sharder(request.shards, batch_rows_for(per_record, request.batch_bytes), key)
+
+    def _count(self, block: Block) -> None:
+        self.records += len(block)
+        labels = block.columns.get("y")
+        if labels is not None and labels.dtype.kind == "i" and len(labels):
+            self.classes = max(self.classes, int(labels.max()) + 1)
+
     async def _blocks(self) -> AsyncIterator[Block]:
         """The source's blocks, parsed in a worker thread, through a bounded queue."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Block | BaseException | None] = asyncio.Queue(maxsize=4)
+        handoff: Handoff[Block | BaseException | None] = Handoff(loop, 4)
 
         def produce() -> None:
             try:
                 for block in self.source.blocks(self.rejects):
-                    if self._stop.is_set():
+                    if self._stop.is_set() or not handoff.put(block):
                         return
-                    asyncio.run_coroutine_threadsafe(queue.put(block), loop).result()
-                item: BaseException | None = None
+                handoff.put(None)
             except BaseException as exc:  # handed to the event loop, raised there
-                item = exc
-            if not self._stop.is_set():
-                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+                handoff.put(exc)
 
         thread = threading.Thread(target=produce, name=f"parse-{self.job.job_id}", daemon=True)
         thread.start()
         try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
+            while (item := await handoff.get()) is not None:
                 if isinstance(item, BaseException):
                     failure = _input_error(item, self.source.format)
                     if failure is item:
@@ -166,8 +169,7 @@ class IngestRun:
                 yield item
         finally:
             self._stop.set()
-            while not queue.empty():  # unblock a producer waiting on a full queue
-                queue.get_nowait()
+            handoff.close()  # a producer waiting for a slot gives up
 
     async def _emit(
         self, batch: ShardBatch, tallies: list[_ShardTally], resume: list[int], publisher: BatchPublisher

@@ -80,9 +80,21 @@ class Autoscaler:
                 now, obs, 0, f"idle {_short(idle_s)}s (no new requests, nothing in flight or queued) → 0"
             )
 
+        desired, why = self._bounded(demand, held, why)
+        if desired > held:
+            return self._scale_up(now, obs, held, desired, why)
+        if desired < held:
+            return self._scale_down(now, obs, held, desired, why)
+        self._below_since = None
+        return self._hold(now, obs, held, why)
+
+    # -- the parts ----------------------------------------------------------------------------------
+    def _bounded(self, demand: int, held: int, why: str) -> tuple[int, str]:
+        """``demand`` within the pool's bounds, and why."""
+        p = self.policy
         floor = p.min_replicas
         if floor == 0 and held > 0:
-            floor = 1  # zero only through idleness (above): a pool between requests keeps a worker
+            floor = 1  # zero only through idleness (decide): a pool between requests keeps a worker
         desired = min(max(demand, floor), p.max_replicas)
         if desired > demand:
             why += (
@@ -92,38 +104,40 @@ class Autoscaler:
             )
         elif desired < demand:
             why += f", capped at max {p.max_replicas}"
+        return desired, why
 
-        if desired > held:
-            self._below_since = None
-            if held == 0:
-                return self._change(now, obs, desired, f"from zero: {why}")
-            if held < p.min_replicas:
-                return self._change(now, obs, desired, f"below min: {why}")
-            since = None if self._last_change is None else now - self._last_change
-            if since is not None and since < p.up_cooldown_s:
-                return self._hold(
-                    now, obs, held, f"{why}; up cooldown ({_short(since)}s of {p.up_cooldown_s:g}s since last change)"
-                )
-            return self._change(now, obs, desired, why)
-
-        if desired < held:
-            if held > p.max_replicas:
-                return self._change(now, obs, desired, why)
-            if self._below_since is None:
-                self._below_since, self._below_peak = now, desired
-            self._below_peak = max(self._below_peak, desired)
-            below_s = now - self._below_since
-            if below_s < p.down_cooldown_s:
-                return self._hold(
-                    now, obs, held, f"{why}; down cooldown ({_short(below_s)}s of {p.down_cooldown_s:g}s lower)"
-                )
-            peak = self._below_peak
-            return self._change(now, obs, peak, f"{why}; {_short(below_s)}s lower, highest demand meanwhile {peak}")
-
+    def _scale_up(self, now: float, obs: PoolObservation, held: int, desired: int, why: str) -> ScaleDecision:
+        """Up at once from zero or below the minimum, else after the up cooldown."""
+        p = self.policy
         self._below_since = None
-        return self._hold(now, obs, held, why)
+        if held == 0:
+            return self._change(now, obs, desired, f"from zero: {why}")
+        if held < p.min_replicas:
+            return self._change(now, obs, desired, f"below min: {why}")
+        since = None if self._last_change is None else now - self._last_change
+        if since is not None and since < p.up_cooldown_s:
+            return self._hold(
+                now, obs, held, f"{why}; up cooldown ({_short(since)}s of {p.up_cooldown_s:g}s since last change)"
+            )
+        return self._change(now, obs, desired, why)
 
-    # -- the parts ----------------------------------------------------------------------------------
+    def _scale_down(self, now: float, obs: PoolObservation, held: int, desired: int, why: str) -> ScaleDecision:
+        """Down at once above the maximum, else once demand has stayed lower for the down cooldown,
+        to the highest demand seen meanwhile."""
+        p = self.policy
+        if held > p.max_replicas:
+            return self._change(now, obs, desired, why)
+        if self._below_since is None:
+            self._below_since, self._below_peak = now, desired
+        self._below_peak = max(self._below_peak, desired)
+        below_s = now - self._below_since
+        if below_s < p.down_cooldown_s:
+            return self._hold(
+                now, obs, held, f"{why}; down cooldown ({_short(below_s)}s of {p.down_cooldown_s:g}s lower)"
+            )
+        peak = self._below_peak
+        return self._change(now, obs, peak, f"{why}; {_short(below_s)}s lower, highest demand meanwhile {peak}")
+
     def _demand(self, obs: PoolObservation, held: int) -> tuple[int, str]:
         """Workers the load asks for, and why in numbers."""
         p = self.policy

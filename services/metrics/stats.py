@@ -316,16 +316,22 @@ class Experiment:
         if not candidates:
             return "waiting", "no candidate: the split has only the control", ""
 
+        return self._compared(g, control_name, candidates, p_values)
+
+    def _compared(
+        self, g: Guardrails, control_name: str, candidates: list[str], p_values: dict[str, float]
+    ) -> tuple[str, str, str]:
+        """The verdict of an experiment under guardrails with no breach: the candidates' rewards
+        against the control's."""
         control = self.variant(control_name)
         short = [n for n in [control_name, *candidates] if self.variant(n).rewards < g.min_samples]
         better: list[tuple[float, str]] = []
         worse: list[tuple[float, str]] = []
         small: list[str] = []
         for n in candidates:
-            s = self.variant(n)
             if n in short or control_name in short or p_values[n] > g.alpha:
                 continue
-            lift = s.reward_mean - control.reward_mean
+            lift = self.variant(n).reward_mean - control.reward_mean
             if lift > 0 and lift >= g.min_reward_lift:
                 better.append((lift, n))
             elif lift < 0:
@@ -350,18 +356,19 @@ class Experiment:
         if short:
             counts = ", ".join(f"{n} has {self.variant(n).rewards}" for n in short)
             return "waiting", f"waiting for {g.min_samples} rewards per variant (min_samples): {counts}", ""
-        parts = []
-        for n in candidates:
-            s = self.variant(n)
-            lift = s.reward_mean - control.reward_mean
-            if n in small:
-                parts.append(
-                    f"candidate {n}: lift {lift:+.3g} is significant (p {p_values[n]:.3g} ≤ alpha {g.alpha:g})"
-                    f" but under min_reward_lift {g.min_reward_lift:g}"
-                )
-            else:
-                parts.append(
-                    f"candidate {n}: lift {lift:+.3g}, always-valid p {p_values[n]:.3g} > alpha {g.alpha:g}"
-                    f" after {control.rewards} / {s.rewards} rewards"
-                )
+        parts = [self._undecided(g, control, n, n in small, p_values[n]) for n in candidates]
         return "waiting", "no significant difference yet: " + "; ".join(parts), ""
+
+    def _undecided(self, g: Guardrails, control: VariantStats, n: str, too_small: bool, p_value: float) -> str:
+        """Why candidate ``n`` decides nothing yet: a lift under min_reward_lift, or no significance."""
+        s = self.variant(n)
+        lift = s.reward_mean - control.reward_mean
+        if too_small:
+            return (
+                f"candidate {n}: lift {lift:+.3g} is significant (p {p_value:.3g} ≤ alpha {g.alpha:g})"
+                f" but under min_reward_lift {g.min_reward_lift:g}"
+            )
+        return (
+            f"candidate {n}: lift {lift:+.3g}, always-valid p {p_value:.3g} > alpha {g.alpha:g}"
+            f" after {control.rewards} / {s.rewards} rewards"
+        )

@@ -221,7 +221,6 @@ async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
     connection closed: a slow client holds no handler nor slot), and errors as {"error"}
     with their status."""
     state = request.app[GATE]
-    config = state.config
     span = token = None
     if state.traced:
         info = request.match_info.route.resource
@@ -229,44 +228,9 @@ async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
         span = tracing.start_server_span(request.method, route, request.path, request.headers)
         token = tracing.activate(span)
     try:
-        api_keys = config.api_keys
-        needed = needs_scope(request) if api_keys else None
-        if needed is not None and api_keys:
-            scope = api_keys.scope_of(presented_key(request.headers))
-            if scope is None:
-                return family_error(
-                    request,
-                    401,
-                    "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
-                    {"WWW-Authenticate": 'Bearer realm="aimesh"'},
-                )
-            if needed == "admin" and scope != "admin":
-                needs = f"this API key has the {scope} scope: {request.path} needs the admin scope"
-                return family_error(request, 403, needs)
-        if state.in_flight >= config.max_concurrency:
-            return family_error(
-                request,
-                429,
-                f"gateway busy ({state.in_flight} requests in flight, limit {config.max_concurrency}): retry later",
-                {"Retry-After": "1"},
-            )
-        state.in_flight += 1
-        try:
-            edge.check_path(request.match_info)  # before any handler names a subject or key
-            await read_body(request, config.body_timeout_s)  # cached: the handler's read() is instant
-            response: web.StreamResponse = await handler(request)
-        except BodyTimeout as exc:
-            response = timed_out(family_error(request, 408, str(exc)))
-        except web.HTTPRequestEntityTooLarge:
-            response = family_error(request, 413, f"request body over the limit of {config.max_body_bytes} bytes")
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = route_error(request, exc)
-        except (ServiceError, MeshTimeout) as exc:
-            response = gate_error(request, exc)
-        finally:
-            state.in_flight -= 1
+        response = refused(request, state)
+        if response is None:
+            response = await _handled(request, handler, state)
         if span is not None and span.is_recording():
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
@@ -276,6 +240,57 @@ async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
         if span is not None:
             tracing.deactivate(token)
             span.end()
+
+
+def refused(request: web.Request, state: Gate) -> web.StreamResponse | None:
+    """The gate's refusal before any work: a missing or weak API key (401/403), or the bound on
+    requests in flight (429); None lets the request in."""
+    config = state.config
+    api_keys = config.api_keys
+    needed = needs_scope(request) if api_keys else None
+    if needed is not None and api_keys:
+        scope = api_keys.scope_of(presented_key(request.headers))
+        if scope is None:
+            return family_error(
+                request,
+                401,
+                "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                {"WWW-Authenticate": 'Bearer realm="aimesh"'},
+            )
+        if needed == "admin" and scope != "admin":
+            needs = f"this API key has the {scope} scope: {request.path} needs the admin scope"
+            return family_error(request, 403, needs)
+    if state.in_flight >= config.max_concurrency:
+        return family_error(
+            request,
+            429,
+            f"gateway busy ({state.in_flight} requests in flight, limit {config.max_concurrency}): retry later",
+            {"Retry-After": "1"},
+        )
+    return None
+
+
+async def _handled(request: web.Request, handler: Any, state: Gate) -> web.StreamResponse:
+    """The handler's response, holding an in-flight slot; its errors as the route's error body."""
+    config = state.config
+    state.in_flight += 1
+    try:
+        edge.check_path(request.match_info)  # before any handler names a subject or key
+        await read_body(request, config.body_timeout_s)  # cached: the handler's read() is instant
+        response: web.StreamResponse = await handler(request)
+    except BodyTimeout as exc:
+        response = timed_out(family_error(request, 408, str(exc)))
+    except web.HTTPRequestEntityTooLarge:
+        response = family_error(request, 413, f"request body over the limit of {config.max_body_bytes} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = route_error(request, exc)
+    except (ServiceError, MeshTimeout) as exc:
+        response = gate_error(request, exc)
+    finally:
+        state.in_flight -= 1
+    return response
 
 
 def deadline_s(request: web.Request) -> float:

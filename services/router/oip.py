@@ -77,6 +77,7 @@ def parse_request(raw: bytes, header_length: int | None) -> tuple[InferBody, dic
         raise BadRequest(f"{HEADER_LENGTH} is {header_length} but the body has {len(raw)} bytes")
     body = decode(_body, header, "inference request")
     arrays: dict[str, np.ndarray] = {}
+    blobs = memoryview(rest)  # sliced without copies
     offset = 0
     for tensor in body.inputs:
         dtype = DATATYPES.get(tensor.datatype)
@@ -85,26 +86,35 @@ def parse_request(raw: bytes, header_length: int | None) -> tuple[InferBody, dic
         count = element_count(tensor)
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise BadRequest(f"input {tensor.name!r}: binary_data_size must be a byte count, not {size!r}")
-            if size != count * dtype.itemsize:
-                raise BadRequest(f"input {tensor.name!r}: binary_data_size {size} does not fit shape {tensor.shape}")
-            chunk = rest[offset : offset + size]
-            if len(chunk) != size:
-                raise BadRequest(f"input {tensor.name!r}: the body ends before its {size} bytes")
-            arrays[tensor.name] = _shaped(np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), tensor)
+            arrays[tensor.name] = _binary_input(tensor, dtype, count, size, blobs[offset:])
             offset += size
         else:
-            try:
-                values = np.asarray(tensor.data, dtype=dtype)
-            except (TypeError, ValueError, OverflowError):
-                raise BadRequest(f"input {tensor.name!r}: data is not a list of {tensor.datatype}") from None
-            if values.size != count:
-                raise BadRequest(f"input {tensor.name!r}: {values.size} values do not fit shape {tensor.shape}")
-            arrays[tensor.name] = _shaped(values, tensor)
+            arrays[tensor.name] = _json_input(tensor, dtype, count)
     if offset != len(rest):
         raise BadRequest(f"{len(rest) - offset} bytes of binary data belong to no input")
     return body, arrays
+
+
+def _binary_input(tensor: TensorIn, dtype: np.dtype[Any], count: int, size: object, rest: memoryview) -> np.ndarray:
+    """An input sent as ``size`` bytes at the start of ``rest`` (the binary tensor extension)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise BadRequest(f"input {tensor.name!r}: binary_data_size must be a byte count, not {size!r}")
+    if size != count * dtype.itemsize:
+        raise BadRequest(f"input {tensor.name!r}: binary_data_size {size} does not fit shape {tensor.shape}")
+    if len(rest) < size:
+        raise BadRequest(f"input {tensor.name!r}: the body ends before its {size} bytes")
+    return _shaped(np.frombuffer(rest[:size], dtype=dtype.newbyteorder("<")), tensor)
+
+
+def _json_input(tensor: TensorIn, dtype: np.dtype[Any], count: int) -> np.ndarray:
+    """An input sent as JSON ``data``."""
+    try:
+        values = np.asarray(tensor.data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"input {tensor.name!r}: data is not a list of {tensor.datatype}") from None
+    if values.size != count:
+        raise BadRequest(f"input {tensor.name!r}: {values.size} values do not fit shape {tensor.shape}")
+    return _shaped(values, tensor)
 
 
 def element_count(tensor: TensorIn) -> int:

@@ -147,6 +147,20 @@ def refuse(param: str, why: str) -> ParamError:
 def check_sampling(body: Sampling) -> None:
     """Refuse what cannot be honoured, naming the parameter; check ranges before the mesh."""
     edge_check(body.model)
+    check_supported(body)
+    if not (math.isfinite(body.temperature) and 0 <= body.temperature <= 2):
+        raise ParamError(f"temperature must be a finite number between 0 and 2 (got {body.temperature})", "temperature")
+    if body.top_p is not None and not (math.isfinite(body.top_p) and 0 < body.top_p <= 1):
+        raise ParamError(f"top_p must be in (0, 1] (got {body.top_p})", "top_p")
+    if body.top_k is not None and body.top_k < 1:
+        raise ParamError(f"top_k must be ≥ 1 (got {body.top_k})", "top_k")
+    stop = stops(body.stop)
+    if len(stop) > MAX_STOP or not all(stop):
+        raise ParamError(f"stop: at most {MAX_STOP} non-empty sequences", "stop")
+
+
+def check_supported(body: Sampling) -> None:
+    """Parameters the API has and the mesh does not honour are refused, never silently ignored."""
     if body.n != 1:
         raise refuse("n", "one choice per request (n = 1)")
     if body.logprobs not in (None, False):
@@ -158,15 +172,6 @@ def check_sampling(body: Sampling) -> None:
             raise refuse(name, "penalties are not applied (only 0 is accepted)")
     if body.stream_options is not None and not body.stream:
         raise ParamError("stream_options is only allowed when stream is true", "stream_options")
-    if not (math.isfinite(body.temperature) and 0 <= body.temperature <= 2):
-        raise ParamError(f"temperature must be a finite number between 0 and 2 (got {body.temperature})", "temperature")
-    if body.top_p is not None and not (math.isfinite(body.top_p) and 0 < body.top_p <= 1):
-        raise ParamError(f"top_p must be in (0, 1] (got {body.top_p})", "top_p")
-    if body.top_k is not None and body.top_k < 1:
-        raise ParamError(f"top_k must be ≥ 1 (got {body.top_k})", "top_k")
-    stop = stops(body.stop)
-    if len(stop) > MAX_STOP or not all(stop):
-        raise ParamError(f"stop: at most {MAX_STOP} non-empty sequences", "stop")
 
 
 def edge_check(model: str) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,22 +138,13 @@ class CsvSource(Source):
             return "skip"
 
         parse = pacsv.ParseOptions(invalid_row_handler=bad_row)
-        read = pacsv.ReadOptions(use_threads=False)
         try:
-            table = pacsv.read_csv(
-                io.BytesIO(header + data),
-                read_options=read,
-                parse_options=parse,
-                convert_options=pacsv.ConvertOptions(column_types=self._types),
-            )
+            table = self._read(header + data, parse, self._types)
             text_columns: dict[str, Any] = {}
         except pa.ArrowInvalid:
             # Some value is not of its column's type: re-read this chunk as text, check each value.
             skipped.clear()
-            as_text = pacsv.ConvertOptions(column_types=dict.fromkeys(self._names, pa.string()))
-            table = pacsv.read_csv(
-                io.BytesIO(header + data), read_options=read, parse_options=parse, convert_options=as_text
-            )
+            table = self._read(header + data, parse, dict.fromkeys(self._names, pa.string()))
             text_columns = {n: table.column(n) for n in self._names if self._types[n] != pa.string()}
         skipped = sorted(skipped + dropped)
         for number, reason in skipped:
@@ -162,41 +153,63 @@ class CsvSource(Source):
         keep = np.ones(table.num_rows, dtype=bool)
         columns: dict[str, np.ndarray] = {}
         for name in self._names:
-            target = self._types[name]
-            if name in text_columns:
-                values, bad = _convert_text(text_columns[name], target)
-                for i in np.flatnonzero(bad & keep):
-                    raw = text_columns[name][int(i)].as_py()
-                    kind = np.dtype(target.to_pandas_dtype()).name
-                    reason = "missing value" if raw in ("", None) else f"cannot parse {quoted(raw)} as {kind}"
-                    rejects.add(str(path), int(lines[i]), reason, name)
-                keep &= ~bad
-            else:
-                col = table.column(name)
-                if col.null_count:
-                    missing = col.is_null().to_numpy(zero_copy_only=False)
-                    for i in np.flatnonzero(missing & keep):
-                        rejects.add(str(path), int(lines[i]), "missing value", name)
-                    keep &= ~missing
-                values = col.to_numpy(zero_copy_only=False)
-            if target == pa.string():
-                too_long = np.array([len(v) > self.request.max_text_bytes for v in values.tolist()], dtype=bool)
-                for i in np.flatnonzero(too_long & keep):
-                    rejects.add(str(path), int(lines[i]), f"text longer than {self.request.max_text_bytes} bytes", name)
-                keep &= ~too_long
-            else:
-                nan, inf = bad_float_rows(values)
-                for mask, why in ((nan, "NaN is not allowed"), (inf, "±inf is not allowed")):
-                    for i in np.flatnonzero(mask & keep):
-                        rejects.add(str(path), int(lines[i]), why, name)
-                    keep &= ~mask
-            columns[name] = values
+
+            def reject(mask: np.ndarray, reason: Callable[[int], str], name: str = name) -> None:
+                """Log each still-kept row of ``mask`` as rejected, and stop keeping it."""
+                for i in np.flatnonzero(mask & keep):
+                    rejects.add(str(path), int(lines[i]), reason(int(i)), name)
+                keep[mask] = False
+
+            columns[name] = self._column_values(table, text_columns, name, reject)
         if not keep.all():
             columns = {n: v[keep] for n, v in columns.items()}
         label = self.request.label
         label_raw = columns.pop(label) if label is not None else None
         packed = pack_features(columns, self.features, None, None)
         return _Parsed(packed, label_raw, end)
+
+    @staticmethod
+    def _read(data: bytes, parse: pacsv.ParseOptions, types: dict[str, Any]) -> pa.Table:
+        read = pacsv.ReadOptions(use_threads=False)
+        convert = pacsv.ConvertOptions(column_types=types)
+        return pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
+
+    def _column_values(
+        self,
+        table: pa.Table,
+        text_columns: dict[str, Any],
+        name: str,
+        reject: Callable[[np.ndarray, Callable[[int], str]], None],
+    ) -> np.ndarray:
+        """Column ``name`` of a parsed chunk as numpy, its unusable values rejected: text that is not
+        of the column's type, missing values, text over the size limit, NaN and ±inf."""
+        target = self._types[name]
+        if name in text_columns:
+            text = text_columns[name]
+            values, bad = _convert_text(text, target)
+            kind = np.dtype(target.to_pandas_dtype()).name
+
+            def why(i: int) -> str:
+                raw = text[i].as_py()
+                return "missing value" if raw in ("", None) else f"cannot parse {quoted(raw)} as {kind}"
+
+            reject(bad, why)
+        else:
+            col = table.column(name)
+            if col.null_count:
+                reject(col.is_null().to_numpy(zero_copy_only=False), lambda _: "missing value")
+            values = col.to_numpy(zero_copy_only=False)
+        if target == pa.string():
+            limit = self.request.max_text_bytes
+            reject(
+                np.array([len(v) > limit for v in values.tolist()], dtype=bool),
+                lambda _: f"text longer than {limit} bytes",
+            )
+        else:
+            nan, inf = bad_float_rows(values)
+            reject(nan, lambda _: "NaN is not allowed")
+            reject(inf, lambda _: "±inf is not allowed")
+        return values
 
     def _finish(self, parsed: _Parsed, bytes_before: int) -> Block:
         columns = parsed.columns

@@ -92,6 +92,32 @@ TIMEOUT = {
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 
 INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+
+
+def _completion(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI completion object (``object`` is ``kind``) whose choices hold ``choice``'s
+    properties and a finish reason."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [*choice, "finish_reason"],
+                    "properties": {**choice, "finish_reason": {"type": ["string", "null"]}},
+                },
+            },
+            "usage": _ref("Usage"),
+        },
+    }
+
+
 MAX_TOKENS_SCHEMA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS}
 # What /v1/completions and /v1/chat/completions both take (services.router.openai.Sampling):
 # anything else is a 400 naming it, and so is a value the models cannot honour.
@@ -392,29 +418,10 @@ SCHEMAS: dict[str, Any] = {
         },
         "example": {"model": "lm", "prompt": "def main():", "max_tokens": 8, "temperature": 0},
     },
-    "Completion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "text_completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["text", "index", "finish_reason"],
-                    "properties": {
-                        "text": {"type": "string"},
-                        "index": {"type": "integer"},
-                        "finish_reason": {"type": ["string", "null"]},
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
-        },
-    },
+    "Completion": _completion(
+        "text_completion",
+        {"text": {"type": "string"}, "index": {"type": "integer"}},
+    ),
     "ChatMessage": {
         "type": "object",
         "required": ["role", "content"],
@@ -446,33 +453,17 @@ SCHEMAS: dict[str, Any] = {
         },
         "example": {"model": "lm", "messages": [{"role": "user", "content": "def main():"}], "max_tokens": 8},
     },
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "message", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {
-                            "type": "object",
-                            "required": ["role", "content"],
-                            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                        },
-                        "finish_reason": {"type": ["string", "null"]},
-                    },
-                },
+    "ChatCompletion": _completion(
+        "chat.completion",
+        {
+            "index": {"type": "integer"},
+            "message": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
             },
-            "usage": _ref("Usage"),
         },
-    },
+    ),
 }
 
 _SSE = {

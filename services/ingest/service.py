@@ -39,11 +39,12 @@ from services.ingest.sources.common import FORMATS, format_for_name
 from services.ingest.uploads import ensure_uploads, fetch_upload, file_name_of, upload_info
 from services.ingest.versions import give_back
 from shared import tracing
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
 from shared.config import load_ingest_config
 from shared.datasets import encode_manifest, latest_key, manifest_key, seq_key
 from shared.errors import BadRequest, ServiceError
+from shared.jsactor import JetStreamActorConfig
 from shared.kv import next_number
 from shared.names import Header, check_token
 from shared.schemas import IngestAccepted, IngestJob, IngestJobRef, IngestRequest
@@ -95,18 +96,22 @@ class IngestService(Service):
         self.datasets_kv = await self.ensure_kv(names.datasets_bucket)
         self.uploads = await ensure_uploads(self.js, names, self.config.js_replicas)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix="aimesh-ingest-"))  # 0700: uploads are copied here
-        self.add_actor("submit", names.ingest_submit, self.submit, IngestRequest, max_concurrency=8)
+        self.add_actor(
+            ActorConfig(name="submit", subject=names.ingest_submit, max_concurrency=8), self.submit, IngestRequest
+        )
         self.add_jetstream_actor(
-            "jobs",
-            stream=names.ingest_jobs_stream,
-            subject=names.ingest_jobs,
-            durable="ingest-jobs",
-            handler=self.run_job,
-            request_type=IngestJobRef,
-            max_concurrency=1,
-            max_deliver=MAX_ATTEMPTS,
-            ack_wait_s=self.ingest_config.job_ack_wait_s,
-            retry_backoff_s=2,
+            JetStreamActorConfig(
+                name="jobs",
+                stream=names.ingest_jobs_stream,
+                subject=names.ingest_jobs,
+                durable="ingest-jobs",
+                max_concurrency=1,
+                max_deliver=MAX_ATTEMPTS,
+                ack_wait_s=self.ingest_config.job_ack_wait_s,
+                retry_backoff_s=2,
+            ),
+            self.run_job,
+            IngestJobRef,
         )
 
     async def close_resources(self) -> None:

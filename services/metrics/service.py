@@ -44,7 +44,7 @@ from services.metrics.rates import Rates
 from services.metrics.timeseries import History
 from services.metrics.traces import TraceStore
 from shared import events
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
 from shared.config import AutoscaleConfig, MetricsConfig, load_autoscale_config, load_metrics_config
 from shared.errors import BadRequest, ConfigError, NotFound
@@ -124,7 +124,9 @@ class MetricsService(Service):
         self._started = time.monotonic()
         self._subs: list[Subscription] = []
         self.add_actor(
-            "experiments", self.names.experiments_query, self.experiment_query, ExperimentQuery, max_concurrency=8
+            ActorConfig(name="experiments", subject=self.names.experiments_query, max_concurrency=8),
+            self.experiment_query,
+            ExperimentQuery,
         )
         cfg = self.metrics_config
         try:

@@ -27,7 +27,7 @@ from services.router.openai import ChatMessage, chat_request
 from services.router.openai import add_routes as add_openai_routes
 from services.router.stats import ExposureLog, RouteCounters, deployed_versions
 from shared import durable, events
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.client import infer_with_fallback, request, stream
 from shared.config import RouterConfig, load_durable_config, load_router_config
 from shared.datasets import get_manifest
@@ -86,12 +86,14 @@ class RouterService(Service):
         self._manifests: dict[str, DatasetManifest] = {}  # by NAME@VERSION
         self._mirror_slots = asyncio.Semaphore(64)
         self.add_actor(
-            "infer-routed",
-            self.names.infer_routed_subjects,
+            ActorConfig(
+                name="infer-routed",
+                subject=self.names.infer_routed_subjects,
+                template=self.names.infer_routed("{model}"),
+                queue_group=self.names.queue_group("router"),
+            ),
             self.infer_routed,
             InferRequest,
-            template=self.names.infer_routed("{model}"),
-            queue_group=self.names.queue_group("router"),
         )
         self.mirrors_sent = 0
         self.mirrors_dropped = 0

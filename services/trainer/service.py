@@ -45,7 +45,7 @@ from nats.js.kv import KeyValue
 
 from services.trainer import rendezvous, submission
 from shared import tracing
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
 from shared.config import TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
@@ -81,7 +81,9 @@ class TrainerService(Service):
         self._child: asyncio.subprocess.Process | None = None
         self._child_job: tuple[str, int, int] | None = None  # (job, attempt, rank)
         self._lock = asyncio.Lock()
-        self.add_actor("submit", self.names.train_submit, self.submit, TrainRequest, max_concurrency=4)
+        self.add_actor(
+            ActorConfig(name="submit", subject=self.names.train_submit, max_concurrency=4), self.submit, TrainRequest
+        )
 
     async def after_start(self) -> None:
         self.every(self.trainer_config.heartbeat_s, self._heartbeat, name="heartbeat")

@@ -47,7 +47,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Self
 
 import msgspec
@@ -118,6 +118,8 @@ class Service:
     task_failures_unready: ClassVar[int] = 3
 
     def __init__(self, config: MeshConfig) -> None:
+        """``config`` joins the mesh; a service with settings of its own takes them here too, as
+        typed structs (their defaults when omitted), and builds its state here, not in setup."""
         self.config = config
         self.names = Names(config.prefix)
         self.instance_id = config.instance or new_instance_id()
@@ -136,6 +138,14 @@ class Service:
         self._lifecycle = asyncio.Lock()
         self.ready = asyncio.Event()
         self.stopped = asyncio.Event()
+
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        """The service as its process runs it (:func:`shared.runner.run_service`): its own
+        settings read from the config file and ``AIMESH_*`` variables (:mod:`shared.config`),
+        which raise :class:`~shared.errors.ConfigError`.  The base has none: a service with
+        settings overrides this and passes them to its constructor."""
+        return cls(config)
 
     # -- hooks for subclasses ----------------------------------------------------------------
     async def setup(self) -> None:

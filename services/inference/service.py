@@ -23,9 +23,10 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 from nats.aio.msg import Msg
@@ -39,7 +40,7 @@ from services.inference.model import LoadedModel
 from shared import durable
 from shared.actor import Actor, ActorConfig, Call
 from shared.clock import rfc3339_now
-from shared.config import MeshConfig, load_durable_config, load_inference_config
+from shared.config import DurableConfig, InferenceConfig, MeshConfig, load_durable_config, load_inference_config
 from shared.errors import BadRequest, NotFound, ServiceError
 from shared.jsactor import JetStreamActorConfig
 from shared.registry import artifacts, get_version, registry_kv
@@ -81,8 +82,12 @@ class InferenceService(Service):
 
     deployments: KeyValue
 
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(
+        self, config: MeshConfig, inference: InferenceConfig | None = None, durable: DurableConfig | None = None
+    ) -> None:
         super().__init__(config)
+        self.inference_config = inference or InferenceConfig()
+        self.durable_config = durable or DurableConfig()
         # State is whole from the start: a drain after a failed setup() finds nothing half-made.
         self._records: dict[str, Deployment] = {}  # by deployments-bucket key
         self._served: dict[str, Served] = {}  # by model@version
@@ -94,10 +99,13 @@ class InferenceService(Service):
         self._generations: dict[str, list[threading.Event]] = {}
         self._early_cancels: OrderedDict[str, None] = OrderedDict()
 
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        return cls(config, load_inference_config(env), load_durable_config(env))
+
     async def setup(self) -> None:
-        self.inference_config = load_inference_config()
         self.deployments = await self.ensure_kv(self.names.deployments_bucket)
-        for config in durable.stream_configs(self.names, load_durable_config()):
+        for config in durable.stream_configs(self.names, self.durable_config):
             await self.ensure_stream(config)
         await self.ensure_kv(self.names.registry_bucket)
         self.add_actor(

@@ -21,7 +21,9 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Self
 
 import msgspec
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -41,7 +43,7 @@ from services.ingest.versions import give_back
 from shared import tracing
 from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
-from shared.config import load_ingest_config
+from shared.config import IngestConfig, MeshConfig, load_ingest_config
 from shared.datasets import encode_manifest, latest_key, manifest_key, seq_key
 from shared.errors import BadRequest, ServiceError
 from shared.jsactor import JetStreamActorConfig
@@ -64,13 +66,19 @@ class IngestService(Service):
     jobs_kv: KeyValue
     datasets_kv: KeyValue
     uploads: ObjectStore
-    roots: Roots
-    tmp_dir: Path | None = None
+
+    def __init__(self, config: MeshConfig, ingest: IngestConfig | None = None) -> None:
+        super().__init__(config)
+        self.ingest_config = ingest or IngestConfig()
+        self.roots = Roots.from_config(self.ingest_config.roots)
+        self.tmp_dir: Path | None = None  # made by setup(): uploads are copied there
+
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        return cls(config, load_ingest_config(env))
 
     async def setup(self) -> None:
         names = self.names
-        self.ingest_config = load_ingest_config()
-        self.roots = Roots.from_config(self.ingest_config.roots)
         log.info("reading inputs only under: %s", self.roots)
         await self.ensure_dead_letter_stream()
         await self.ensure_stream(

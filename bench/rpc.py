@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import msgspec  # noqa: E402
 
-from shared.actor import Call  # noqa: E402
+from shared.actor import ActorConfig, Call  # noqa: E402
 from shared.schemas import Message  # noqa: E402
 from shared.service import Service  # noqa: E402
 
@@ -63,7 +63,8 @@ class BenchService(Service):
     name = "bench"
 
     async def setup(self) -> None:
-        self.add_actor("echo", SUBJECT, self.echo, Ping, queue_group="", max_concurrency=64, mailbox_size=1024)
+        config = ActorConfig(name="echo", subject=SUBJECT, queue_group="", max_concurrency=64, mailbox_size=1024)
+        self.add_actor(config, self.echo, Ping)
 
     async def echo(self, req: Ping, _: Call) -> Ping:
         return req

@@ -66,31 +66,41 @@ class Call:
 
 Handler = Callable[[Req, Call], Awaitable[Any]]
 
+DEFAULT_MAX_CONCURRENCY = 64
+DEFAULT_MAILBOX_SIZE = 256
+
+
+class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a core-NATS actor listens and its bounds (as nats micro's ``EndpointConfig``).
+
+    Unset limits take the service's defaults (``MeshConfig.max_concurrency``/``mailbox_size``)
+    in :meth:`shared.service.Service.add_actor`, else 64 and 256.  ``queue_group``: None is the
+    service's queue group in ``add_actor`` (instances share the work) and no group for a bare
+    :class:`Actor`; ``""`` is no group (every instance gets every message)."""
+
+    name: str
+    subject: str
+    template: str | None = None  # the subject with placeholders, for spans; default the subject
+    queue_group: str | None = None
+    max_concurrency: int | None = None  # handlers running at once
+    mailbox_size: int | None = None  # messages waiting for a free handler; more are refused (429)
+    labels: dict[str, str] = {}  # shown with the actor's stats (model, version)
+
 
 class ActorCore(Generic[Req]):
     """What every actor shares: decoding, handler invocation, spans, counters, idle tracking."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        subject: str,
-        handler: Handler[Req],
-        request_type: type[Req],
-        template: str | None = None,
-        queue_group: str | None = None,
-        max_concurrency: int = 64,
-        mailbox_size: int = 256,
-        labels: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, config: ActorConfig, handler: Handler[Req], request_type: type[Req]) -> None:
+        max_concurrency = DEFAULT_MAX_CONCURRENCY if config.max_concurrency is None else config.max_concurrency
+        mailbox_size = DEFAULT_MAILBOX_SIZE if config.mailbox_size is None else config.mailbox_size
         if max_concurrency < 1 or mailbox_size < 0:
-            raise ValueError(f"{name}: max_concurrency must be ≥ 1 and mailbox_size ≥ 0")
-        self.name = name
-        self.subject = subject
-        self.template = template or subject
+            raise ValueError(f"{config.name}: max_concurrency must be ≥ 1 and mailbox_size ≥ 0")
+        self.name = config.name
+        self.subject = config.subject
+        self.template = config.template or config.subject
         self._span_name = f"process {self.template}"
-        self.queue_group = queue_group
-        self.labels = labels or {}
+        self.queue_group = config.queue_group or None
+        self.labels = dict(config.labels)
         self.max_concurrency = max_concurrency
         self.mailbox_size = mailbox_size
         self._handler = handler
@@ -215,8 +225,8 @@ class Actor(ActorCore[Req]):
     """An actor fed by a core NATS subscription (request/reply or publish), usually in a queue
     group so that instances share the load."""
 
-    def __init__(self, nc: NatsClient, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, nc: NatsClient, config: ActorConfig, handler: Handler[Req], request_type: type[Req]) -> None:
+        super().__init__(config, handler, request_type)
         self._nc = nc
         self._sub: Subscription | None = None
         self._mailbox: deque[Msg] = deque()

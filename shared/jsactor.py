@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared.actor import ActorCore, Req
+from shared.actor import ActorConfig, ActorCore, Handler, Req
 from shared.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -40,30 +40,53 @@ DLQ_STREAM = "Aimesh-Dlq-Stream"
 DLQ_SEQUENCE = "Aimesh-Dlq-Sequence"
 
 
+class JetStreamActorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A JetStream actor: its durable consumer ``durable`` of ``subject`` in ``stream``, and the
+    ack rules above.  An unset ``max_concurrency`` takes the service's default
+    (``MeshConfig.max_concurrency``) in :meth:`shared.service.Service.add_jetstream_actor`, else
+    64.  There is no mailbox: the stream is the mailbox."""
+
+    name: str
+    stream: str
+    subject: str
+    durable: str  # the consumer's name, shared by every instance (they split its messages)
+    template: str | None = None  # the subject with placeholders, for spans; default the subject
+    max_concurrency: int | None = None  # handlers running at once; as many messages are fetched
+    max_deliver: int = 5  # a message failing this many times is dead-lettered
+    ack_wait_s: float = 30.0  # an unacked message is redelivered after this (kept alive while worked on)
+    retry_backoff_s: float = 1.0  # a failed message is redelivered after this × its deliveries
+    fetch_timeout_s: float = 1.0
+    labels: dict[str, str] = {}  # shown with the actor's stats (model, version)
+
+
 class JetStreamActor(ActorCore[Req]):
     def __init__(
         self,
         js: JetStreamContext,
+        config: JetStreamActorConfig,
+        handler: Handler[Req],
+        request_type: type[Req],
         *,
-        stream: str,
-        durable: str,
         dead_letter_subject: str,
-        max_deliver: int = 5,
-        ack_wait_s: float = 30.0,
-        retry_backoff_s: float = 1.0,
-        fetch_timeout_s: float = 1.0,
-        **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("mailbox_size", 0)  # the stream is the mailbox
-        super().__init__(**kwargs)
+        core = ActorConfig(
+            name=config.name,
+            subject=config.subject,
+            template=config.template,
+            queue_group=config.durable,
+            max_concurrency=config.max_concurrency,
+            mailbox_size=0,  # the stream is the mailbox
+            labels=config.labels,
+        )
+        super().__init__(core, handler, request_type)
         self._js = js
-        self.stream = stream
-        self.durable = durable
+        self.stream = config.stream
+        self.durable = config.durable
         self.dead_letter_subject = dead_letter_subject
-        self.max_deliver = max_deliver
-        self.ack_wait_s = ack_wait_s
-        self.retry_backoff_s = retry_backoff_s
-        self.fetch_timeout_s = fetch_timeout_s
+        self.max_deliver = config.max_deliver
+        self.ack_wait_s = config.ack_wait_s
+        self.retry_backoff_s = config.retry_backoff_s
+        self.fetch_timeout_s = config.fetch_timeout_s
         self.dead_lettered = 0
         self._sub: JetStreamContext.PullSubscription | None = None
         self._fetcher: asyncio.Task[None] | None = None

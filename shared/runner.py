@@ -1,8 +1,10 @@
 """Running one service as a process: ``python -m services.<name>`` and ``aimesh run <name>``.
 
-The runner installs uvloop, reads the configuration, sets up logging, starts the service and
-waits for SIGTERM or SIGINT (either one sets an event; nothing polls), then drains it; further
-signals are ignored, so a repeated SIGTERM never cuts a drain short or changes the exit code.
+The runner installs uvloop, reads the mesh's configuration, sets up logging, builds the service
+with its own settings (:meth:`Service.from_env`: defaults, the TOML file, ``AIMESH_*`` variables),
+starts it and waits for SIGTERM or SIGINT (either one sets an event; nothing polls), then drains
+it; further signals are ignored, so a repeated SIGTERM never cuts a drain short or changes the
+exit code.
 
 Exit codes: 0 after a clean drain, 2 for a configuration error, 1 for any other failure.
 """
@@ -67,7 +69,8 @@ def run_service(service_cls: type[Service]) -> NoReturn:
         config = msgspec.structs.replace(config, instance=new_instance_id())
     setup_logging(service_cls.name, config.instance or "", fmt=config.log_format, level=config.log_level)
     try:
-        uvloop.run(serve(service_cls(config)))
+        service = service_cls.from_env(config)
+        uvloop.run(serve(service))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(EXIT_CONFIG)

@@ -47,9 +47,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Self
 
+import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
@@ -57,13 +58,13 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared import __version__, tracing
-from shared.actor import Actor, ActorCore, Call, Handler, Req
+from shared.actor import Actor, ActorConfig, ActorCore, Call, Handler, Req
 from shared.clock import rfc3339_from_ts
 from shared.config import MeshConfig
 from shared.connect import connect, wait_sent
 from shared.discovery import Discovery
 from shared.health import HealthServer
-from shared.jsactor import JetStreamActor
+from shared.jsactor import JetStreamActor, JetStreamActorConfig
 from shared.kv import follow
 from shared.names import Names
 from shared.schemas import ActorStats, GpuStats, RouteStats, ServiceStatus, StatusRequest
@@ -117,6 +118,8 @@ class Service:
     task_failures_unready: ClassVar[int] = 3
 
     def __init__(self, config: MeshConfig) -> None:
+        """``config`` joins the mesh; a service with settings of its own takes them here too, as
+        typed structs (their defaults when omitted), and builds its state here, not in setup."""
         self.config = config
         self.names = Names(config.prefix)
         self.instance_id = config.instance or new_instance_id()
@@ -135,6 +138,14 @@ class Service:
         self._lifecycle = asyncio.Lock()
         self.ready = asyncio.Event()
         self.stopped = asyncio.Event()
+
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        """The service as its process runs it (:func:`shared.runner.run_service`): its own
+        settings read from the config file and ``AIMESH_*`` variables (:mod:`shared.config`),
+        which raise :class:`~shared.errors.ConfigError`.  The base has none: a service with
+        settings overrides this and passes them to its constructor."""
+        return cls(config)
 
     # -- hooks for subclasses ----------------------------------------------------------------
     async def setup(self) -> None:
@@ -277,67 +288,27 @@ class Service:
         return self._health.url if self._health else None
 
     # -- building actors -------------------------------------------------------------------------
-    def add_actor(
-        self,
-        name: str,
-        subject: str,
-        handler: Handler[Req],
-        request_type: type[Req],
-        *,
-        template: str | None = None,
-        queue_group: str | None = None,
-        max_concurrency: int | None = None,
-        mailbox_size: int | None = None,
-        labels: dict[str, str] | None = None,
-    ) -> Actor[Req]:
-        """A core-NATS actor; by default in the service's queue group, so instances share work."""
-        actor: Actor[Req] = Actor(
-            self.nc,
-            name=name,
-            subject=subject,
-            handler=handler,
-            request_type=request_type,
-            template=template,
-            queue_group=self.names.queue_group(self.name) if queue_group is None else queue_group or None,
-            max_concurrency=max_concurrency or self.config.max_concurrency,
-            mailbox_size=self.config.mailbox_size if mailbox_size is None else mailbox_size,
-            labels=labels,
+    def add_actor(self, config: ActorConfig, handler: Handler[Req], request_type: type[Req]) -> Actor[Req]:
+        """A core-NATS actor; by default in the service's queue group, so instances share work,
+        with the service's default limits (``MeshConfig.max_concurrency``/``mailbox_size``)."""
+        config = msgspec.structs.replace(
+            config,
+            queue_group=self.names.queue_group(self.name) if config.queue_group is None else config.queue_group or None,
+            max_concurrency=config.max_concurrency or self.config.max_concurrency,
+            mailbox_size=self.config.mailbox_size if config.mailbox_size is None else config.mailbox_size,
         )
+        actor: Actor[Req] = Actor(self.nc, config, handler, request_type)
         self._actors.append(actor)
         return actor
 
     def add_jetstream_actor(
-        self,
-        name: str,
-        *,
-        stream: str,
-        subject: str,
-        durable: str,
-        handler: Handler[Req],
-        request_type: type[Req],
-        template: str | None = None,
-        max_concurrency: int | None = None,
-        max_deliver: int = 5,
-        ack_wait_s: float = 30.0,
-        retry_backoff_s: float = 1.0,
-        labels: dict[str, str] | None = None,
+        self, config: JetStreamActorConfig, handler: Handler[Req], request_type: type[Req]
     ) -> JetStreamActor[Req]:
+        """A JetStream actor (:mod:`shared.jsactor`); its dead letters go to
+        ``<prefix>.dlq.<name>``."""
+        config = msgspec.structs.replace(config, max_concurrency=config.max_concurrency or self.config.max_concurrency)
         actor: JetStreamActor[Req] = JetStreamActor(
-            self.js,
-            stream=stream,
-            durable=durable,
-            dead_letter_subject=self.names.dead_letter(name),
-            max_deliver=max_deliver,
-            ack_wait_s=ack_wait_s,
-            retry_backoff_s=retry_backoff_s,
-            name=name,
-            subject=subject,
-            handler=handler,
-            request_type=request_type,
-            template=template,
-            queue_group=durable,
-            max_concurrency=max_concurrency or self.config.max_concurrency,
-            labels=labels,
+            self.js, config, handler, request_type, dead_letter_subject=self.names.dead_letter(config.name)
         )
         self._actors.append(actor)
         return actor
@@ -423,13 +394,15 @@ class Service:
             self._spans_out = LoopPublisher(asyncio.get_running_loop(), self.nc.publish, self.names.spans(self.name))
             tracing.attach_mesh_exporter(self._spans_out)
         self.add_actor(
-            "status",
-            self.names.service_status(self.name),
+            ActorConfig(
+                name="status",
+                subject=self.names.service_status(self.name),
+                template=self.names.endpoint_template("status"),
+                max_concurrency=4,
+                mailbox_size=64,
+            ),
             self._status_handler,
             StatusRequest,
-            template=self.names.endpoint_template("status"),
-            max_concurrency=4,
-            mailbox_size=64,
         )
         await self.setup()
         if self.config.health_port is not None:
@@ -501,7 +474,7 @@ class Service:
     async def aclose(self) -> None:
         await self.drain()
 
-    async def __aenter__(self) -> Service:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from shared.config import DEFAULT_NATS_MAX_PAYLOAD, MeshConfig
+from shared.config import DEFAULT_NATS_MAX_PAYLOAD, MeshConfig, MetricsConfig
 from shared.httpserve import serve_app
 from shared.names import Names
 from shared.natsserver import NatsServer
@@ -35,7 +35,8 @@ NATS_IMAGE = "nats:2.10.22-alpine"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # In-process services read their stream limits from the environment (see TEST_STREAM_LIMITS).
+    # Streams a test declares itself with load_durable_config() get the small limits too (see
+    # TEST_STREAM_LIMITS); services in this process take a DurableConfig.
     for name, value in TEST_STREAM_LIMITS.items():
         os.environ.setdefault(name, value)
 
@@ -154,13 +155,15 @@ def spawn(nats_url: str, names: Names, tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def fast(mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
-    """This test's mesh, with metric snapshots, metrics ticks and queue reads every 0.2 s and the
-    metrics service on a free port."""
-    monkeypatch.setenv("AIMESH_METRICS_PORT", "0")
-    monkeypatch.setenv("AIMESH_METRICS_SCRAPE_INTERVAL_S", "0.2")
-    monkeypatch.setenv("AIMESH_METRICS_TICK_S", "0.2")
+def fast(mesh_config: MeshConfig) -> MeshConfig:
+    """This test's mesh, with metric snapshots every 0.2 s."""
     return msgspec.structs.replace(mesh_config, metrics_interval_s=0.2)
+
+
+@pytest.fixture
+def fast_metrics() -> MetricsConfig:
+    """The metrics service on a free port, with ticks and queue reads every 0.2 s."""
+    return MetricsConfig(port=0, scrape_interval_s=0.2, tick_s=0.2)
 
 
 @pytest.fixture

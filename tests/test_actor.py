@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.client import request
 from shared.config import MeshConfig
 from shared.discovery import discover
@@ -36,12 +36,14 @@ class GatedService(Service):
 
     async def setup(self) -> None:
         self.actor = self.add_actor(
-            "echo",
-            self.names.endpoint("gated", "echo"),
+            ActorConfig(
+                name="echo",
+                subject=self.names.endpoint("gated", "echo"),
+                max_concurrency=self._limits[0],
+                mailbox_size=self._limits[1],
+            ),
             self.echo,
             EchoRequest,
-            max_concurrency=self._limits[0],
-            mailbox_size=self._limits[1],
         )
 
     async def echo(self, req: EchoRequest, _: Call) -> EchoReply:

@@ -16,14 +16,14 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 
 from services.metrics.service import MetricsService
-from shared.config import MeshConfig
+from shared.config import AutoscaleConfig, MeshConfig, MetricsConfig
 from shared.kv import Lease
 from shared.names import Names
 from shared.schemas import ScaleDecision
 from tests.helpers import eventually
 
 TTL_S = 1.0  # the expiry test's lease: its holder renews between every two looks, whatever their pace
-AUTOSCALE_LEASE_S = "30"  # metrics instances: 150 ticks per lease period; handover by release only
+AUTOSCALE_LEASE_S = 30.0  # metrics instances: 150 ticks per lease period; handover by release only
 
 
 async def test_a_lease_has_one_holder_and_passes_on_release_or_expiry(nc: NatsClient, names: Names) -> None:
@@ -58,11 +58,8 @@ async def test_a_lease_has_one_holder_and_passes_on_release_or_expiry(nc: NatsCl
 
 
 @pytest.fixture
-def autoscaling(fast: MeshConfig, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
-    monkeypatch.setenv("AIMESH_AUTOSCALE_ENABLED", "true")
-    monkeypatch.setenv("AIMESH_AUTOSCALE_WARMUP_S", "0")
-    monkeypatch.setenv("AIMESH_AUTOSCALE_LEASE_S", AUTOSCALE_LEASE_S)
-    return fast
+def autoscaling() -> AutoscaleConfig:
+    return AutoscaleConfig(enabled=True, warmup_s=0, lease_s=AUTOSCALE_LEASE_S)
 
 
 def ticks(service: MetricsService) -> int:
@@ -71,7 +68,7 @@ def ticks(service: MetricsService) -> int:
 
 
 async def test_one_of_two_metrics_instances_scales_the_pool_and_the_other_takes_over(
-    autoscaling: MeshConfig, nc: NatsClient, names: Names
+    fast: MeshConfig, fast_metrics: MetricsConfig, autoscaling: AutoscaleConfig, nc: NatsClient, names: Names
 ) -> None:
     decisions: list[ScaleDecision] = []
 
@@ -79,7 +76,7 @@ async def test_one_of_two_metrics_instances_scales_the_pool_and_the_other_takes_
         decisions.append(msgspec.msgpack.decode(msg.data, type=ScaleDecision))
 
     sub = await nc.subscribe(names.scale("inference"), cb=record)
-    services = [MetricsService(autoscaling), MetricsService(autoscaling)]
+    services = [MetricsService(fast, fast_metrics, autoscaling), MetricsService(fast, fast_metrics, autoscaling)]
     try:
         for service in services:
             await service.start()

@@ -30,7 +30,7 @@ from services.metrics.service import MetricsService
 from services.metrics.timeseries import History
 from services.metrics.traces import TraceStore
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import MeshConfig, MetricsConfig
 from shared.httpserve import serve_app
 from shared.names import Names
 from shared.schemas import (
@@ -437,6 +437,7 @@ async def test_a_real_requests_trace_reaches_the_api_over_nats(
     names: Names,
     nc: NatsClient,
     fast: MeshConfig,
+    fast_metrics: MetricsConfig,
     http: aiohttp.ClientSession,
 ) -> None:
     # Tracing on, no OTLP endpoint: the spans' only way out is <prefix>.spans.<service>.
@@ -445,7 +446,7 @@ async def test_a_real_requests_trace_reaches_the_api_over_nats(
     await register_mlp(nc, names, seed=1)
     await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
     await eventually(lambda: serving(nc, names, "digits@1"), 60, "the worker to serve digits@1")
-    async with MetricsService(fast) as metrics:
+    async with MetricsService(fast, fast_metrics) as metrics:
         # The services record 1% of their own roots, and every trace their caller sampled: this one.
         trace_id, caller = uuid.uuid4().hex, "00f067aa0ba902b7"
         body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}

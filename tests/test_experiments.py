@@ -22,7 +22,7 @@ from nats.aio.client import Client as NatsClient
 
 from services.metrics.service import MetricsService
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import MeshConfig, MetricsConfig
 from shared.errors import MeshTimeout, NotFound, Unavailable
 from shared.events import publish_feedback
 from shared.experiments import split_key
@@ -138,10 +138,11 @@ async def test_a_better_candidate_is_promoted_and_the_state_survives_a_restart(
     names: Names,
     nc: NatsClient,
     fast: MeshConfig,
+    fast_metrics: MetricsConfig,
     http: aiohttp.ClientSession,
 ) -> None:
     _, base = await two_versions(spawn, nats_url, names, nc)
-    metrics = MetricsService(fast)
+    metrics = MetricsService(fast, fast_metrics)
     await metrics.start()
     try:
         split = await put_split(
@@ -206,7 +207,7 @@ async def test_a_better_candidate_is_promoted_and_the_state_survives_a_restart(
         await metrics.drain()
 
     # A new metrics service rebuilds the same statistics from the events stream.
-    again = MetricsService(fast)
+    again = MetricsService(fast, fast_metrics)
     await again.start()
     try:
 
@@ -228,11 +229,12 @@ async def test_a_candidate_over_its_latency_guardrail_is_rolled_back(
     names: Names,
     nc: NatsClient,
     fast: MeshConfig,
+    fast_metrics: MetricsConfig,
     http: aiohttp.ClientSession,
 ) -> None:
     _, base = await two_versions(spawn, nats_url, names, nc)
     js = nc.jetstream()
-    async with MetricsService(fast) as metrics:
+    async with MetricsService(fast, fast_metrics) as metrics:
         # The events stream stops taking decisions (exposures and feedback still go in), so the
         # decision's first publish fails after its write to the split.
         events = (await js.stream_info(names.events_stream)).config
@@ -275,6 +277,7 @@ async def test_feedback_errors_nats_feedback_and_serving_without_metrics(
     names: Names,
     nc: NatsClient,
     fast: MeshConfig,
+    fast_metrics: MetricsConfig,
     http: aiohttp.ClientSession,
 ) -> None:
     _, base = await two_versions(spawn, nats_url, names, nc)
@@ -308,7 +311,7 @@ async def test_feedback_errors_nats_feedback_and_serving_without_metrics(
     await nc.publish(names.feedback("digits"), b"\x01garbage")
     await nc.flush()
 
-    async with MetricsService(fast) as metrics:
+    async with MetricsService(fast, fast_metrics) as metrics:
 
         def all_in(report: ExperimentReport) -> bool:
             by = {v.version: v for v in report.variants}
@@ -326,10 +329,10 @@ async def test_feedback_errors_nats_feedback_and_serving_without_metrics(
 
 
 async def test_report_only_reports_the_winner_and_never_changes_the_split(
-    nc: NatsClient, names: Names, fast: MeshConfig, http: aiohttp.ClientSession
+    nc: NatsClient, names: Names, fast: MeshConfig, fast_metrics: MetricsConfig, http: aiohttp.ClientSession
 ) -> None:
     js = nc.jetstream()
-    async with MetricsService(fast) as metrics:
+    async with MetricsService(fast, fast_metrics) as metrics:
         kv = await js.key_value(names.experiments_bucket)
         split = Split(
             model="digits",
@@ -385,6 +388,7 @@ async def test_feedback_counts_once_per_idempotency_key_and_once_per_request(
     names: Names,
     nc: NatsClient,
     fast: MeshConfig,
+    fast_metrics: MetricsConfig,
     http: aiohttp.ClientSession,
 ) -> None:
     _, _, base = await start_gateway(spawn, nats_url, names)
@@ -392,7 +396,7 @@ async def test_feedback_counts_once_per_idempotency_key_and_once_per_request(
     await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
     await eventually(lambda: serving(nc, names, "digits@1"), 60, "digits@1 to be served")
     await put_split(http, base, {"model": "digits", "variants": [{"version": "1", "weight": 100}]})
-    async with MetricsService(fast) as metrics:
+    async with MetricsService(fast, fast_metrics) as metrics:
         ids = []
         for _ in range(2):
             async with http.post(f"{base}/v2/models/digits/infer", json=BODY) as resp:

@@ -16,7 +16,7 @@ from aimesh.datasets_cmd import ingest
 from services.ingest.service import IngestService
 from shared.batches import batch_arrays, decode_batch
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import IngestConfig, MeshConfig
 from shared.datasets import DatasetReader, get_manifest, shards_for_rank
 from shared.errors import BadRequest, NotFound
 from shared.names import Names
@@ -24,9 +24,8 @@ from shared.schemas import DatasetManifest, IngestAccepted, IngestJob, IngestReq
 
 
 @pytest.fixture
-async def svc(mesh_config: MeshConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[IngestService]:
-    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(tmp_path))  # the service reads only there
-    async with IngestService(mesh_config) as service:
+async def svc(mesh_config: MeshConfig, tmp_path: Path) -> AsyncIterator[IngestService]:
+    async with IngestService(mesh_config, IngestConfig(roots=[str(tmp_path)])) as service:  # it reads only there
         yield service
 
 

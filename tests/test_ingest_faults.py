@@ -19,7 +19,7 @@ from services.ingest.job import _input_error
 from services.ingest.service import IngestService
 from services.ingest.sources import RejectLog
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import IngestConfig, MeshConfig
 from shared.errors import BadRequest, Forbidden
 from shared.names import Names
 from shared.schemas import IngestAccepted, IngestJob, IngestRequest
@@ -43,7 +43,6 @@ async def test_killed_mid_job_resumes_to_an_identical_dataset(
     names: Names,
     nc: NatsClient,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = tmp_path / "big.csv"
     write_big_csv(data, rows=400_000)
@@ -80,8 +79,7 @@ async def test_killed_mid_job_resumes_to_an_identical_dataset(
     # The same input through an uninterrupted run, on a separate mesh prefix.
     reference_names = Names(names.prefix + "ref")
     config = MeshConfig(nats_url=nats_url, prefix=reference_names.prefix)
-    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(tmp_path))
-    async with IngestService(config):
+    async with IngestService(config, IngestConfig(roots=[str(tmp_path)])):
         _, reference = await ingest(nc, reference_names, req, progress=False)
     assert reference is not None
     assert [(s.records, s.batches, s.sha256) for s in resumed.shards] == [
@@ -124,10 +122,8 @@ async def test_an_unparsable_file_fails_once_without_raw_bytes_and_gives_its_ver
     names: Names,
     nc: NatsClient,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(tmp_path))
     write_garbage_csv(tmp_path / "junk.csv")
     states: list[IngestJob] = []
 
@@ -135,7 +131,7 @@ async def test_an_unparsable_file_fails_once_without_raw_bytes_and_gives_its_ver
         states.append(_job_decoder.decode(msg.data))
 
     events = await nc.subscribe(names.ingest_events("*"), cb=record)
-    async with IngestService(MeshConfig(nats_url=nats_url, prefix=names.prefix)):
+    async with IngestService(MeshConfig(nats_url=nats_url, prefix=names.prefix), IngestConfig(roots=[str(tmp_path)])):
         junk = IngestRequest(paths=[str(tmp_path / "junk.csv")], dataset="junk", label="label")
         job, manifest = await ingest(nc, names, junk, progress=False)
         assert manifest is None and job.state == "failed"

@@ -27,7 +27,7 @@ from aimesh.datasets_cmd import ingest, upload
 from services.ingest.access import Roots
 from services.ingest.service import IngestService
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import IngestConfig, MeshConfig
 from shared.errors import BadRequest, ConfigError, Forbidden, NotFound
 from shared.names import Names
 from shared.schemas import IngestAccepted, IngestRequest
@@ -56,9 +56,8 @@ def outside(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def svc(mesh_config: MeshConfig, root: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[IngestService]:
-    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(root))
-    async with IngestService(mesh_config) as service:
+async def svc(mesh_config: MeshConfig, root: Path) -> AsyncIterator[IngestService]:
+    async with IngestService(mesh_config, IngestConfig(roots=[str(root)])) as service:
         yield service
 
 
@@ -253,7 +252,7 @@ async def test_an_upload_makes_the_same_dataset_as_the_path(
     # The same file by path, on a mesh of its own, makes byte-identical batches.
     (root / "mine.csv").write_bytes(local.read_bytes())
     ref_names = Names(names.prefix + "ref")
-    async with IngestService(MeshConfig(nats_url=nats_url, prefix=ref_names.prefix)):
+    async with IngestService(MeshConfig(nats_url=nats_url, prefix=ref_names.prefix), IngestConfig(roots=[str(root)])):
         by_path_req = IngestRequest(
             paths=[str(root / "mine.csv")], dataset="up", label="label", shards=3, batch_bytes=64 * 1024
         )
@@ -281,11 +280,9 @@ async def test_bad_upload_requests_get_a_clear_error(
 
 
 async def test_uploads_over_max_upload_bytes_are_refused(
-    mesh_config: MeshConfig, nc: NatsClient, names: Names, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mesh_config: MeshConfig, nc: NatsClient, names: Names, root: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(root))
-    monkeypatch.setenv("AIMESH_INGEST_MAX_UPLOAD_BYTES", "1000")
-    async with IngestService(mesh_config):
+    async with IngestService(mesh_config, IngestConfig(roots=[str(root)], max_upload_bytes=1000)):
         (tmp_path / "big.csv").write_text(CSV)
         name = await upload(nc, names, tmp_path / "big.csv")
         with pytest.raises(BadRequest, match=r"above max_upload_bytes \(1000\)"):

@@ -10,7 +10,7 @@ from nats.js.api import RetentionPolicy, StreamConfig
 
 from shared.actor import Call
 from shared.config import MeshConfig
-from shared.jsactor import DLQ_CODE, DLQ_DELIVERIES, DLQ_REASON, DLQ_SUBJECT
+from shared.jsactor import DLQ_CODE, DLQ_DELIVERIES, DLQ_REASON, DLQ_SUBJECT, JetStreamActorConfig
 from shared.service import Service
 from tests.apps.echo import EchoRequest
 from tests.helpers import eventually
@@ -39,16 +39,18 @@ class WorkService(Service):
             StreamConfig(name=self.stream, subjects=[self.subject], retention=RetentionPolicy.WORK_QUEUE)
         )
         self.actor = self.add_jetstream_actor(
-            "items",
-            stream=self.stream,
-            subject=self.subject,
-            durable="items",
-            handler=self.handle,
-            request_type=EchoRequest,
-            max_deliver=3,
-            ack_wait_s=self.ack_wait_s,
-            retry_backoff_s=0.05,
-            max_concurrency=4,
+            JetStreamActorConfig(
+                name="items",
+                stream=self.stream,
+                subject=self.subject,
+                durable="items",
+                max_deliver=3,
+                ack_wait_s=self.ack_wait_s,
+                retry_backoff_s=0.05,
+                max_concurrency=4,
+            ),
+            self.handle,
+            EchoRequest,
         )
 
     async def handle(self, req: EchoRequest, _: Call) -> None:

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 
 from aimesh.supervisor import Supervisor
 from shared import durable
-from shared.actor import Actor, Call
+from shared.actor import Actor, ActorConfig, Call
 from shared.client import request, stream
 from shared.config import DEFAULT_NATS_MAX_PAYLOAD, DurableConfig, RouterConfig, UpConfig, load_up_config
 from shared.errors import ConfigError, PayloadTooLarge
@@ -255,7 +255,7 @@ async def test_an_actor_whose_reply_is_over_the_bus_limit_answers_413(nc: NatsCl
     async def handler(size: int, _: Call) -> bytes:
         return b"x" * size
 
-    actor: Actor[int] = Actor(nc, name="big", subject=f"{names.prefix}.big", handler=handler, request_type=int)
+    actor: Actor[int] = Actor(nc, ActorConfig(name="big", subject=f"{names.prefix}.big"), handler, int)
     await actor.start()
     try:
         assert len(await request(nc, actor.subject, 1000, bytes)) == 1000

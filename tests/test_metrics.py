@@ -15,7 +15,7 @@ from services.metrics.rates import Rates
 from services.metrics.service import MetricsService
 from shared import durable
 from shared.client import request
-from shared.config import MeshConfig, load_durable_config
+from shared.config import MeshConfig, MetricsConfig, load_durable_config
 from shared.histogram import LatencyHistogram
 from shared.schemas import (
     ActorStats,
@@ -42,9 +42,9 @@ async def scrape_until(http: aiohttp.ClientSession, url: str, *needles: str) -> 
 
 
 async def test_metrics_endpoint_counts_requests_per_instance(
-    fast: MeshConfig, nc: NatsClient, http: aiohttp.ClientSession
+    fast: MeshConfig, fast_metrics: MetricsConfig, nc: NatsClient, http: aiohttp.ClientSession
 ) -> None:
-    async with EchoService(fast) as echo, MetricsService(fast) as metrics:
+    async with EchoService(fast) as echo, MetricsService(fast, fast_metrics) as metrics:
         for i in range(3):
             await request(nc, echo.names.endpoint("echo", "echo"), EchoRequest(text=str(i)), EchoReply)
         series = f'aimesh_requests_total{{service="echo",instance="{echo.instance_id}",endpoint="echo"}} 3'
@@ -60,9 +60,9 @@ async def test_metrics_endpoint_counts_requests_per_instance(
 
 
 async def test_malformed_snapshots_are_counted_and_the_service_lives_on(
-    fast: MeshConfig, nc: NatsClient, http: aiohttp.ClientSession
+    fast: MeshConfig, fast_metrics: MetricsConfig, nc: NatsClient, http: aiohttp.ClientSession
 ) -> None:
-    async with EchoService(fast) as echo, MetricsService(fast) as metrics:
+    async with EchoService(fast) as echo, MetricsService(fast, fast_metrics) as metrics:
         await nc.publish(echo.names.metrics("echo", "bogus"), b"\x93not a snapshot")
         await nc.publish(echo.names.metrics("echo", "bogus"), b"")
         await nc.publish(echo.names.spans("echo"), b"{}")
@@ -74,9 +74,9 @@ async def test_malformed_snapshots_are_counted_and_the_service_lives_on(
 
 
 async def test_queue_lag_and_training_progress_become_series(
-    fast: MeshConfig, nc: NatsClient, http: aiohttp.ClientSession
+    fast: MeshConfig, fast_metrics: MetricsConfig, nc: NatsClient, http: aiohttp.ClientSession
 ) -> None:
-    async with MetricsService(fast) as metrics:
+    async with MetricsService(fast, fast_metrics) as metrics:
         names = metrics.names
         js = nc.jetstream()
         for config in durable.stream_configs(names, load_durable_config()):

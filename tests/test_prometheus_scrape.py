@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsClient
 
 from services.metrics.service import MetricsService
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import MeshConfig, MetricsConfig
 from tests.apps.echo import EchoReply, EchoRequest, EchoService
 from tests.helpers import eventually, require_binary
 
@@ -143,11 +143,12 @@ async def promtool_check_metrics(text: str) -> tuple[int, str]:
 @pytest.mark.timeout(240)
 async def test_prometheus_stores_the_request_count_the_metrics_service_exposes(
     fast: MeshConfig,
+    fast_metrics: MetricsConfig,
     nc: NatsClient,
     http: aiohttp.ClientSession,
     prometheus: Callable[[str], Awaitable[PrometheusProcess]],
 ) -> None:
-    echo, metrics = EchoService(fast), MetricsService(fast)  # typed: Service.__aenter__ returns Service
+    echo, metrics = EchoService(fast), MetricsService(fast, fast_metrics)
     async with echo, metrics:
         prom = await prometheus(metrics.http_url.removeprefix("http://"))
         for i in range(REQUESTS):

@@ -22,7 +22,7 @@ from yarl import URL
 from services.router.service import RouterService
 from shared import apikeys, durable
 from shared.apikeys import KeyRing, hashed_entry, presented_key
-from shared.config import DurableConfig, MeshConfig, load_durable_config
+from shared.config import DurableConfig, MeshConfig, RouterConfig, load_durable_config
 from shared.errors import BadRequest, ConfigError, NotFound, Overloaded
 from shared.names import Names
 from shared.schemas import Deployment, InferRequest
@@ -126,17 +126,18 @@ def test_durable_names_must_be_tokens_and_versions_deployed() -> None:
 # -- durable requests through the router and NATS ------------------------------------------------
 
 
+# The small stream limits of every test mesh (as TEST_STREAM_LIMITS gives the services it starts).
+TEST_DURABLE = DurableConfig(requests_max_bytes=16 * 1024 * 1024, results_max_bytes=16 * 1024 * 1024)
+
+
 @asynccontextmanager
 async def router_with(
-    config: MeshConfig, monkeypatch: pytest.MonkeyPatch, **env: str
+    config: MeshConfig, router: RouterConfig | None = None, durable: DurableConfig = TEST_DURABLE
 ) -> AsyncIterator[tuple[RouterService, str]]:
-    """A router in this process on a free port, configured by ``env``; yields it and its URL."""
-    monkeypatch.setenv("AIMESH_ROUTER_PORT", "0")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    router = RouterService(config)
-    async with router:
-        yield router, router.http_url
+    """A router in this process, on a free port unless ``router`` says otherwise; yields it and
+    its URL."""
+    async with RouterService(config, router or RouterConfig(port=0), durable) as service:
+        yield service, service.http_url
 
 
 async def deploy_record(nc: NatsClient, names: Names, model: str, version: str) -> None:
@@ -151,9 +152,9 @@ async def queued(nc: NatsClient, names: Names) -> int:
 
 
 async def test_async_infer_for_what_is_not_deployed_is_refused_and_queues_nothing(
-    mesh_config: MeshConfig, names: Names, nc: NatsClient, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    mesh_config: MeshConfig, names: Names, nc: NatsClient, http: aiohttp.ClientSession
 ) -> None:
-    async with router_with(mesh_config, monkeypatch) as (router, base):
+    async with router_with(mesh_config) as (router, base):
         await deploy_record(nc, names, "digits", "1")
         await eventually(lambda: _has(router, "digits"), 10, "the router to see digits@1")
         cases = [
@@ -202,16 +203,16 @@ async def _has(router: RouterService, model: str) -> bool:
 
 
 async def test_the_request_streams_carry_their_limits_and_a_full_queue_refuses(
-    mesh_config: MeshConfig, names: Names, nc: NatsClient, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    mesh_config: MeshConfig, names: Names, nc: NatsClient, http: aiohttp.ClientSession
 ) -> None:
-    limits = {
-        "AIMESH_DURABLE_REQUESTS_MAX_MSGS": "3",
-        "AIMESH_DURABLE_REQUESTS_MAX_BYTES": str(1 << 20),
-        "AIMESH_DURABLE_REQUESTS_MAX_AGE_S": "3600",
-        "AIMESH_DURABLE_RESULTS_MAX_BYTES": str(2 << 20),
-        "AIMESH_DURABLE_RESULTS_MAX_AGE_S": "7200",
-    }
-    async with router_with(mesh_config, monkeypatch, **limits) as (router, base):
+    limits = DurableConfig(
+        requests_max_msgs=3,
+        requests_max_bytes=1 << 20,
+        requests_max_age_s=3600,
+        results_max_bytes=2 << 20,
+        results_max_age_s=7200,
+    )
+    async with router_with(mesh_config, durable=limits) as (router, base):
         js = nc.jetstream()
         requests = (await js.stream_info(names.requests_stream)).config
         assert (requests.max_msgs, requests.max_bytes, requests.max_age, requests.discard) == (
@@ -274,10 +275,10 @@ async def test_inference_workers_declare_the_streams_from_the_same_settings(
 
 
 async def test_router_api_keys_hashed_entries_scopes_and_every_admin_route(
-    mesh_config: MeshConfig, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    mesh_config: MeshConfig, http: aiohttp.ClientSession
 ) -> None:
-    keys = f'["{hashed_entry("user-key", "infer")}", "boss-key:admin"]'
-    async with router_with(mesh_config, monkeypatch, AIMESH_ROUTER_API_KEYS=keys) as (router, base):
+    keys = [hashed_entry("user-key", "infer"), "boss-key:admin"]
+    async with router_with(mesh_config, RouterConfig(port=0, api_keys=keys)) as (router, base):
         user, boss = {"Authorization": "Bearer user-key"}, {"X-API-Key": "boss-key"}
         for open_path in ("/v2/health/live", "/openapi.json"):
             async with http.get(f"{base}{open_path}") as resp:
@@ -327,11 +328,9 @@ async def test_router_api_keys_hashed_entries_scopes_and_every_admin_route(
             assert resp.status == 204
 
 
-async def test_a_malformed_router_key_entry_stops_the_router(
-    mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_malformed_router_key_entry_stops_the_router(mesh_config: MeshConfig) -> None:
     with pytest.raises(ConfigError, match=r"\[router\] api_keys: entry 2 is not"):
-        async with router_with(mesh_config, monkeypatch, AIMESH_ROUTER_API_KEYS='["a:infer","b:root"]'):
+        async with router_with(mesh_config, RouterConfig(port=0, api_keys=["a:infer", "b:root"])):
             pass
 
 

@@ -16,7 +16,7 @@ from services.metrics.experiments import ExperimentBook
 from services.metrics.service import MetricsService
 from services.router.stats import OTHER, ExposureLog, RouteCounters, deployed_versions, route_labels
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import MeshConfig, MetricsConfig
 from shared.names import Names
 from shared.routing import RoutingTable
 from shared.schemas import Deployment, DeployRequest, Exposure, ExposureBatch, Feedback, Mirror, Split, Variant
@@ -112,6 +112,7 @@ async def test_requests_naming_anything_add_no_series_to_the_metrics_service(
     names: Names,
     nc: NatsClient,
     fast: MeshConfig,
+    fast_metrics: MetricsConfig,
     http: aiohttp.ClientSession,
 ) -> None:
     """200 requests with made-up model and version names, and feedback naming made-up variants
@@ -131,7 +132,7 @@ async def test_requests_naming_anything_add_no_series_to_the_metrics_service(
             assert resp.status == 200, await resp.text()
         served += 1
 
-    metrics = MetricsService(fast)  # typed: Service.__aenter__ returns Service
+    metrics = MetricsService(fast, fast_metrics)
     async with metrics:
 
         async def experiment_requests() -> int:

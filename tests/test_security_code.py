@@ -28,7 +28,7 @@ from aimesh.datasets_cmd import ingest
 from services.ingest.service import IngestService
 from services.trainer import store as tcpstore
 from shared.client import request
-from shared.config import MeshConfig, load_mesh_config
+from shared.config import IngestConfig, MeshConfig, load_mesh_config
 from shared.discovery import discover
 from shared.errors import BadRequest, ConfigError, Unavailable
 from shared.names import Names
@@ -148,16 +148,13 @@ def test_plain_kwargs_pass() -> None:
 
 # -- the attack, against real processes ---------------------------------------------------------
 @pytest.fixture
-async def ingest_service(
-    mesh_config: MeshConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[IngestService]:
+async def ingest_service(mesh_config: MeshConfig, tmp_path: Path) -> AsyncIterator[IngestService]:
     """An ingest service that reads this test's folder (a small separable CSV: ``data.csv``)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 4))
     rows = [",".join(f"{v:.4f}" for v in r) + f",{int(r[0] + r[1] > 0)}" for r in x]
     (tmp_path / "data.csv").write_text("a,b,c,d,label\n" + "\n".join(rows) + "\n")
-    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(tmp_path))
-    async with IngestService(mesh_config) as service:
+    async with IngestService(mesh_config, IngestConfig(roots=[str(tmp_path)])) as service:
         yield service
 
 

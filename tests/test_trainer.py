@@ -25,7 +25,7 @@ from services.ingest.service import IngestService
 from services.trainer import data
 from services.trainer.worker import AttemptRecord
 from shared.client import request
-from shared.config import MeshConfig
+from shared.config import IngestConfig, MeshConfig
 from shared.datasets import DatasetReader
 from shared.discovery import discover
 from shared.errors import BadRequest
@@ -52,11 +52,9 @@ DIGITS_MLP = {"factory": "zoo.classifier:mlp", "kwargs": {"inputs": 64, "classes
 
 
 @pytest.fixture
-async def ingest_service(
-    mesh_config: MeshConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[IngestService]:
-    monkeypatch.setenv("AIMESH_INGEST_ROOTS", str(tmp_path))  # the corpus a test writes is read from there
-    async with IngestService(mesh_config) as service:
+async def ingest_service(mesh_config: MeshConfig, tmp_path: Path) -> AsyncIterator[IngestService]:
+    # The corpus a test writes is read from there.
+    async with IngestService(mesh_config, IngestConfig(roots=[str(tmp_path)])) as service:
         yield service
 
 

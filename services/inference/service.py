@@ -23,9 +23,10 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 from nats.aio.msg import Msg
@@ -37,11 +38,12 @@ from services.inference.batching import DynamicBatcher
 from services.inference.deployments import check_deploy, previous_version, reconcile
 from services.inference.model import LoadedModel
 from shared import durable
-from shared.actor import Actor, Call
+from shared.actor import Actor, ActorConfig, Call
 from shared.clock import rfc3339_now
-from shared.config import MeshConfig, load_durable_config, load_inference_config
+from shared.config import DurableConfig, InferenceConfig, MeshConfig, load_durable_config, load_inference_config
 from shared.errors import BadRequest, NotFound, ServiceError
 from shared.handoff import Handoff
+from shared.jsactor import JetStreamActorConfig
 from shared.registry import artifacts, get_version, registry_kv
 from shared.schemas import (
     Deployment,
@@ -81,8 +83,12 @@ class InferenceService(Service):
 
     deployments: KeyValue
 
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(
+        self, config: MeshConfig, inference: InferenceConfig | None = None, durable: DurableConfig | None = None
+    ) -> None:
         super().__init__(config)
+        self.inference_config = inference or InferenceConfig()
+        self.durable_config = durable or DurableConfig()
         # State is whole from the start: a drain after a failed setup() finds nothing half-made.
         self._records: dict[str, Deployment] = {}  # by deployments-bucket key
         self._served: dict[str, Served] = {}  # by model@version
@@ -94,13 +100,18 @@ class InferenceService(Service):
         self._generations: dict[str, list[threading.Event]] = {}
         self._early_cancels: OrderedDict[str, None] = OrderedDict()
 
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        return cls(config, load_inference_config(env), load_durable_config(env))
+
     async def setup(self) -> None:
-        self.inference_config = load_inference_config()
         self.deployments = await self.ensure_kv(self.names.deployments_bucket)
-        for config in durable.stream_configs(self.names, load_durable_config()):
+        for config in durable.stream_configs(self.names, self.durable_config):
             await self.ensure_stream(config)
         await self.ensure_kv(self.names.registry_bucket)
-        self.add_actor("deploy", self.names.deploy, self.deploy, DeployRequest, max_concurrency=4)
+        self.add_actor(
+            ActorConfig(name="deploy", subject=self.names.deploy, max_concurrency=4), self.deploy, DeployRequest
+        )
         await self.nc.subscribe(self.names.generate_cancel_subjects, cb=self._on_cancel)
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -221,18 +232,20 @@ class InferenceService(Service):
             await durable.store_result(self.js, self.names, result)
 
         actor = self.add_jetstream_actor(
-            f"durable-{deployment.model}-{deployment.version}",
-            stream=self.names.requests_stream,
-            subject=self.names.durable_request(deployment.model, deployment.version),
-            durable=f"infer-{deployment.model}-{deployment.version}",
-            handler=handle,
-            request_type=InferRequest,
-            template=self.names.durable_template(),
-            max_concurrency=max(64, deployment.max_batch_size * 4),
-            max_deliver=DURABLE_MAX_DELIVER,
-            ack_wait_s=self.inference_config.durable_ack_wait_s,
-            retry_backoff_s=0.5,
-            labels={"model": deployment.model, "version": deployment.version},
+            JetStreamActorConfig(
+                name=f"durable-{deployment.model}-{deployment.version}",
+                stream=self.names.requests_stream,
+                subject=self.names.durable_request(deployment.model, deployment.version),
+                durable=f"infer-{deployment.model}-{deployment.version}",
+                template=self.names.durable_template(),
+                max_concurrency=max(64, deployment.max_batch_size * 4),
+                max_deliver=DURABLE_MAX_DELIVER,
+                ack_wait_s=self.inference_config.durable_ack_wait_s,
+                retry_backoff_s=0.5,
+                labels={"model": deployment.model, "version": deployment.version},
+            ),
+            handle,
+            InferRequest,
         )
         await actor.start()
         return actor
@@ -271,15 +284,17 @@ class InferenceService(Service):
             )
 
         actor = self.add_actor(
-            f"generate-{deployment.model}-{deployment.version}",
-            self.names.generate(deployment.model, deployment.version),
+            ActorConfig(
+                name=f"generate-{deployment.model}-{deployment.version}",
+                subject=self.names.generate(deployment.model, deployment.version),
+                template=self.names.generate_template(),
+                queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
+                max_concurrency=8,
+                mailbox_size=64,
+                labels={"model": deployment.model, "version": deployment.version},
+            ),
             handle,
             GenerateRequest,
-            template=self.names.generate_template(),
-            queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
-            max_concurrency=8,
-            mailbox_size=64,
-            labels={"model": deployment.model, "version": deployment.version},
         )
         actor.extra_stats = lambda: dict(counts)
         await actor.start()
@@ -390,14 +405,16 @@ class InferenceService(Service):
             )
 
         actor = self.add_actor(
-            f"infer-{deployment.model}-{deployment.version}",
-            self.names.infer(deployment.model, deployment.version),
+            ActorConfig(
+                name=f"infer-{deployment.model}-{deployment.version}",
+                subject=self.names.infer(deployment.model, deployment.version),
+                template=self.names.infer_template(),
+                queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
+                max_concurrency=max(64, deployment.max_batch_size * 4),
+                labels={"model": deployment.model, "version": deployment.version},
+            ),
             handle,
             InferRequest,
-            template=self.names.infer_template(),
-            queue_group=self.names.infer_queue_group(deployment.model, deployment.version),
-            max_concurrency=max(64, deployment.max_batch_size * 4),
-            labels={"model": deployment.model, "version": deployment.version},
         )
         actor.extra_stats = batcher.stats
         await actor.start()

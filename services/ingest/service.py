@@ -21,7 +21,9 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Self
 
 import msgspec
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -39,11 +41,12 @@ from services.ingest.sources.common import FORMATS, format_for_name
 from services.ingest.uploads import ensure_uploads, fetch_upload, file_name_of, upload_info
 from services.ingest.versions import give_back
 from shared import tracing
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
-from shared.config import load_ingest_config
+from shared.config import IngestConfig, MeshConfig, load_ingest_config
 from shared.datasets import encode_manifest, latest_key, manifest_key, seq_key
 from shared.errors import BadRequest, ServiceError
+from shared.jsactor import JetStreamActorConfig
 from shared.kv import next_number
 from shared.names import Header, check_token
 from shared.schemas import IngestAccepted, IngestJob, IngestJobRef, IngestRequest
@@ -63,13 +66,19 @@ class IngestService(Service):
     jobs_kv: KeyValue
     datasets_kv: KeyValue
     uploads: ObjectStore
-    roots: Roots
-    tmp_dir: Path | None = None
+
+    def __init__(self, config: MeshConfig, ingest: IngestConfig | None = None) -> None:
+        super().__init__(config)
+        self.ingest_config = ingest or IngestConfig()
+        self.roots = Roots.from_config(self.ingest_config.roots)
+        self.tmp_dir: Path | None = None  # made by setup(): uploads are copied there
+
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        return cls(config, load_ingest_config(env))
 
     async def setup(self) -> None:
         names = self.names
-        self.ingest_config = load_ingest_config()
-        self.roots = Roots.from_config(self.ingest_config.roots)
         log.info("reading inputs only under: %s", self.roots)
         await self.ensure_dead_letter_stream()
         await self.ensure_stream(
@@ -95,18 +104,22 @@ class IngestService(Service):
         self.datasets_kv = await self.ensure_kv(names.datasets_bucket)
         self.uploads = await ensure_uploads(self.js, names, self.config.js_replicas)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix="aimesh-ingest-"))  # 0700: uploads are copied here
-        self.add_actor("submit", names.ingest_submit, self.submit, IngestRequest, max_concurrency=8)
+        self.add_actor(
+            ActorConfig(name="submit", subject=names.ingest_submit, max_concurrency=8), self.submit, IngestRequest
+        )
         self.add_jetstream_actor(
-            "jobs",
-            stream=names.ingest_jobs_stream,
-            subject=names.ingest_jobs,
-            durable="ingest-jobs",
-            handler=self.run_job,
-            request_type=IngestJobRef,
-            max_concurrency=1,
-            max_deliver=MAX_ATTEMPTS,
-            ack_wait_s=self.ingest_config.job_ack_wait_s,
-            retry_backoff_s=2,
+            JetStreamActorConfig(
+                name="jobs",
+                stream=names.ingest_jobs_stream,
+                subject=names.ingest_jobs,
+                durable="ingest-jobs",
+                max_concurrency=1,
+                max_deliver=MAX_ATTEMPTS,
+                ack_wait_s=self.ingest_config.job_ack_wait_s,
+                retry_backoff_s=2,
+            ),
+            self.run_job,
+            IngestJobRef,
         )
 
     async def close_resources(self) -> None:

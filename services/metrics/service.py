@@ -25,7 +25,8 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Self
 
 import msgspec
 from aiohttp import web
@@ -44,9 +45,9 @@ from services.metrics.rates import Rates
 from services.metrics.timeseries import History
 from services.metrics.traces import TraceStore
 from shared import events
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
-from shared.config import AutoscaleConfig, MetricsConfig, load_autoscale_config, load_metrics_config
+from shared.config import AutoscaleConfig, MeshConfig, MetricsConfig, load_autoscale_config, load_metrics_config
 from shared.errors import BadRequest, ConfigError, NotFound
 from shared.experiments import autoscale_lease_key, split_key
 from shared.httpserve import body_deadline, serve_app
@@ -86,24 +87,21 @@ class MetricsService(Service):
     name = "metrics"
     description = "Gathers metrics and spans, serves Prometheus and the dashboard, judges experiments, autoscales."
 
-    metrics_config: MetricsConfig
-    autoscale_config: AutoscaleConfig
-    http_url: str = ""
-    _runner: web.AppRunner | None = None
+    experiments_kv: KeyValue
+    jobs_kv: KeyValue
+    _started: float  # when setup() ran: the autoscaler's warm-up counts from there
 
-    async def setup(self) -> None:
-        self.metrics_config = load_metrics_config()
-        self.autoscale_config = load_autoscale_config()
-        await self.ensure_stream(events.stream_config(self.names))
-        self.experiments_kv: KeyValue = await self.ensure_kv(self.names.experiments_bucket)
-        # Only the holder of this lease scales the pool, however many metrics instances run.
-        self.autoscale_lease = Lease(
-            self.experiments_kv,
-            autoscale_lease_key(self.autoscale_config.pool),
-            self.instance_id,
-            self.autoscale_config.lease_s,
-        )
-        self.jobs_kv: KeyValue = await self.ensure_kv(self.names.jobs_bucket)
+    def __init__(
+        self, config: MeshConfig, metrics: MetricsConfig | None = None, autoscale: AutoscaleConfig | None = None
+    ) -> None:
+        super().__init__(config)
+        self.metrics_config = metrics or MetricsConfig()
+        self.autoscale_config = autoscale or AutoscaleConfig()
+        self.http_url = ""
+        self._runner: web.AppRunner | None = None
+        # Only the holder of this lease scales the pool, however many metrics instances run (set
+        # up with the experiments bucket).
+        self.autoscale_lease: Lease | None = None
         self.rates = Rates()
         self.book = ExperimentBook(self.metrics_config.max_exposures)
         self.history = History(self.metrics_config.history_s)
@@ -121,10 +119,27 @@ class MetricsService(Service):
         self.jobs: dict[str, TrainJob] = {}
         self.progress: dict[str, TrainProgress] = {}
         self.rejected: Counter[str] = Counter()
-        self._started = time.monotonic()
         self._subs: list[Subscription] = []
+
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        return cls(config, load_metrics_config(env), load_autoscale_config(env))
+
+    async def setup(self) -> None:
+        await self.ensure_stream(events.stream_config(self.names))
+        self.experiments_kv = await self.ensure_kv(self.names.experiments_bucket)
+        self.autoscale_lease = Lease(
+            self.experiments_kv,
+            autoscale_lease_key(self.autoscale_config.pool),
+            self.instance_id,
+            self.autoscale_config.lease_s,
+        )
+        self.jobs_kv = await self.ensure_kv(self.names.jobs_bucket)
+        self._started = time.monotonic()
         self.add_actor(
-            "experiments", self.names.experiments_query, self.experiment_query, ExperimentQuery, max_concurrency=8
+            ActorConfig(name="experiments", subject=self.names.experiments_query, max_concurrency=8),
+            self.experiment_query,
+            ExperimentQuery,
         )
         cfg = self.metrics_config
         try:
@@ -173,7 +188,8 @@ class MetricsService(Service):
 
     async def close_resources(self) -> None:
         # After drain step 2 cancelled the timers: no tick takes the lease back.
-        await self.autoscale_lease.release()  # the next instance takes over at its next tick
+        if self.autoscale_lease is not None:
+            await self.autoscale_lease.release()  # the next instance takes over at its next tick
 
     def metadata(self) -> dict[str, str]:
         return {"http": self.http_url} if self.http_url else {}
@@ -304,8 +320,10 @@ class MetricsService(Service):
     async def _leads_autoscaling(self) -> bool:
         """Renew or take the pool's lease.  A new holder starts a fresh policy, which adopts the
         pool as it finds it, rather than the state of whenever it last led."""
-        was = self.autoscale_lease.held
-        held = await self.autoscale_lease.hold()
+        lease = self.autoscale_lease
+        assert lease is not None  # made by setup(), before any tick
+        was = lease.held
+        held = await lease.hold()
         if held and not was:
             log.info("holds the autoscaling lease of pool %s", self.autoscale_config.pool)
             self.autoscaler = Autoscaler(self.autoscale_config)

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 import numpy as np
@@ -27,9 +27,9 @@ from services.router.openai import ChatMessage, chat_request
 from services.router.openai import add_routes as add_openai_routes
 from services.router.stats import ExposureLog, RouteCounters, deployed_versions
 from shared import durable, events
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.client import infer_with_fallback, request, stream
-from shared.config import RouterConfig, load_durable_config, load_router_config
+from shared.config import DurableConfig, MeshConfig, RouterConfig, load_durable_config, load_router_config
 from shared.datasets import get_manifest
 from shared.discovery import discover
 from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
@@ -65,19 +65,17 @@ class RouterService(Service):
     name = "router"
     description = "The HTTP gateway: Open Inference Protocol v2 and OpenAI-compatible APIs, with A/B splits."
 
-    router_config: RouterConfig
-    _runner: web.AppRunner | None = None
-    http_url: str = ""
+    deployments: KeyValue
+    experiments: KeyValue
 
-    async def setup(self) -> None:
-        self.router_config = load_router_config()
-        self.deployments: KeyValue = await self.ensure_kv(self.names.deployments_bucket)
-        self.experiments: KeyValue = await self.ensure_kv(self.names.experiments_bucket)
-        await self.ensure_kv(self.names.registry_bucket)
-        self.durable_config = load_durable_config()
-        for config in durable.stream_configs(self.names, self.durable_config):
-            await self.ensure_stream(config)
-        await self.ensure_stream(events.stream_config(self.names))
+    def __init__(
+        self, config: MeshConfig, router: RouterConfig | None = None, durable: DurableConfig | None = None
+    ) -> None:
+        super().__init__(config)
+        self.router_config = router or RouterConfig()
+        self.durable_config = durable or DurableConfig()
+        self._runner: web.AppRunner | None = None
+        self.http_url = ""
         self.counters = RouteCounters(lambda: deployed_versions(self.table))  # labels: deployed names only
         self.exposures = ExposureLog()
         self.table = RoutingTable()
@@ -85,16 +83,30 @@ class RouterService(Service):
         self._versions: dict[tuple[str, str], ModelVersion] = {}  # registry records, by (model, version)
         self._manifests: dict[str, DatasetManifest] = {}  # by NAME@VERSION
         self._mirror_slots = asyncio.Semaphore(64)
-        self.add_actor(
-            "infer-routed",
-            self.names.infer_routed_subjects,
-            self.infer_routed,
-            InferRequest,
-            template=self.names.infer_routed("{model}"),
-            queue_group=self.names.queue_group("router"),
-        )
         self.mirrors_sent = 0
         self.mirrors_dropped = 0
+
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        return cls(config, load_router_config(env), load_durable_config(env))
+
+    async def setup(self) -> None:
+        self.deployments = await self.ensure_kv(self.names.deployments_bucket)
+        self.experiments = await self.ensure_kv(self.names.experiments_bucket)
+        await self.ensure_kv(self.names.registry_bucket)
+        for config in durable.stream_configs(self.names, self.durable_config):
+            await self.ensure_stream(config)
+        await self.ensure_stream(events.stream_config(self.names))
+        self.add_actor(
+            ActorConfig(
+                name="infer-routed",
+                subject=self.names.infer_routed_subjects,
+                template=self.names.infer_routed("{model}"),
+                queue_group=self.names.queue_group("router"),
+            ),
+            self.infer_routed,
+            InferRequest,
+        )
         cfg = self.router_config
         try:
             keys = parse_keys(cfg.api_keys)
@@ -153,11 +165,10 @@ class RouterService(Service):
     async def close_resources(self) -> None:
         # Requests have finished and the exposures timer is cancelled (drain step 2): the
         # exposures they left are sent before NATS drains.
-        if hasattr(self, "exposures"):  # not when setup failed part-way
-            await self._flush_exposures()
+        await self._flush_exposures()
 
     def route_stats(self) -> list[RouteStats]:
-        return self.counters.stats() if hasattr(self, "counters") else []
+        return self.counters.stats()
 
     # -- experiments: exposures and feedback -----------------------------------------------------
     async def _flush_exposures(self) -> None:

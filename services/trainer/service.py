@@ -37,7 +37,8 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -45,9 +46,9 @@ from nats.js.kv import KeyValue
 
 from services.trainer import rendezvous, submission
 from shared import tracing
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
-from shared.config import TrainerConfig, load_trainer_config
+from shared.config import MeshConfig, TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
 from shared.errors import BadRequest, NotFound
 from shared.natsserver import die_with_parent
@@ -67,21 +68,29 @@ class TrainerService(Service):
     name = "trainer"
     description = "A training node: coordinates data- and model-parallel PyTorch runs over NATS."
 
-    trainer_config: TrainerConfig
     jobs: KeyValue
     nodes: KeyValue
 
-    async def setup(self) -> None:
-        self.trainer_config = load_trainer_config()
-        self.jobs = await self.ensure_kv(self.names.jobs_bucket, history=1)
-        self.nodes = await self.ensure_kv(self.names.trainers_bucket, ttl_s=self.trainer_config.node_ttl_s)
-        await self.ensure_kv(self.names.registry_bucket)
-        await artifacts(self.js, self.names, self.config.js_replicas)
+    def __init__(self, config: MeshConfig, trainer: TrainerConfig | None = None) -> None:
+        super().__init__(config)
+        self.trainer_config = trainer or TrainerConfig()
         self._known: dict[str, tuple[TrainJob, int]] = {}
         self._child: asyncio.subprocess.Process | None = None
         self._child_job: tuple[str, int, int] | None = None  # (job, attempt, rank)
         self._lock = asyncio.Lock()
-        self.add_actor("submit", self.names.train_submit, self.submit, TrainRequest, max_concurrency=4)
+
+    @classmethod
+    def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
+        return cls(config, load_trainer_config(env))
+
+    async def setup(self) -> None:
+        self.jobs = await self.ensure_kv(self.names.jobs_bucket, history=1)
+        self.nodes = await self.ensure_kv(self.names.trainers_bucket, ttl_s=self.trainer_config.node_ttl_s)
+        await self.ensure_kv(self.names.registry_bucket)
+        await artifacts(self.js, self.names, self.config.js_replicas)
+        self.add_actor(
+            ActorConfig(name="submit", subject=self.names.train_submit, max_concurrency=4), self.submit, TrainRequest
+        )
 
     async def after_start(self) -> None:
         self.every(self.trainer_config.heartbeat_s, self._heartbeat, name="heartbeat")

@@ -42,7 +42,7 @@ from services.trainer import data
 from services.trainer.bridge import NatsBridge
 from services.trainer.store import collective_env, create_store
 from shared.clock import rfc3339_now
-from shared.config import load_mesh_config, load_trainer_config
+from shared.config import MeshConfig, TrainerConfig, load_mesh_config, load_trainer_config
 from shared.datasets import DatasetReader
 from shared.errors import BadRequest
 from shared.logs import setup_logging
@@ -80,15 +80,15 @@ class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Worker:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, config: MeshConfig, trainer: TrainerConfig) -> None:
         self.job_id: str = args.job
         self.attempt: int = args.attempt
         self.rank: int = args.rank
         self.world: int = args.world
         self.master: str = args.master
-        self.config = load_mesh_config()
+        self.config = config
         self.packages = self.config.model_packages  # the agent passes its own (AIMESH_MODEL_PACKAGES)
-        self.host = load_trainer_config().host
+        self.host = trainer.host
         self.names = Names(self.config.prefix)
         self.bridge = NatsBridge(self.config, f"{self.config.prefix}-trainer-{self.job_id}-r{self.rank}")
         self.js = self.bridge.nc.jetstream()
@@ -542,9 +542,10 @@ def main() -> None:
     setup_logging(
         f"trainer-r{args.rank}", config.instance or str(os.getpid()), fmt=config.log_format, level=config.log_level
     )
-    torch.set_num_threads(max(1, load_trainer_config().threads))
+    trainer = load_trainer_config()
+    torch.set_num_threads(max(1, trainer.threads))
     try:
-        Worker(args).run()
+        Worker(args, config, trainer).run()
     except SystemExit:
         raise
     except Exception:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.client import request
 from shared.runner import run_service
 from shared.service import Service
@@ -14,11 +14,11 @@ class FrontService(Service):
 
     async def setup(self) -> None:
         self.add_actor(
-            "hop",
-            self.names.endpoint("front", "hop"),
+            ActorConfig(
+                name="hop", subject=self.names.endpoint("front", "hop"), template=self.names.endpoint_template("hop")
+            ),
             self.hop,
             EchoRequest,
-            template=self.names.endpoint_template("hop"),
         )
 
     async def hop(self, req: EchoRequest, _: Call) -> EchoReply:

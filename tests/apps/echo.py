@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shared.actor import Call
+from shared.actor import ActorConfig, Call
 from shared.runner import run_service
 from shared.schemas import Message
 from shared.service import Service
@@ -28,11 +28,11 @@ class EchoService(Service):
 
     async def setup(self) -> None:
         self.add_actor(
-            "echo",
-            self.names.endpoint("echo", "echo"),
+            ActorConfig(
+                name="echo", subject=self.names.endpoint("echo", "echo"), template=self.names.endpoint_template("echo")
+            ),
             self.echo,
             EchoRequest,
-            template=self.names.endpoint_template("echo"),
         )
 
     async def echo(self, req: EchoRequest, _: Call) -> EchoReply:

@@ -40,6 +40,7 @@ from services.ingest.sources.common import (
     pack_features,
 )
 from shared.errors import BadRequest
+from shared.schemas import IngestRequest
 
 CHUNK_BYTES = 4 << 20
 LOOKAHEAD = 3  # chunks parsed ahead of the consumer
@@ -58,8 +59,15 @@ class _Parsed:
 class CsvSource(Source):
     format = "csv"
 
-    def blocks(self, rejects: RejectLog) -> Iterator[Block]:
+    def __init__(self, paths: list[Path], request: IngestRequest, parse_threads: int = 2) -> None:
+        super().__init__(paths, request, parse_threads)
         self._encoder = LabelEncoder(self.label_classes)
+        # Fixed by the first file's first chunk (_decide_types); the other files must match.
+        self._names: list[str] = []
+        self._types: dict[str, pa.DataType] = {}  # every column's: empty until decided
+        self._label_kind: str | None = None  # when there is a label column
+
+    def blocks(self, rejects: RejectLog) -> Iterator[Block]:
         done = 0
         for path in self.paths:
             yield from self._file(path, rejects, done)
@@ -74,7 +82,7 @@ class CsvSource(Source):
             first = next(chunks, None)
             if first is None:
                 return
-            if not hasattr(self, "_types"):
+            if not self._types:
                 self._decide_types(names, header, _decodable_lines(first[1], 2)[0], path)
             elif names != self._names:
                 raise BadRequest(f"{path}: header {names} differs from the first file's {self._names}")
@@ -214,6 +222,7 @@ class CsvSource(Source):
     def _finish(self, parsed: _Parsed, bytes_before: int) -> Block:
         columns = parsed.columns
         if parsed.label_raw is not None:
+            assert self._label_kind is not None  # decided with the types when there is a label
             # Label classes are assigned here, in input order, so they are deterministic.
             columns = {**columns, "y": label_array(parsed.label_raw, self._label_kind, self._encoder)}
         return Block(columns, bytes_before + parsed.end)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,6 +22,7 @@ from services.ingest.sources.common import (
     pack_features,
 )
 from shared.errors import BadRequest
+from shared.schemas import IngestRequest
 
 BLOCK_RECORDS = 8192
 _decoder = msgspec.json.Decoder()
@@ -29,9 +31,14 @@ _decoder = msgspec.json.Decoder()
 class JsonlSource(Source):
     format = "jsonl"
 
+    def __init__(self, paths: list[Path], request: IngestRequest, parse_threads: int = 2) -> None:
+        super().__init__(paths, request, parse_threads)
+        self._kinds: dict[str, tuple[str, int]] | None = None  # name -> (num|str, vector length or 0)
+        # The label's kind, learnt from the first record; with a schema, from each block's values.
+        self._label_kind: str | None = None
+
     def blocks(self, rejects: RejectLog) -> Iterator[Block]:
         encoder = LabelEncoder(self.label_classes)
-        self._kinds: dict[str, tuple[str, int]] | None = None  # name -> (num|str, vector length or 0)
         if self.request.schema:
             self._kinds = {
                 c.name: ("str" if c.dtype == "str" else "num", c.shape[0] if c.shape else 0)
@@ -109,7 +116,7 @@ class JsonlSource(Source):
         label = self.request.label
         label_values = None
         if label is not None:
-            kind = getattr(self, "_label_kind", label_kind(columns[label].dtype))
+            kind = self._label_kind or label_kind(columns[label].dtype)
             label_values = label_array(columns[label], kind, encoder)
         packed = pack_features(columns, self.features, label, label_values)
         if not self.features:  # a single vector column is the feature matrix

@@ -33,7 +33,7 @@ def add_parser(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Every failure here is 1: a lookup that found nothing, not a request the mesh refused.
+    # Past the usage checks every failure is 1: a lookup that found nothing, not a refused request.
     if args.action == "show" and not args.ref:
         print("aimesh models show: give NAME[@VERSION|@ALIAS]", file=sys.stderr)
         return EXIT_USAGE

@@ -19,10 +19,10 @@ import sys
 import msgspec
 from nats.aio.client import Client as NatsClient
 
-from aimesh.datasets_cmd import connect_once, ingest
-from aimesh.progress import manifest_text
+from aimesh.commands.mesh import connect_once
+from aimesh.jobs import ingest, train
+from aimesh.progress import manifest_text, render_report, version_text
 from aimesh.supervisor import Supervisor
-from aimesh.train_cmd import train, version_text
 from shared.client import request
 from shared.discovery import discover
 from shared.errors import MeshError
@@ -193,8 +193,6 @@ async def _experiment(nc: NatsClient, names: Names) -> int:
     import aiohttp
     import numpy as np
     from sklearn.datasets import load_digits
-
-    from aimesh.experiments_cmd import render_report
 
     split = await put_split(
         nc.jetstream(),

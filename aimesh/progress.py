@@ -1,8 +1,8 @@
-"""Rendering an ingest job's progress and result for a terminal (pure: strings in, strings out)."""
+"""Rendering jobs, models and experiments for a terminal (pure: records in, strings out)."""
 
 from __future__ import annotations
 
-from shared.schemas import DatasetManifest, IngestJob
+from shared.schemas import DatasetManifest, ExperimentReport, IngestJob, ModelVersion, TrainJob, TrainProgress
 
 
 def human_bytes(n: float) -> str:
@@ -56,3 +56,50 @@ def rejects_text(job: IngestJob, limit: int = 10) -> str:
         where = f"{r.source}:{r.line}" if r.line else r.source
         out.append(f"  {where}: {r.column + ': ' if r.column else ''}{r.reason}")
     return "\n".join(out)
+
+
+def train_progress_line(job: TrainJob, progress: TrainProgress | None) -> str:
+    head = f"{job.job_id} attempt {job.attempt} {job.state}"
+    if job.state == "forming":
+        return f"{head}: waiting for {job.request.nodes} trainer nodes, {len(job.members)} joined"
+    if progress is None or progress.attempt != job.attempt:
+        return f"{head}: {job.world} ranks starting"
+    return (
+        f"{head}: epoch {progress.epoch + 1}/{job.request.epochs} step {progress.step}/{progress.steps_per_epoch} "
+        f"loss {progress.loss:.4f}  {progress.samples_per_s:,.0f} samples/s  ranks {progress.world}"
+    )
+
+
+def version_text(v: ModelVersion, alias_map: dict[str, str] | None = None) -> str:
+    names = [a for a, n in (alias_map or {}).items() if n == v.version]
+    metrics = ", ".join(f"{k} {val:.4g}" for k, val in sorted(v.metrics.items()))
+    return "\n".join(
+        [
+            f"model {v.model}@{v.version}{' (' + ', '.join(sorted(names)) + ')' if names else ''}: {v.task}, "
+            f"{v.factory} {v.kwargs}",
+            f"metrics: {metrics or 'none'}",
+            f"trained on {v.dataset} by job {v.job_id}; artifact {v.artifact}",
+            f"trace {v.trace_id or '-'} (dataset's: {v.dataset_trace_id or '-'}); created {v.created_at}",
+        ]
+    )
+
+
+def render_report(report: ExperimentReport) -> str:
+    head = f"{report.model}  experiment {report.experiment or '-'}  state {report.state}  control v{report.control}"
+    lines = [
+        head,
+        f"verdict: {report.verdict}" + (f" (v{report.winner})" if report.winner else "") + f": {report.reason}",
+        f"sequential test: always-valid p-value, alpha {report.alpha:g}, at least {report.min_samples} rewards per "
+        "variant before a verdict",
+        "",
+        f"  {'variant':<8} {'weight':>6} {'requests':>9} {'err %':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+        f"{'rewards':>8} {'mean reward [95% CI]':>26} {'lift':>8} {'p':>7}  guardrail",
+    ]
+    for v in report.variants:
+        ci = f"{v.reward_mean:.4f} [{v.reward_ci_low:.4f}, {v.reward_ci_high:.4f}]" if v.rewards else "-"
+        lines.append(
+            f"  v{v.version:<7} {v.weight:>6g} {v.requests:>9} {v.error_rate * 100:>6.2f} {v.p50_ms:>8.2f} "
+            f"{v.p95_ms:>8.2f} {v.p99_ms:>8.2f} {v.rewards:>8} {ci:>26} {v.lift:>+8.4f} {v.p_value:>7.4f}  "
+            f"{v.guardrail or '-'}"
+        )
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ import msgspec
 import nats
 import pytest
 
-from aimesh.datasets_cmd import connect_once
+from aimesh.commands.mesh import connect_once
 from shared.auth import ROLES
 from shared.connect import connect_single
 from shared.names import Names

@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import json
+import logging
+from typing import TYPE_CHECKING, Any
 
-from shared.discovery import discover
-from shared.schemas import MicroInfo, MicroStats
+from aimesh.commands.mesh import EXIT_FAILED, EXIT_OK, Mesh, Subparsers, add_client_flags, run_on_mesh
+from services import SERVICE_NAMES
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    status = subparsers.add_parser("status", help="list live service instances (NATS micro protocol)")
+    add_client_flags(status)
+    status.add_argument("--service", choices=SERVICE_NAMES, help="only this service")
+    status.add_argument("--wait", type=float, default=0.5, help="seconds to gather replies (default 0.5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+
+    async def step(mesh: Mesh) -> int:
+        prefix = mesh.names.prefix
+        rows = await gather_status(mesh.nc, prefix, service=args.service, wait_s=args.wait)
+        if mesh.as_json:
+            print(json.dumps(rows, indent=2))  # indented, unlike the other commands' JSON
+        else:
+            print(render_table(rows) if rows else f"no aimesh services answered on {mesh.url} (prefix {prefix})")
+        return EXIT_OK if rows else EXIT_FAILED  # 1: nothing answered
+
+    # errors=(): a mesh error is main's to report (exit 1), as before this helper existed.
+    return run_on_mesh(args, step, errors=())
 
 
 async def gather_status(
-    url: str, prefix: str, *, service: str | None = None, wait_s: float = 0.5
+    nc: NatsClient, prefix: str, *, service: str | None = None, wait_s: float = 0.5
 ) -> list[dict[str, Any]]:
     """One row per instance of mesh ``prefix``: identity, endpoints and their counters."""
-    from aimesh.datasets_cmd import connect_once
+    from shared.discovery import discover
+    from shared.schemas import MicroInfo, MicroStats
 
-    nc = await connect_once(url)  # ConnectionError (an OSError) when NATS does not answer
-    try:
-        name = f"{prefix}-{service}" if service else None
-        infos = await discover(nc, "INFO", MicroInfo, name=name, wait_s=wait_s)
-        stats = {s.id: s for s in await discover(nc, "STATS", MicroStats, name=name, wait_s=wait_s)}
-    finally:
-        await nc.close()
+    name = f"{prefix}-{service}" if service else None
+    infos = await discover(nc, "INFO", MicroInfo, name=name, wait_s=wait_s)
+    stats = {s.id: s for s in await discover(nc, "STATS", MicroStats, name=name, wait_s=wait_s)}
     rows = []
     for info in infos:
         if info.metadata.get("mesh") != prefix:

@@ -1,0 +1,68 @@
+"""``aimesh auth``: the mesh's identities on the bus, without talking to it: seeds and the
+server's authorization block for an external NATS (``init``), or each role's grants."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from aimesh.commands.mesh import EXIT_OK, Subparsers, mesh_names
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    auth = subparsers.add_parser(
+        "auth", help="identities on the bus: `auth init DIR` for an external NATS, `auth permissions`"
+    )
+    auth_sub = auth.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = auth_sub.add_parser(
+        "init", help="write a seed per role and the server's authorization block (nats-server.conf) into DIR"
+    )
+    init.add_argument("dir", help="where to write <role>.nk (0600) and nats-server.conf")
+    init.add_argument("--prefix", help="the mesh's subject prefix (default: aimesh)")
+    init.add_argument("--rotate", action="append", default=[], metavar="ROLE", help="new seed for ROLE (repeatable)")
+    perms = auth_sub.add_parser("permissions", help="print each role's publish/subscribe grants")
+    perms.add_argument("--role", help="only this role")
+    perms.add_argument("--prefix", help="the mesh's subject prefix (default: aimesh)")
+    perms.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    return permissions(args) if args.action == "permissions" else init(args)
+
+
+def permissions(args: argparse.Namespace) -> int:
+    from shared import auth
+
+    names = mesh_names(args)
+    roles = [auth.check_role(args.role)] if args.role else list(auth.ROLES)
+    grants = {role: auth.role_grant(names, role).to_server() for role in roles}
+    if args.json:
+        print(json.dumps(grants, indent=2))
+    else:
+        for role, grant in grants.items():
+            print(f"{role}:")
+            for verb in ("publish", "subscribe"):
+                allow = grant[verb]
+                assert isinstance(allow, dict)
+                print(f"  {verb}: {', '.join(allow['allow'])}")
+            print(f"  replies to requests: {'yes' if 'allow_responses' in grant else 'no'}")
+    return EXIT_OK
+
+
+def init(args: argparse.Namespace) -> int:
+    from shared import auth
+
+    names = mesh_names(args)
+    for role in args.rotate:
+        auth.check_role(role)
+    directory = Path(args.dir)
+    keys = auth.ensure_seeds(directory, rotate=args.rotate)
+    config = directory / "nats-server.conf"
+    auth.write_private(config, auth.server_config(names, keys).encode())
+    print(f"wrote {len(keys)} identities ({', '.join(keys)}) as {directory}/<role>.nk (0600)")
+    print(f"wrote the server's authorization block to {config}: `include` it in every server's config")
+    if args.rotate:
+        print(f"rotated {', '.join(args.rotate)}: reload the servers (nats-server --signal reload), then restart")
+        print("the processes of those roles with the new seeds")
+    return EXIT_OK

@@ -8,6 +8,7 @@ configuration or a request the mesh refused as invalid; 3 NATS could not be reac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,7 +27,7 @@ from aimesh.commands import (
     train,
     up,
 )
-from aimesh.commands.mesh import EXIT_FAILED, EXIT_USAGE
+from aimesh.commands.mesh import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from shared.errors import ConfigError, MeshError
 
 # Name → module, in the order `aimesh --help` lists them; each module's add_parser uses the name.
@@ -67,4 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = EXIT_FAILED
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # the reader went away (`aimesh … | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = EXIT_OK
     sys.exit(code)

@@ -21,7 +21,7 @@ import numpy as np
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.batches import batch_arrays, decode_batch
@@ -75,7 +75,7 @@ async def list_manifests(js: JetStreamContext, names: Names) -> list[DatasetMani
     kv = await datasets_kv(js, names)
     try:
         keys = await kv.keys()
-    except NotFoundError:
+    except (NotFoundError, NoKeysError):  # no bucket, or an empty one: no datasets yet
         return []
     out = []
     for key in keys:

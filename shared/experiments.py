@@ -8,7 +8,7 @@ import uuid
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from shared.clock import rfc3339_now
 from shared.errors import BadRequest
@@ -74,6 +74,8 @@ def check_guardrails(split: Split) -> None:
 
 
 async def delete_split(js: JetStreamContext, names: Names, model: str) -> None:
-    kv = await js.key_value(names.experiments_bucket)
-    with contextlib.suppress(KeyNotFoundError):
-        await kv.delete(split_key(model))
+    """Remove ``model``'s split; none (or no experiments bucket yet) is already the wanted state."""
+    key = split_key(model)
+    with contextlib.suppress(BucketNotFoundError, KeyNotFoundError):
+        kv = await js.key_value(names.experiments_bucket)
+        await kv.delete(key)

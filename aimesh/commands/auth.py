@@ -43,9 +43,11 @@ def permissions(args: argparse.Namespace) -> int:
         for role, grant in grants.items():
             print(f"{role}:")
             for verb in ("publish", "subscribe"):
-                allow = grant[verb]
-                assert isinstance(allow, dict)
-                print(f"  {verb}: {', '.join(allow['allow'])}")
+                rules = grant[verb]
+                assert isinstance(rules, dict)
+                print(f"  {verb}: {', '.join(rules.get('allow', [])) or 'nothing'}")
+                if rules.get("deny") and rules.get("allow"):
+                    print(f"  {verb}, except: {', '.join(rules['deny'])}")
             print(f"  replies to requests: {'yes' if 'allow_responses' in grant else 'no'}")
     return EXIT_OK
 

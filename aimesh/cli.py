@@ -19,7 +19,7 @@ from pathlib import Path
 from services import SERVICE_NAMES
 from shared.config import config_path, load_autoscale_config, load_mesh_config, load_up_config, read_toml
 from shared.errors import ConfigError, MeshError
-from shared.names import Names
+from shared.names import Header, Names
 from shared.schemas import ColumnSpec, DeployRequest, Guardrails, IngestRequest, TrainRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     feedback = sub.add_parser("feedback", help="record an outcome for a served request: feedback MODEL ID REWARD")
     feedback.add_argument("model")
-    feedback.add_argument("id", help="the request id (the response's id / Aimesh-Request-Id)")
+    feedback.add_argument("id", help=f"the request id (the response's id / {Header.REQUEST_ID})")
     feedback.add_argument("reward", type=float, help="a reward, or 1 / 0 for a conversion")
     _add_client_flags(feedback, json_flag=False)
 

@@ -14,7 +14,7 @@ from nats.js.errors import KeyNotFoundError
 from aimesh.datasets_cmd import connect_once, exit_code
 from shared.client import request
 from shared.errors import MeshError
-from shared.names import Names
+from shared.names import Names, job_key, progress_key
 from shared.registry import aliases, get_version, list_versions, registry_kv, set_alias
 from shared.schemas import ModelVersion, TrainAccepted, TrainJob, TrainProgress, TrainRequest
 
@@ -43,9 +43,9 @@ async def train(
     last_line = ""
     last_attempt = 0
     while True:
-        job = _job.decode((await kv.get(f"job.{accepted.job_id}")).value or b"")
+        job = _job.decode((await kv.get(job_key(accepted.job_id))).value or b"")
         try:
-            progress: TrainProgress | None = _progress.decode((await kv.get(f"progress.{job.job_id}")).value or b"")
+            progress: TrainProgress | None = _progress.decode((await kv.get(progress_key(job.job_id))).value or b"")
         except KeyNotFoundError:
             progress = None
         if show:

@@ -42,10 +42,10 @@ from shared import tracing
 from shared.actor import Call
 from shared.clock import rfc3339_now
 from shared.config import load_ingest_config
-from shared.datasets import encode_manifest, latest_key, manifest_key, seq_key
+from shared.datasets import encode_manifest
 from shared.errors import BadRequest, ServiceError
 from shared.kv import next_number
-from shared.names import Header, check_token
+from shared.names import Header, check_token, dataset_latest_key, dataset_seq_key, manifest_key
 from shared.schemas import IngestAccepted, IngestJob, IngestJobRef, IngestRequest
 from shared.service import Service
 
@@ -235,7 +235,7 @@ class IngestService(Service):
         return job, True
 
     async def _new_version(self, dataset: str) -> str:
-        return str(await next_number(self.datasets_kv, seq_key(dataset)))
+        return str(await next_number(self.datasets_kv, dataset_seq_key(dataset)))
 
     # -- running a job ---------------------------------------------------------------------------
     async def run_job(self, ref: IngestJobRef, call: Call) -> None:
@@ -293,7 +293,7 @@ class IngestService(Service):
             if upload_dir is not None:
                 await asyncio.to_thread(shutil.rmtree, upload_dir, True)
         await self.datasets_kv.put(manifest_key(manifest.dataset, manifest.version), encode_manifest(manifest))
-        await self.datasets_kv.put(latest_key(manifest.dataset), manifest.version.encode())
+        await self.datasets_kv.put(dataset_latest_key(manifest.dataset), manifest.version.encode())
         done = msgspec.structs.replace(
             job,
             state="complete",

@@ -328,6 +328,8 @@ class MetricsService(Service):
         """Promote the winner or roll back to the control: compare-and-set on the split, so the
         decision is made once, and an event with the evidence."""
         action = report.verdict
+        if action != "promote" and action != "rollback":
+            return  # only these verdicts act (the caller checks it too)
         version = report.winner or (split.control_version if action == "rollback" else "")
         if not version:
             return

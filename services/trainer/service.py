@@ -137,7 +137,10 @@ class TrainerService(Service):
             entry = await self.jobs.get(job_key(job_id))
         except KeyNotFoundError:
             raise BadRequest(f"no training job {job_id}") from None
-        job = _job.decode(entry.value or b"")
+        try:
+            job = _job.decode(entry.value or b"")
+        except msgspec.DecodeError as exc:  # ValidationError too: a state this agent does not know
+            raise BadRequest(f"job {job_id}: its record cannot be read here: {exc}") from None
         if not await self._cas(job, entry.revision or 0, **rendezvous.resume(job, time.time())):
             raise BadRequest(f"job {job_id} changed while resuming it; try again")
         idle = sum(1 for n in await self._nodes() if n.state == "idle")
@@ -311,6 +314,8 @@ class TrainerService(Service):
                 out.append(_node.decode((await self.nodes.get(key)).value or b""))
             except KeyNotFoundError:
                 continue
+            except msgspec.DecodeError as exc:  # ValidationError too: another agent's version, say
+                log.warning("trainer node %s: its heartbeat cannot be read: %s", key, exc)
         return out
 
 

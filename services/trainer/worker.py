@@ -48,7 +48,16 @@ from shared.errors import BadRequest
 from shared.logs import setup_logging
 from shared.names import Names, attempt_key, checkpoint_key, job_key, progress_key, result_key
 from shared.registry import artifacts, put_object, register
-from shared.schemas import Checkpoint, DatasetManifest, ModelVersion, TrainJob, TrainProgress, TrainRequest, TrainResult
+from shared.schemas import (
+    Checkpoint,
+    DatasetManifest,
+    ModelTask,
+    ModelVersion,
+    TrainJob,
+    TrainProgress,
+    TrainRequest,
+    TrainResult,
+)
 from zoo import ModelSpec, build_model, check_factory, check_kwargs
 from zoo.artifacts import checkpoint_from_bytes, checkpoint_to_bytes, weights_to_bytes
 from zoo.lm import declared_chat_template, lm_loss
@@ -129,7 +138,7 @@ class Worker:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
         try:
             manifest = self.bridge.call(DatasetReader.open(self.js, self.names, self.req.dataset)).manifest
-            task = "lm" if any(c.name == "tokens" for c in manifest.columns) else "classify"
+            task: ModelTask = "lm" if any(c.name == "tokens" for c in manifest.columns) else "classify"
             if self.req.parallel == "pp" and task != "lm":
                 raise SystemExit("pipeline parallelism (pp) is for the language model: use dp for classifiers")
             arrays, sizes = self._load(manifest)
@@ -445,7 +454,7 @@ class Worker:
         raise SystemExit(error)
 
     # -- the end: evaluate, store, register ---------------------------------------------------
-    def _finish(self, full: torch.nn.Module, manifest: DatasetManifest, task: str) -> None:
+    def _finish(self, full: torch.nn.Module, manifest: DatasetManifest, task: ModelTask) -> None:
         if self.req.parallel == "pp":
             full = self._gather_pipeline(full)
             if self.rank != 0:

@@ -20,7 +20,7 @@ from shared.config import load_mesh_config
 from shared.connect import connect_options, connect_single
 from shared.datasets import get_manifest, list_manifests, parse_ref
 from shared.errors import ConfigError, MeshError, Unavailable
-from shared.names import Names
+from shared.names import Names, ingest_job_key
 from shared.registry import put_object
 from shared.schemas import DatasetManifest, IngestAccepted, IngestJob, IngestRequest
 
@@ -58,7 +58,7 @@ async def ingest(
     manifest."""
     accepted = await request(nc, names.ingest_submit, req, IngestAccepted, timeout_s=120)
     kv = await nc.jetstream().key_value(names.ingest_bucket)
-    watcher = await kv.watch(accepted.job_id)
+    watcher = await kv.watch(ingest_job_key(accepted.job_id))
     job: IngestJob | None = None
     waited = 0.0
     try:

@@ -333,6 +333,19 @@ def attempt_key(job_id: str, attempt: int) -> str:
     return f"attempt.{job_id}.{attempt}"
 
 
+# Bucket ``<prefix>-ingest``: ingest jobs; bucket ``<prefix>-trainers``: trainer heartbeats (TTL).
+
+
+def ingest_job_key(job_id: str) -> str:
+    """An IngestJob: its state, progress and reject report (the key is the job id itself)."""
+    return job_id
+
+
+def trainer_node_key(instance: str) -> str:
+    """A TrainerNode heartbeat (the key is the agent's instance id itself)."""
+    return instance
+
+
 # Bucket ``<prefix>-datasets``: dataset versions (the ingest service writes, everyone reads).
 
 

@@ -50,7 +50,7 @@ from shared.clock import rfc3339_now
 from shared.config import TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
 from shared.errors import BadRequest, NotFound
-from shared.names import job_key, job_keys, result_key
+from shared.names import job_key, job_keys, result_key, trainer_node_key
 from shared.natsserver import die_with_parent
 from shared.registry import artifacts
 from shared.schemas import GpuStats, TrainAccepted, TrainerNode, TrainJob, TrainRequest, TrainResult
@@ -106,7 +106,7 @@ class TrainerService(Service):
         if self._child is not None and self._child.returncode is None:
             await self._stop_child("this node is shutting down")
         try:
-            await self.nodes.delete(self.instance_id)
+            await self.nodes.delete(trainer_node_key(self.instance_id))
         except Exception:
             log.debug("could not remove the heartbeat", exc_info=True)
 
@@ -159,7 +159,7 @@ class TrainerService(Service):
             device=_device_name(),
         )
         try:
-            await self.nodes.put(self.instance_id, _json.encode(node))
+            await self.nodes.put(trainer_node_key(self.instance_id), _json.encode(node))
         except Exception:  # NATS away: the next beat tries again
             log.warning("heartbeat failed", exc_info=True)
 

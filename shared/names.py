@@ -1,8 +1,9 @@
 """Every subject, stream, bucket, KV key and header name of the mesh, built in one place.
 
 A mesh is identified by its prefix (``aimesh`` by default), so several meshes can share one
-NATS deployment.  Nothing outside this module spells a subject or a stream name: services ask
-a :class:`Names` instance, and tests build one per test with a unique prefix.
+NATS deployment.  Nothing outside this module spells a subject, stream, KV key or header name:
+services ask a :class:`Names` instance (and :class:`Header`, and the key functions below), and
+tests build one per test with a unique prefix.
 
 Subject *templates* (``aimesh.infer.{model}.{version}``) are what spans are named after: they
 keep span names low-cardinality, as the OpenTelemetry messaging conventions ask.

@@ -32,7 +32,7 @@ from shared.config import MeshConfig
 from shared.connect import connect_options
 from shared.errors import MeshTimeout
 from shared.kv import follow, open_bucket
-from shared.names import Names
+from shared.names import Names, deploy_keys, split_keys
 from shared.routing import RoutingTable
 from shared.schemas import DurableResult, GenerateChunk, GenerateRequest, InferRequest
 from shared.tensors import from_wire, to_wire
@@ -73,7 +73,7 @@ class MeshClient:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(follow(kv, keys, lambda e: self.table.apply(e.key, e.value)))
-            for kv, keys in ((deployments, "deploy.>"), (experiments, "split.*"))
+            for kv, keys in ((deployments, deploy_keys()), (experiments, split_keys()))
         ]
         # The watchers deliver the current values first: wait for them, so routing is known.
         for _ in range(50):

@@ -27,7 +27,7 @@ from shared.client import request
 from shared.discovery import discover
 from shared.errors import MeshError
 from shared.experiments import put_split
-from shared.names import Names
+from shared.names import Header, Names
 from shared.registry import get_version, registry_kv
 from shared.schemas import (
     Deployment,
@@ -147,7 +147,7 @@ async def _serve(nc: NatsClient, names: Names) -> int:
                 out = await resp.json()
                 predicted = next(o for o in out["outputs"] if o["name"] == "class")["data"][0]
                 print(
-                    f"  user {user:<4} served by digits@{resp.headers['Aimesh-Variant']}: true {y[i]}, "
+                    f"  user {user:<4} served by digits@{resp.headers[Header.VARIANT]}: true {y[i]}, "
                     f"predicted {predicted}"
                 )
         prompt = "def main():"
@@ -228,7 +228,7 @@ async def _experiment(nc: NatsClient, names: Names) -> int:
                 if resp.status != 200:
                     return
                 out = await resp.json()
-            variant = resp.headers.get("Aimesh-Variant", "")
+            variant = resp.headers.get(Header.VARIANT, "")
             correct = next(o for o in out["outputs"] if o["name"] == "class")["data"][0] == y[i]
             reward = 1.0 if correct and rng.random() < CONVERSION.get(variant, 0.0) else 0.0
             await http.post(f"{base}/v1/feedback", json={"id": out["id"], "model": "digits", "reward": reward})

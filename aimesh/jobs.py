@@ -20,7 +20,7 @@ from aimesh.progress import progress_line, train_progress_line
 from shared.client import request
 from shared.datasets import get_manifest
 from shared.errors import Unavailable
-from shared.names import Names
+from shared.names import Names, ingest_job_key, job_key, progress_key
 from shared.registry import put_object
 from shared.schemas import (
     DatasetManifest,
@@ -46,7 +46,7 @@ async def ingest(
     manifest."""
     accepted = await request(nc, names.ingest_submit, req, IngestAccepted, timeout_s=120)
     kv = await nc.jetstream().key_value(names.ingest_bucket)
-    watcher = await kv.watch(accepted.job_id)
+    watcher = await kv.watch(ingest_job_key(accepted.job_id))
     job: IngestJob | None = None
     waited = 0.0
     try:
@@ -106,10 +106,10 @@ async def train(
     last_line = ""
     last_attempt = 0
     while True:
-        job = _train_job.decode((await kv.get(f"job.{accepted.job_id}")).value or b"")
+        job = _train_job.decode((await kv.get(job_key(accepted.job_id))).value or b"")
         try:
             progress: TrainProgress | None = _train_progress.decode(
-                (await kv.get(f"progress.{job.job_id}")).value or b""
+                (await kv.get(progress_key(job.job_id))).value or b""
             )
         except KeyNotFoundError:
             progress = None

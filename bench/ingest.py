@@ -41,7 +41,7 @@ from services.ingest.sources import RejectLog, open_source  # noqa: E402
 from shared.batches import encode_batch  # noqa: E402
 from shared.client import request  # noqa: E402
 from shared.datasets import DatasetReader  # noqa: E402
-from shared.names import Names  # noqa: E402
+from shared.names import Header, Names  # noqa: E402
 from shared.natsserver import NatsServer  # noqa: E402
 from shared.schemas import IngestAccepted, IngestJob, IngestRequest  # noqa: E402
 
@@ -119,7 +119,7 @@ async def publish_stage(url: str, batches: list[tuple[str, bytes, str, int]], ra
     if raw:
         futures = []
         for subject, body, msg_id, _ in batches:
-            futures.append(await js.publish_async(subject, body, headers={"Nats-Msg-Id": msg_id}))
+            futures.append(await js.publish_async(subject, body, headers={Header.MSG_ID: msg_id}))
         await asyncio.gather(*futures)
     else:
         publisher = BatchPublisher(js, max_in_flight=64)

@@ -29,6 +29,8 @@ import secrets
 import sys
 from collections.abc import Collection, Mapping, Sequence
 
+from shared.names import Header
+
 HASHED_PREFIX = "sha256:"
 
 
@@ -109,7 +111,7 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return decoded.partition(":")[2] or None
-    return headers.get("X-API-Key") or None
+    return headers.get(Header.API_KEY) or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final
 
 from shared.errors import ConfigError
-from shared.names import MICRO_PREFIX, Names
+from shared.names import MICRO_PREFIX, Names, lease_keys, split_keys
 
 SERVICE_ROLES: Final = ("ingest", "trainer", "inference", "router", "metrics")
 ROLES: Final = (*SERVICE_ROLES, "supervisor", "operator")
@@ -216,7 +216,7 @@ def role_grant(names: Names, role: str) -> Grant:
         grant.publish |= {n.scale_subjects, n.experiment_events("*")}
         grant.add(stream(n.events_stream, manage=True, read=True))
         # Verdicts rewrite a split (compare-and-set); the autoscaling lease lives beside them.
-        grant.add(kv(n.experiments_bucket, write=["split.*", "lease.>"], manage=True))
+        grant.add(kv(n.experiments_bucket, write=[split_keys(), lease_keys()], manage=True))
         grant.add(kv(n.jobs_bucket, manage=True))
         grant.add(queue_depth(n.requests_stream))  # lag, not the requests themselves
     elif role == "supervisor":

@@ -23,7 +23,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import tracing
 from shared.config import NATS_MAX_PAYLOAD_LIMIT
-from shared.errors import MeshTimeout, PayloadTooLarge, Unavailable
+from shared.errors import InternalError, MeshTimeout, PayloadTooLarge, Unavailable
 from shared.names import Header, Names
 from shared.routing import Route
 from shared.schemas import InferReply, InferRequest
@@ -39,6 +39,15 @@ def _decoder(kind: type[T]) -> msgspec.msgpack.Decoder[T]:
     if dec is None:
         dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     return dec
+
+
+def _decode_reply(decoder: msgspec.msgpack.Decoder[T], data: bytes, subject: str) -> T:
+    """A reply as the caller's type; one it cannot take (a value of a closed set this side does
+    not know, say: msgspec.ValidationError is a DecodeError) is a clear 500, not a traceback."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InternalError(f"cannot decode the reply from {subject}: {exc}") from None
 
 
 _HEADER_LINE = len(b"NATS/1.0\r\n")
@@ -102,7 +111,7 @@ async def request(
             raise err
     if response_type is bytes:
         return reply.data  # type: ignore[return-value]
-    return _decoder(response_type).decode(reply.data)
+    return _decode_reply(_decoder(response_type), reply.data, subject)
 
 
 async def stream(
@@ -145,7 +154,7 @@ async def stream(
             err = error_in(msg.headers)
             if err is not None:
                 raise err
-            chunk = decoder.decode(msg.data)
+            chunk = _decode_reply(decoder, msg.data, subject)
             yield chunk
             if done(chunk):
                 return

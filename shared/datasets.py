@@ -26,23 +26,11 @@ from nats.js.kv import KeyValue
 
 from shared.batches import batch_arrays, decode_batch
 from shared.errors import NotFound
-from shared.names import Names
+from shared.names import Names, dataset_latest_key, manifest_key, manifest_key_prefix
 from shared.schemas import DatasetManifest
 
 _manifest = msgspec.json.Decoder(DatasetManifest)
 _json = msgspec.json.Encoder()
-
-
-def manifest_key(dataset: str, version: str) -> str:
-    return f"manifest.{dataset}.{version}"
-
-
-def latest_key(dataset: str) -> str:
-    return f"latest.{dataset}"
-
-
-def seq_key(dataset: str) -> str:
-    return f"seq.{dataset}"
 
 
 def encode_manifest(manifest: DatasetManifest) -> bytes:
@@ -61,7 +49,7 @@ async def get_manifest(js: JetStreamContext, names: Names, dataset: str, version
     kv = await datasets_kv(js, names)
     if version in (None, "", "latest"):
         try:
-            version = (await kv.get(latest_key(dataset))).value.decode()  # type: ignore[union-attr]
+            version = (await kv.get(dataset_latest_key(dataset))).value.decode()  # type: ignore[union-attr]
         except KeyNotFoundError:
             raise NotFound(f"no dataset named {dataset!r}") from None
     try:
@@ -79,7 +67,7 @@ async def list_manifests(js: JetStreamContext, names: Names) -> list[DatasetMani
         return []
     out = []
     for key in keys:
-        if key.startswith("manifest."):
+        if key.startswith(manifest_key_prefix()):
             entry = await kv.get(key)
             out.append(_manifest.decode(entry.value or b""))
     out.sort(key=lambda m: (m.dataset, int(m.version) if m.version.isdigit() else 0))

@@ -57,7 +57,7 @@ RESULT_TTL_S = 24 * 3600  # the default of DurableConfig.results_max_age_s
 _STREAM_FULL = 10077  # JetStream: the stream's limits refuse the message (discard policy new)
 _WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence did not hold
 _MESSAGE_TOO_LARGE = 10054  # JetStream: the message is over the stream's max_msg_size
-_EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+_EXPECTED_LAST_SUBJECT_SEQUENCE = Header.EXPECTED_LAST_SUBJECT_SEQUENCE
 
 
 def request_id(given: str | None) -> str:

@@ -13,19 +13,9 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from shared.clock import rfc3339_now
 from shared.errors import BadRequest
 from shared.kv import open_bucket
-from shared.names import Names, check_token
+from shared.names import Names, check_token, split_key
 from shared.registry import get_version, registry_kv
 from shared.schemas import Split
-
-
-def split_key(model: str) -> str:
-    return f"split.{model}"
-
-
-def autoscale_lease_key(pool: str) -> str:
-    """The key of the lease that lets one metrics instance scale ``pool`` (next to the splits,
-    which routers follow as ``split.*`` only)."""
-    return f"lease.autoscale.{pool}"
 
 
 async def put_split(js: JetStreamContext, names: Names, split: Split) -> Split:

@@ -28,16 +28,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.actor import ActorConfig, ActorCore, Handler, Req
 from shared.errors import ServiceError
+from shared.names import Header
 
 log = logging.getLogger(__name__)
 
 # Headers on a dead-lettered message.
-DLQ_REASON = "Aimesh-Dlq-Reason"
-DLQ_CODE = "Aimesh-Dlq-Code"
-DLQ_DELIVERIES = "Aimesh-Dlq-Deliveries"
-DLQ_SUBJECT = "Aimesh-Dlq-Subject"
-DLQ_STREAM = "Aimesh-Dlq-Stream"
-DLQ_SEQUENCE = "Aimesh-Dlq-Sequence"
+DLQ_REASON = Header.DLQ_REASON
+DLQ_CODE = Header.DLQ_CODE
+DLQ_DELIVERIES = Header.DLQ_DELIVERIES
+DLQ_SUBJECT = Header.DLQ_SUBJECT
+DLQ_STREAM = Header.DLQ_STREAM
+DLQ_SEQUENCE = Header.DLQ_SEQUENCE
 
 
 class JetStreamActorConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -192,7 +193,7 @@ class JetStreamActor(ActorCore[Req]):
                 DLQ_SEQUENCE: str(meta.sequence.stream if meta.sequence else 0),
             }
         )
-        headers.pop("Nats-Msg-Id", None)  # the DLQ is not deduplicated against the origin
+        headers.pop(Header.MSG_ID, None)  # the DLQ is not deduplicated against the origin
         # Confirmed by JetStream before we give up on the original: nothing is lost in between.
         await self._js.publish(self.dead_letter_subject, msg.data, headers=headers)
         await msg.term()

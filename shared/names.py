@@ -1,11 +1,15 @@
-"""Every subject, stream, bucket and header name of the mesh, built in one place.
+"""Every subject, stream, bucket, KV key and header name of the mesh, built in one place.
 
 A mesh is identified by its prefix (``aimesh`` by default), so several meshes can share one
-NATS deployment.  Nothing outside this module spells a subject or a stream name: services ask
-a :class:`Names` instance, and tests build one per test with a unique prefix.
+NATS deployment.  Nothing outside this module spells a subject, stream, KV key or header name:
+services ask a :class:`Names` instance (and :class:`Header`, and the key functions below), and
+tests build one per test with a unique prefix.
 
 Subject *templates* (``aimesh.infer.{model}.{version}``) are what spans are named after: they
 keep span names low-cardinality, as the OpenTelemetry messaging conventions ask.
+
+KV keys do not carry the prefix (the bucket's name does): the ``*_key`` functions below build
+them, the ``*_keys`` functions give a family's watch filter.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ class Header:
     # Error replies use the micro protocol's own headers so standard tooling understands them.
     ERROR: Final = "Nats-Service-Error"
     ERROR_CODE: Final = "Nats-Service-Error-Code"
+    # JetStream: store the message only if its subject has no message yet (sequence "0").
+    EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+    # On a dead-lettered message (shared.jsactor): why, and where it came from.
+    DLQ_REASON: Final = "Aimesh-Dlq-Reason"
+    DLQ_CODE: Final = "Aimesh-Dlq-Code"
+    DLQ_DELIVERIES: Final = "Aimesh-Dlq-Deliveries"
+    DLQ_SUBJECT: Final = "Aimesh-Dlq-Subject"
+    DLQ_STREAM: Final = "Aimesh-Dlq-Stream"
+    DLQ_SEQUENCE: Final = "Aimesh-Dlq-Sequence"
+    # HTTP, at the router's edge.
+    REQUEST_ID: Final = "Aimesh-Request-Id"  # the id feedback names (also the OIP response's "id")
+    TIMEOUT_MS: Final = "Aimesh-Timeout-Ms"  # a caller's deadline, relative, in milliseconds
+    API_KEY: Final = "X-API-Key"  # an API key, when not sent as ``Authorization``
 
 
 def check_token(value: str, what: str) -> str:
@@ -266,6 +283,167 @@ class Names:
     @property
     def experiments_bucket(self) -> str:
         return f"{self.prefix}-experiments"
+
+
+# -- KV keys -----------------------------------------------------------------------------------
+# Bucket ``<prefix>-jobs``: training jobs (trainer agents, rank 0 of a run, metrics, the CLI).
+
+
+def job_key(job_id: str) -> str:
+    """A TrainJob, the job's control record (compare-and-set)."""
+    return f"job.{job_id}"
+
+
+def job_keys() -> str:
+    return "job.*"
+
+
+def job_key_id(key: str) -> str | None:
+    """The job id of a ``job.<id>`` key; None for a key of another family."""
+    family, _, job_id = key.partition(".")
+    return job_id if family == "job" else None
+
+
+def progress_key(job_id: str) -> str:
+    """A TrainProgress, written by rank 0 while training."""
+    return f"progress.{job_id}"
+
+
+def progress_keys() -> str:
+    return "progress.*"
+
+
+def progress_key_id(key: str) -> str | None:
+    """The job id of a ``progress.<id>`` key; None for a key of another family."""
+    family, _, job_id = key.partition(".")
+    return job_id if family == "progress" else None
+
+
+def result_key(job_id: str, attempt: int) -> str:
+    """A TrainResult: how one attempt of the job ended."""
+    return f"result.{job_id}.{attempt}"
+
+
+def checkpoint_key(job_id: str) -> str:
+    """A Checkpoint: where the job's last checkpoint is."""
+    return f"checkpoint.{job_id}"
+
+
+def attempt_key(job_id: str, attempt: int) -> str:
+    """Rank 0's account of one attempt (what it trained, its parameters' digests)."""
+    return f"attempt.{job_id}.{attempt}"
+
+
+# Bucket ``<prefix>-ingest``: ingest jobs; bucket ``<prefix>-trainers``: trainer heartbeats (TTL).
+
+
+def ingest_job_key(job_id: str) -> str:
+    """An IngestJob: its state, progress and reject report (the key is the job id itself)."""
+    return job_id
+
+
+def trainer_node_key(instance: str) -> str:
+    """A TrainerNode heartbeat (the key is the agent's instance id itself)."""
+    return instance
+
+
+# Bucket ``<prefix>-datasets``: dataset versions (the ingest service writes, everyone reads).
+
+
+def manifest_key(dataset: str, version: str) -> str:
+    """A DatasetManifest, written last: visible means complete."""
+    return f"manifest.{dataset}.{version}"
+
+
+def manifest_key_prefix() -> str:
+    """What every manifest key starts with."""
+    return "manifest."
+
+
+def dataset_latest_key(dataset: str) -> str:
+    """The newest complete version of ``dataset``."""
+    return f"latest.{dataset}"
+
+
+def dataset_seq_key(dataset: str) -> str:
+    """The last version number of ``dataset`` handed out (compare-and-set)."""
+    return f"seq.{dataset}"
+
+
+# Bucket ``<prefix>-registry``: model versions (see shared.registry).
+
+
+def version_key(model: str, number: str) -> str:
+    """A ModelVersion (JSON)."""
+    return f"version.{model}.{number}"
+
+
+def version_key_prefix() -> str:
+    """What every version key starts with."""
+    return "version."
+
+
+def alias_key(model: str, alias: str) -> str:
+    """A version number; ``latest`` moves on every registration."""
+    return f"alias.{model}.{alias}"
+
+
+def alias_key_prefix(model: str) -> str:
+    """What every alias key of ``model`` starts with (the alias follows)."""
+    return f"alias.{model}."
+
+
+def model_seq_key(model: str) -> str:
+    """The last version number of ``model`` handed out (compare-and-set)."""
+    return f"seq.{model}"
+
+
+def job_version_key(model: str, job_id: str) -> str:
+    """The version number a training job registered (once per job, whatever its attempts)."""
+    return f"job.{model}.{job_id}"
+
+
+# Bucket ``<prefix>-deployments``: what the inference workers serve.
+
+
+def deploy_key(model: str, ref: str) -> str:
+    """A Deployment of ``model`` under ``ref`` (a version number or an alias)."""
+    return f"deploy.{model}.{ref}"
+
+
+def deploy_keys() -> str:
+    return "deploy.>"
+
+
+def is_deploy_key(key: str) -> bool:
+    return key.startswith("deploy.")
+
+
+# Bucket ``<prefix>-experiments``: traffic splits, and the autoscaling leases beside them.
+
+
+def split_key(model: str) -> str:
+    """A Split: the model's traffic split (routers follow ``split.*`` only)."""
+    return f"split.{model}"
+
+
+def split_keys() -> str:
+    return "split.*"
+
+
+def split_key_model(key: str) -> str | None:
+    """The model of a ``split.<model>`` key; None for a key of another family."""
+    family, _, model = key.partition(".")
+    return model if family == "split" else None
+
+
+def autoscale_lease_key(pool: str) -> str:
+    """The lease that lets one metrics instance scale ``pool``."""
+    return f"lease.autoscale.{pool}"
+
+
+def lease_keys() -> str:
+    return "lease.>"
 
 
 def micro_subjects(name: str, instance_id: str) -> list[tuple[str, str]]:

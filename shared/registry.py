@@ -20,7 +20,16 @@ from nats.js.object_store import ObjectStore
 
 from shared.errors import NotFound
 from shared.kv import next_number
-from shared.names import Names, check_token
+from shared.names import (
+    Names,
+    alias_key,
+    alias_key_prefix,
+    check_token,
+    job_version_key,
+    model_seq_key,
+    version_key,
+    version_key_prefix,
+)
 from shared.schemas import ModelVersion
 
 _version = msgspec.json.Decoder(ModelVersion)
@@ -41,25 +50,25 @@ async def register(kv: KeyValue, version: ModelVersion) -> ModelVersion:
     after the registration, say) finishes again in a later attempt, and that attempt gets the
     version already registered instead of a second number (key ``job.<model>.<job id>``)."""
     check_token(version.model, "model name")
-    by_job = f"job.{version.model}.{check_token(version.job_id, 'job id')}" if version.job_id else None
+    by_job = job_version_key(version.model, check_token(version.job_id, "job id")) if version.job_id else None
     if by_job is not None:
         try:
             return await get_version(kv, version.model, ((await kv.get(by_job)).value or b"").decode())
         except (KeyNotFoundError, NotFound):
             pass
-    number = str(await next_number(kv, f"seq.{version.model}"))
+    number = str(await next_number(kv, model_seq_key(version.model)))
     version = msgspec.structs.replace(version, version=number)
-    await kv.put(f"version.{version.model}.{number}", _json.encode(version))
+    await kv.put(version_key(version.model, number), _json.encode(version))
     if by_job is not None:
         await kv.put(by_job, number.encode())
-    await kv.put(f"alias.{version.model}.latest", number.encode())
+    await kv.put(alias_key(version.model, "latest"), number.encode())
     return version
 
 
 async def set_alias(kv: KeyValue, model: str, alias: str, version: str) -> None:
     check_token(alias, "alias")
     await get_version(kv, model, version)  # must exist
-    await kv.put(f"alias.{model}.{alias}", version.encode())
+    await kv.put(alias_key(model, alias), version.encode())
 
 
 async def get_version(kv: KeyValue, model: str, ref: str | None = None) -> ModelVersion:
@@ -67,11 +76,11 @@ async def get_version(kv: KeyValue, model: str, ref: str | None = None) -> Model
     ref = ref or "latest"
     if not ref.isdigit():
         try:
-            ref = (await kv.get(f"alias.{model}.{ref}")).value.decode()  # type: ignore[union-attr]
+            ref = (await kv.get(alias_key(model, ref))).value.decode()  # type: ignore[union-attr]
         except KeyNotFoundError:
             raise NotFound(f"model {model!r} has no version or alias {ref!r}") from None
     try:
-        entry = await kv.get(f"version.{model}.{ref}")
+        entry = await kv.get(version_key(model, ref))
     except KeyNotFoundError:
         raise NotFound(f"model {model!r} has no version {ref}") from None
     return _version.decode(entry.value or b"")
@@ -82,7 +91,7 @@ async def list_versions(kv: KeyValue) -> list[ModelVersion]:
         keys = await kv.keys()
     except NotFoundError:
         return []
-    out = [_version.decode((await kv.get(k)).value or b"") for k in keys if k.startswith("version.")]
+    out = [_version.decode((await kv.get(k)).value or b"") for k in keys if k.startswith(version_key_prefix())]
     out.sort(key=lambda v: (v.model, int(v.version)))
     return out
 
@@ -92,7 +101,7 @@ async def aliases(kv: KeyValue, model: str) -> dict[str, str]:
         keys = await kv.keys()
     except NotFoundError:
         return {}
-    prefix = f"alias.{model}."
+    prefix = alias_key_prefix(model)
     return {k[len(prefix) :]: (await kv.get(k)).value.decode() for k in keys if k.startswith(prefix)}  # type: ignore[union-attr]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from shared.errors import NotFound
+from shared.names import is_deploy_key, split_key_model
 from shared.schemas import Deployment, Split
 from shared.splits import choose
 
@@ -83,20 +84,20 @@ class RoutingTable:
     def apply(self, key: str, value: bytes | None) -> Deployment | Split | None:
         """Take one entry of the deployments (``deploy.*``) or experiments (``split.*``) bucket;
         an empty value is a delete.  Returns what was stored, if anything."""
-        kind, _, rest = key.partition(".")
-        if kind == "deploy":
+        if is_deploy_key(key):
             if not value:
                 self.deployments.pop(key, None)
                 return None
             deployment = _deployment.decode(value)
             self.deployments[key] = deployment
             return deployment
-        if kind == "split":
+        model = split_key_model(key)
+        if model is not None:
             if not value:
-                self.splits.pop(rest, None)
+                self.splits.pop(model, None)
                 return None
             split = _split.decode(value)
-            self.splits[rest] = split
+            self.splits[model] = split
             return split
         return None
 

@@ -10,13 +10,40 @@ so ``nats micro`` and every client library's service API read them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True):
     """Base of every mesh message (MessagePack on the wire)."""
+
+
+# -- closed sets of values ---------------------------------------------------------------------
+# On the wire they are the same strings as before; decoding any other value is a
+# msgspec.ValidationError (a 400 at an actor, a skipped record at a watcher).
+
+IngestState = Literal["queued", "running", "complete", "failed"]
+TrainState = Literal["forming", "starting", "running", "complete", "failed"]
+NodeState = Literal["idle", "busy"]
+Parallel = Literal["dp", "pp"]
+Optimizer = Literal["adam", "sgd"]
+Device = Literal["auto", "cpu", "cuda"]
+ModelTask = Literal["classify", "lm"]
+TokenizerKind = Literal["bytes"]
+SplitState = Literal["running", "promoted", "rolled_back"]
+ExperimentState = Literal["running", "promoted", "rolled_back", "none"]  # "none": no experiment
+Verdict = Literal["waiting", "promote", "rollback", "promoted", "rolled_back"]
+DecisionAction = Literal["promote", "rollback"]
+DurableState = Literal["pending", "done", "error"]
+FinishReason = Literal["stop", "length", "cancelled"]
+SpanKindName = Literal["SERVER", "CLIENT", "PRODUCER", "CONSUMER", "INTERNAL"]
+
+OPTIMIZERS: Final[tuple[Optimizer, ...]] = get_args(Optimizer)
+DEVICES: Final[tuple[Device, ...]] = get_args(Device)
+
+# A dataset's sharding: "round_robin" or "hash:<column>" (a column name is free-form).
+Sharding = Annotated[str, msgspec.Meta(pattern=r"^(?:round_robin|hash:[\s\S]+)$")]
 
 
 # -- service control ---------------------------------------------------------------------------
@@ -49,7 +76,7 @@ class ServiceStatus(Message, frozen=True, kw_only=True):
     name: str
     instance_id: str
     version: str
-    state: str
+    state: str  # free-form: a ServiceState value, or why a ready service is not ready
     pid: int
     host: str
     started_at: str  # RFC 3339
@@ -114,7 +141,7 @@ class ShardInfo(Message, frozen=True, kw_only=True):
 class TokenizerSpec(Message, frozen=True, kw_only=True):
     """How text became token ids: ``bytes`` = UTF-8 bytes 0–255, documents ended by ``eos_id``."""
 
-    kind: str
+    kind: TokenizerKind
     vocab_size: int
     eos_id: int
     seq_len: int  # tokens per record are seq_len + 1 (inputs and shifted targets)
@@ -131,7 +158,7 @@ class DatasetManifest(Message, frozen=True, kw_only=True):
     label: str | None = None  # the input column whose values are stored as y
     label_classes: list[str] = []  # when labels were strings: their index order
     classes: int = 0  # class labels: how many classes (the largest id + 1)
-    sharding: str  # "round_robin" or "hash:<column>"
+    sharding: Sharding
     shards: list[ShardInfo]
     records: int
     rejected: int
@@ -151,7 +178,9 @@ class IngestRequest(Message, frozen=True, kw_only=True):
     paths: list[str] = []
     object: str | None = None
     dataset: str
-    format: str | None = None  # csv | jsonl | npy | npz | text; inferred from the extension
+    # csv | jsonl | npy | npz | text; inferred from the extension.  A str, not a Literal: the
+    # ingest service refuses another value with its own message ("unknown format 'xml'").
+    format: str | None = None
     shards: int = 4
     label: str | None = None
     shard_by: str | None = None  # hash of this column instead of round-robin
@@ -177,7 +206,7 @@ class IngestJob(Message, frozen=True, kw_only=True):
     version: str
     fingerprint: str
     request: IngestRequest
-    state: str  # queued | running | complete | failed
+    state: IngestState
     records: int = 0
     rejected: int = 0
     bytes_read: int = 0
@@ -201,7 +230,7 @@ class IngestAccepted(Message, frozen=True, kw_only=True):
     job_id: str
     dataset: str
     version: str
-    state: str
+    state: IngestState
     events: str
 
 
@@ -215,13 +244,16 @@ class TrainRequest(Message, frozen=True, kw_only=True):
     dataset: str  # NAME[@VERSION]
     nodes: int = 1
     min_nodes: int | None = None  # re-form with at least this many after a loss (default: nodes)
-    parallel: str = "dp"  # dp | pp
+    parallel: Parallel = "dp"
     epochs: int = 1
     batch_size: int = 64  # global, across ranks
     lr: float = 1e-3
-    optimizer: str = "adam"  # adam | sgd
+    # Optimizer (OPTIMIZERS) and Device (DEVICES), checked at submission; str, not Literal, because
+    # job records (TrainJob.request) stored before that check may hold another value (such a job
+    # trained with adam, on the cpu), and they must still decode.
+    optimizer: str = "adam"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only)
     checkpoint_interval_s: float = 30.0  # epoch-end checkpoints at most this often (the last one always)
     max_restarts: int = 3
@@ -239,7 +271,7 @@ class TrainJob(Message, frozen=True, kw_only=True):
 
     job_id: str
     request: TrainRequest
-    state: str  # forming | starting | running | complete | failed
+    state: TrainState
     attempt: int = 1
     world: int = 0  # the size this attempt runs with
     members: list[str] = []  # agent instance ids; the index is the rank
@@ -287,14 +319,14 @@ class TrainerNode(Message, frozen=True, kw_only=True):
     host: str
     address: str  # where rank 0 would listen, if this node gets it
     pid: int
-    state: str  # idle | busy
+    state: NodeState
     job: str = ""
-    device: str = "cpu"
+    device: str = "cpu"  # free-form: "cpu", "cuda×<count>"
 
 
 class TrainAccepted(Message, frozen=True, kw_only=True):
     job_id: str
-    state: str
+    state: TrainState
     nodes_available: int
 
 
@@ -330,7 +362,7 @@ class ModelVersion(Message, frozen=True, kw_only=True):
     artifact: str  # object name in the artifacts store (safetensors)
     factory: str
     kwargs: dict[str, Any] = {}
-    task: str  # classify | lm
+    task: ModelTask
     inputs: list[ColumnSpec] = []
     metrics: dict[str, float] = {}
     dataset: str  # NAME@VERSION it was trained on
@@ -409,7 +441,7 @@ class Split(Message, frozen=True, kw_only=True):
     updated_at: str = ""
     control: str = ""
     guardrails: Guardrails | None = None
-    state: str = "running"  # running | promoted | rolled_back
+    state: SplitState = "running"
     experiment: str = ""  # id, new whenever a user writes the split; statistics are kept per id
     decided_at: str = ""
 
@@ -438,7 +470,7 @@ class DurableResult(Message, frozen=True, kw_only=True):
     ``<prefix>.results.<id>``; the latest message of the subject is the answer)."""
 
     id: str
-    state: str  # pending | done | error
+    state: DurableState
     model: str = ""
     version: str = ""
     outputs: dict[str, Tensor] = {}
@@ -463,7 +495,7 @@ class GenerateChunk(Message, frozen=True, kw_only=True):
     text: str  # the new text since the previous chunk
     index: int  # chunk number, from 0
     done: bool = False
-    finish_reason: str | None = None  # stop | length | cancelled (on the last chunk)
+    finish_reason: FinishReason | None = None  # on the last chunk
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str = ""
@@ -524,10 +556,10 @@ class VariantReport(Message, frozen=True, kw_only=True):
 class ExperimentReport(Message, frozen=True, kw_only=True):
     model: str
     experiment: str
-    state: str  # running | promoted | rolled_back | none
+    state: ExperimentState
     control: str
     variants: list[VariantReport]
-    verdict: str  # waiting | promote | rollback | promoted | rolled_back
+    verdict: Verdict
     reason: str
     winner: str = ""
     min_samples: int = 0
@@ -540,7 +572,7 @@ class ExperimentDecision(Message, frozen=True, kw_only=True):
 
     model: str
     experiment: str
-    action: str  # promote | rollback
+    action: DecisionAction
     version: str  # the version that now takes all traffic
     candidate: str  # the version the decision is about
     reason: str
@@ -589,7 +621,7 @@ class MetricsSnapshot(Message, frozen=True, kw_only=True):
     pid: int
     ts: float
     interval_s: float
-    state: str = "ready"
+    state: str = "ready"  # free-form, as ServiceStatus.state
     process: ProcessStats
     gpus: list[GpuStats] = []
     actors: list[ActorStats] = []
@@ -612,7 +644,7 @@ class SpanRecord(Message, frozen=True, kw_only=True):
     span_id: str
     parent_id: str = ""
     name: str
-    kind: str  # SERVER | CLIENT | PRODUCER | CONSUMER | INTERNAL
+    kind: SpanKindName
     service: str
     start_ns: int
     end_ns: int

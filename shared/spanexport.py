@@ -16,14 +16,14 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
-from shared.schemas import SpanBatch, SpanRecord
+from shared.schemas import SpanBatch, SpanKindName, SpanRecord
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def span_record(span: ReadableSpan, max_attributes: int = MAX_ATTRIBUTES) -> Spa
         span_id=format(context.span_id, "016x") if context else "",
         parent_id=format(parent.span_id, "016x") if parent is not None and parent.is_valid else "",
         name=span.name,
-        kind=span.kind.name,
+        kind=cast(SpanKindName, span.kind.name),  # OpenTelemetry's SpanKind names: the same five
         service=str(span.resource.attributes.get("service.name", "")),
         start_ns=start,
         end_ns=span.end_time or start,

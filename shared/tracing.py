@@ -36,6 +36,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from shared.names import Header
+
 if TYPE_CHECKING:
     from shared.spanexport import MeshSpanExporter
 
@@ -252,7 +254,7 @@ def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
     return propagate.extract(headers)
 
 
-TRACEPARENT = "traceparent"
+TRACEPARENT = Header.TRACEPARENT
 
 
 def _unsampled_parent(headers: Mapping[str, str] | None) -> Span | None:
@@ -349,7 +351,7 @@ def start_server_span(method: str, route: str, path: str, headers: Mapping[str, 
     unsampled = _unsampled_parent(headers)
     if unsampled is not None:
         return unsampled
-    parent = propagate.extract(headers) if "traceparent" in headers else None
+    parent = propagate.extract(headers) if TRACEPARENT in headers else None
     if parent is None:
         root = _fast_roots.unsampled()
         if root is not None:

@@ -25,8 +25,7 @@ from shared.client import request
 from shared.config import MeshConfig, MetricsConfig
 from shared.errors import MeshTimeout, NotFound, Unavailable
 from shared.events import publish_feedback
-from shared.experiments import split_key
-from shared.names import Names
+from shared.names import Names, split_key
 from shared.natsserver import NatsServer
 from shared.schemas import (
     Deployment,

@@ -18,10 +18,10 @@ import torch
 from nats.aio.client import Client as NatsClient
 
 from shared.client import request
-from shared.datasets import encode_manifest, latest_key, manifest_key
+from shared.datasets import encode_manifest
 from shared.errors import BadRequest
 from shared.kv import open_bucket
-from shared.names import Names
+from shared.names import Names, dataset_latest_key, manifest_key
 from shared.registry import artifacts, put_object, register
 from shared.schemas import (
     ColumnSpec,
@@ -106,7 +106,7 @@ async def store_manifest(nc: NatsClient, names: Names) -> None:
     kv = await open_bucket(nc.jetstream(), names.datasets_bucket, create=True)
     assert kv is not None
     await kv.put(manifest_key("iris", "1"), encode_manifest(manifest))
-    await kv.put(latest_key("iris"), b"1")
+    await kv.put(dataset_latest_key("iris"), b"1")
 
 
 def tensor(name: str, x: np.ndarray, datatype: str = "FP32") -> dict[str, Any]:

@@ -43,6 +43,8 @@ def manifest(shards: int) -> DatasetManifest:
     [
         ({"model": "no spaces"}, "model name"),
         ({"parallel": "tp"}, "parallel must be dp or pp \\(got 'tp'\\)"),
+        ({"optimizer": "adamw"}, "optimizer must be adam or sgd \\(got 'adamw'\\)"),
+        ({"device": "mps"}, "device must be auto, cpu, cuda \\(got 'mps'\\)"),
         ({"nodes": 0}, "nodes must be ≥ 1"),
         ({"parallel": "pp", "nodes": 1}, "≥ 2 for pp"),
         ({"nodes": 2, "min_nodes": 3}, "min_nodes must be between 1 and nodes \\(2\\)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from aimesh.commands.mesh import EXIT_OK, Mesh, Subparsers, add_client_flags, run_on_mesh
+from shared.names import Header
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -12,7 +13,7 @@ def add_parser(subparsers: Subparsers) -> None:
         "feedback", help="record an outcome for a served request: feedback MODEL ID REWARD"
     )
     feedback.add_argument("model")
-    feedback.add_argument("id", help="the request id (the response's id / Aimesh-Request-Id)")
+    feedback.add_argument("id", help=f"the request id (the response's id / {Header.REQUEST_ID})")
     feedback.add_argument("reward", type=float, help="a reward, or 1 / 0 for a conversion")
     add_client_flags(feedback, json_flag=False)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.errors import BadRequest
-from shared.schemas import GenerateRequest
+from shared.schemas import FinishReason, GenerateRequest
 
 EOS = 256
 # Below this temperature sampling is greedy: dividing logits by 1e-300 gives inf and NaN
@@ -29,7 +29,7 @@ MIN_TEMPERATURE = 1e-4
 @dataclass
 class Piece:
     text: str
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     tokens: int = 0  # generated so far
 
 

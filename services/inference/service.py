@@ -44,6 +44,7 @@ from shared.config import DurableConfig, InferenceConfig, MeshConfig, load_durab
 from shared.errors import BadRequest, NotFound, ServiceError
 from shared.handoff import Handoff
 from shared.jsactor import JetStreamActorConfig
+from shared.names import deploy_key, deploy_keys
 from shared.registry import artifacts, get_version, registry_kv
 from shared.schemas import (
     Deployment,
@@ -142,7 +143,7 @@ class InferenceService(Service):
             self._generations.pop(request_id, None)
 
     async def after_start(self) -> None:
-        self.watch(self.deployments, "deploy.>", self._on_record, name="deployments")
+        self.watch(self.deployments, deploy_keys(), self._on_record, name="deployments")
 
     async def close_resources(self) -> None:
         for served in self._served.values():
@@ -173,7 +174,7 @@ class InferenceService(Service):
         # Refused here as at load time: a version no worker would build is not deployed at all.
         check_factory(version.factory, self.config.model_packages)
         check_kwargs(version.kwargs)
-        key = f"deploy.{req.model}.{req.ref}"
+        key = deploy_key(req.model, req.ref)
         try:
             before: Deployment | None = _deployment.decode((await self.deployments.get(key)).value or b"")
         except KeyNotFoundError:

@@ -44,11 +44,11 @@ from shared import tracing
 from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
 from shared.config import IngestConfig, MeshConfig, load_ingest_config
-from shared.datasets import encode_manifest, latest_key, manifest_key, seq_key
+from shared.datasets import encode_manifest
 from shared.errors import BadRequest, ServiceError
 from shared.jsactor import JetStreamActorConfig
 from shared.kv import next_number
-from shared.names import Header, check_token
+from shared.names import Header, check_token, dataset_latest_key, dataset_seq_key, ingest_job_key, manifest_key
 from shared.schemas import IngestAccepted, IngestJob, IngestJobRef, IngestRequest
 from shared.service import Service
 
@@ -211,7 +211,7 @@ class IngestService(Service):
             updated_at=now,
         )
         try:
-            await self.jobs_kv.create(job_id, _json.encode(job))
+            await self.jobs_kv.create(ingest_job_key(job_id), _json.encode(job))
         except KeyWrongLastSequenceError:  # a concurrent submit of the same input won the race
             existing = await self._get_job(job_id)
             assert existing is not None
@@ -237,7 +237,7 @@ class IngestService(Service):
             updated_at=rfc3339_now(),
         )
         try:
-            await self.jobs_kv.update(job.job_id, _json.encode(job), last=revision)
+            await self.jobs_kv.update(ingest_job_key(job.job_id), _json.encode(job), last=revision)
         except KeyWrongLastSequenceError:
             current = await self._get_job(job.job_id)
             assert current is not None
@@ -248,7 +248,7 @@ class IngestService(Service):
         return job, True
 
     async def _new_version(self, dataset: str) -> str:
-        return str(await next_number(self.datasets_kv, seq_key(dataset)))
+        return str(await next_number(self.datasets_kv, dataset_seq_key(dataset)))
 
     # -- running a job ---------------------------------------------------------------------------
     async def run_job(self, ref: IngestJobRef, call: Call) -> None:
@@ -306,7 +306,7 @@ class IngestService(Service):
             if upload_dir is not None:
                 await asyncio.to_thread(shutil.rmtree, upload_dir, True)
         await self.datasets_kv.put(manifest_key(manifest.dataset, manifest.version), encode_manifest(manifest))
-        await self.datasets_kv.put(latest_key(manifest.dataset), manifest.version.encode())
+        await self.datasets_kv.put(dataset_latest_key(manifest.dataset), manifest.version.encode())
         done = msgspec.structs.replace(
             job,
             state="complete",
@@ -365,16 +365,16 @@ class IngestService(Service):
     async def _get_job(self, job_id: str) -> tuple[IngestJob, int] | None:
         """The job record and its revision (for compare-and-set)."""
         try:
-            entry = await self.jobs_kv.get(job_id)
+            entry = await self.jobs_kv.get(ingest_job_key(job_id))
         except KeyNotFoundError:
             return None
         return _job_codec.decode(entry.value or b""), entry.revision or 0
 
     async def _put_job(self, job: IngestJob) -> None:
-        await self.jobs_kv.put(job.job_id, _json.encode(job))
+        await self.jobs_kv.put(ingest_job_key(job.job_id), _json.encode(job))
 
     async def _report(self, job: IngestJob) -> None:
         """Record the job's state and announce it on its events subject."""
         body = _json.encode(job)
-        await self.jobs_kv.put(job.job_id, body)
+        await self.jobs_kv.put(ingest_job_key(job.job_id), body)
         await self.nc.publish(self.names.ingest_events(job.job_id), body)

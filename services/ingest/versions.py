@@ -12,12 +12,12 @@ from __future__ import annotations
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from shared.datasets import seq_key
+from shared.names import dataset_seq_key
 
 
 async def give_back(kv: KeyValue, dataset: str, version: str) -> bool:
     """Move ``seq.<dataset>`` from ``version`` back by one; False when it no longer is ``version``."""
-    key = seq_key(dataset)
+    key = dataset_seq_key(dataset)
     try:
         entry = await kv.get(key)
     except KeyNotFoundError:

@@ -49,10 +49,19 @@ from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
 from shared.config import AutoscaleConfig, MeshConfig, MetricsConfig, load_autoscale_config, load_metrics_config
 from shared.errors import BadRequest, ConfigError, NotFound
-from shared.experiments import autoscale_lease_key, split_key
 from shared.httpserve import body_deadline, serve_app
 from shared.kv import Lease
-from shared.names import Header
+from shared.names import (
+    Header,
+    autoscale_lease_key,
+    job_key_id,
+    job_keys,
+    progress_key_id,
+    progress_keys,
+    split_key,
+    split_key_model,
+    split_keys,
+)
 from shared.schemas import (
     ExperimentDecision,
     ExperimentQuery,
@@ -171,9 +180,9 @@ class MetricsService(Service):
                     subject, stream=names.events_stream, ordered_consumer=True, cb=self._guard(kind, handler)
                 )
             )
-        self.watch(self.experiments_kv, "split.*", self._on_split, name="splits")
-        self.watch(self.jobs_kv, "job.*", self._on_job, name="jobs")
-        self.watch(self.jobs_kv, "progress.*", self._on_job, name="progress")
+        self.watch(self.experiments_kv, split_keys(), self._on_split, name="splits")
+        self.watch(self.jobs_kv, job_keys(), self._on_job, name="jobs")
+        self.watch(self.jobs_kv, progress_keys(), self._on_job, name="progress")
         self.every(self.metrics_config.tick_s, self.tick, name="tick")
         self.every(self._queue_interval_s(), self.read_queues, name="queues")
 
@@ -237,7 +246,9 @@ class MetricsService(Service):
             self.decisions.append(decision)
 
     def _on_split(self, entry: KeyValue.Entry) -> None:
-        model = entry.key.split(".", 1)[1]
+        model = split_key_model(entry.key)
+        if model is None:
+            return
         if not entry.value:
             self.splits.pop(model, None)
             self.reports.pop(model, None)
@@ -250,12 +261,12 @@ class MetricsService(Service):
     def _on_job(self, entry: KeyValue.Entry) -> None:
         if not entry.value:
             return
-        kind, _, job = entry.key.partition(".")
+        job, progress = job_key_id(entry.key), progress_key_id(entry.key)
         try:
-            if kind == "job":
+            if job is not None:
                 self.jobs[job] = _job.decode(entry.value)
-            else:
-                self.progress[job] = _progress.decode(entry.value)
+            elif progress is not None:
+                self.progress[progress] = _progress.decode(entry.value)
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.rejected["training"] += 1
         for stale in list(self.progress)[:-MAX_JOBS]:
@@ -335,6 +346,8 @@ class MetricsService(Service):
         """Promote the winner or roll back to the control: compare-and-set on the split, so the
         decision is made once, and an event with the evidence."""
         action = report.verdict
+        if action != "promote" and action != "rollback":
+            return  # only these verdicts act (the caller checks it too)
         version = report.winner or (split.control_version if action == "rollback" else "")
         if not version:
             return

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared.schemas import ExperimentReport, Guardrails, Split, VariantReport
+from shared.schemas import ExperimentReport, Guardrails, Split, VariantReport, Verdict
 
 # Latency histogram: log-spaced buckets from 10 µs to 120 s, each 5% wider than the previous.
 _LO_S = 1e-5
@@ -300,7 +300,7 @@ class Experiment:
         candidates: list[str],
         p_values: dict[str, float],
         breaches: list[str],
-    ) -> tuple[str, str, str]:
+    ) -> tuple[Verdict, str, str]:
         if split.state in ("promoted", "rolled_back"):
             top = max(split.variants, key=lambda v: v.weight).version if split.variants else ""
             when = f" at {split.decided_at}" if split.decided_at else ""
@@ -320,7 +320,7 @@ class Experiment:
 
     def _compared(
         self, g: Guardrails, control_name: str, candidates: list[str], p_values: dict[str, float]
-    ) -> tuple[str, str, str]:
+    ) -> tuple[Verdict, str, str]:
         """The verdict of an experiment under guardrails with no breach: the candidates' rewards
         against the control's."""
         control = self.variant(control_name)

@@ -36,7 +36,7 @@ from shared.tensors import from_wire
 
 SERVER_NAME = "aimesh"
 VARIANT = Header.VARIANT  # which version served the request
-REQUEST_ID = "Aimesh-Request-Id"  # the id feedback names (also the OIP response's "id")
+REQUEST_ID = Header.REQUEST_ID  # the id feedback names (also the OIP response's "id")
 LABEL = "label"  # a classifier's class names (BYTES): returned only when asked for by name
 _split = msgspec.json.Decoder(Split)
 _feedback = msgspec.json.Decoder(Feedback)
@@ -162,7 +162,7 @@ def from_exception(exc: Exception) -> web.Response:
 OPEN_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json"})
 ADMIN_PREFIX = "/admin/"
 SCOPES = ("infer", "admin")  # admin may also infer
-TIMEOUT_HEADER = "Aimesh-Timeout-Ms"
+TIMEOUT_HEADER = Header.TIMEOUT_MS
 
 
 def parse_keys(entries: list[str]) -> KeyRing:

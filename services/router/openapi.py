@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.router.openai import MAX_STOP, MAX_TOKENS
+from shared.names import Header
 
 TOKEN = "^[A-Za-z0-9_-]+$"  # shared.names.check_token
 _OIP_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
@@ -82,7 +83,7 @@ VERSION = _path("version", "a version deployed for the model (404 otherwise)", "
 REQUEST_ID = _path("id", "a durable request's id", "r1")
 LM = _path("model", "a language model's name", "lm")
 TIMEOUT = {
-    "name": "Aimesh-Timeout-Ms",
+    "name": Header.TIMEOUT_MS,
     "in": "header",
     "required": False,
     "schema": {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?\s*$"},
@@ -310,7 +311,7 @@ SCHEMAS: dict[str, Any] = {
                 "minLength": 1,
                 "maxLength": 256,
                 "pattern": r"^[^\s]+$",
-                "description": "the request id (Aimesh-Request-Id / OIP id)",
+                "description": f"the request id ({Header.REQUEST_ID} / OIP id)",
             },
             "model": {"type": "string", "pattern": TOKEN},
             "reward": {"type": "number", "description": "a reward, or a conversion as 1 / 0"},
@@ -539,7 +540,7 @@ def _model_paths(with_version: bool) -> dict[str, Any]:
                 "responses": _responses(
                     {
                         "200": {
-                            "description": "outputs; header Aimesh-Variant names the version that served",
+                            "description": f"outputs; header {Header.VARIANT} names the version that served",
                             "content": {
                                 "application/json": {"schema": _ref("InferResponse")},
                                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
@@ -644,7 +645,7 @@ def document(version: str) -> dict[str, Any]:
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": Header.API_KEY},
             },
             "schemas": SCHEMAS,
         },

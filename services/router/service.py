@@ -35,7 +35,7 @@ from shared.discovery import discover
 from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
 from shared.experiments import delete_split, put_split
 from shared.httpserve import serve_app
-from shared.names import check_token
+from shared.names import check_token, deploy_keys, split_keys
 from shared.registry import get_version, registry_kv
 from shared.routing import Route, RoutingTable
 from shared.schemas import (
@@ -152,8 +152,8 @@ class RouterService(Service):
         )
 
     async def after_start(self) -> None:
-        self.watch(self.deployments, "deploy.>", self._on_entry, name="deployments")
-        self.watch(self.experiments, "split.*", self._on_entry, name="splits")
+        self.watch(self.deployments, deploy_keys(), self._on_entry, name="deployments")
+        self.watch(self.experiments, split_keys(), self._on_entry, name="splits")
         self.every(0.25, self._flush_exposures, name="exposures")
 
     async def stop_intake(self) -> None:

@@ -51,6 +51,7 @@ from shared.clock import rfc3339_now
 from shared.config import MeshConfig, TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
 from shared.errors import BadRequest, NotFound
+from shared.names import job_key, job_keys, result_key, trainer_node_key
 from shared.natsserver import die_with_parent
 from shared.registry import artifacts
 from shared.schemas import GpuStats, TrainAccepted, TrainerNode, TrainJob, TrainRequest, TrainResult
@@ -94,7 +95,7 @@ class TrainerService(Service):
 
     async def after_start(self) -> None:
         self.every(self.trainer_config.heartbeat_s, self._heartbeat, name="heartbeat")
-        self.watch(self.jobs, "job.*", self._on_job, name="jobs")
+        self.watch(self.jobs, job_keys(), self._on_job, name="jobs")
         self.every(1.0, self._tick, name="timers")
 
     def gpu_stats(self) -> list[GpuStats]:
@@ -114,7 +115,7 @@ class TrainerService(Service):
         if self._child is not None and self._child.returncode is None:
             await self._stop_child("this node is shutting down")
         try:
-            await self.nodes.delete(self.instance_id)
+            await self.nodes.delete(trainer_node_key(self.instance_id))
         except Exception:
             log.debug("could not remove the heartbeat", exc_info=True)
 
@@ -135,17 +136,20 @@ class TrainerService(Service):
         ids = tracing.current_ids()
         job_id = f"{req.model}-{int(now * 1000):x}"
         job = rendezvous.new_job(job_id, req, now, rfc3339_now(), ids[0] if ids else "")
-        await self.jobs.create(f"job.{job_id}", _json.encode(job))
+        await self.jobs.create(job_key(job_id), _json.encode(job))
         idle = sum(1 for n in await self._nodes() if n.state == "idle")
         return TrainAccepted(job_id=job_id, state=job.state, nodes_available=idle)
 
     async def _resume(self, job_id: str) -> TrainAccepted:
         """A failed job forms again (restart budget renewed); its ranks resume from the checkpoint."""
         try:
-            entry = await self.jobs.get(f"job.{job_id}")
+            entry = await self.jobs.get(job_key(job_id))
         except KeyNotFoundError:
             raise BadRequest(f"no training job {job_id}") from None
-        job = _job.decode(entry.value or b"")
+        try:
+            job = _job.decode(entry.value or b"")
+        except msgspec.DecodeError as exc:  # ValidationError too: a state this agent does not know
+            raise BadRequest(f"job {job_id}: its record cannot be read here: {exc}") from None
         if not await self._cas(job, entry.revision or 0, **rendezvous.resume(job, time.time())):
             raise BadRequest(f"job {job_id} changed while resuming it; try again")
         idle = sum(1 for n in await self._nodes() if n.state == "idle")
@@ -164,7 +168,7 @@ class TrainerService(Service):
             device=_device_name(),
         )
         try:
-            await self.nodes.put(self.instance_id, _json.encode(node))
+            await self.nodes.put(trainer_node_key(self.instance_id), _json.encode(node))
         except Exception:  # NATS away: the next beat tries again
             log.warning("heartbeat failed", exc_info=True)
 
@@ -255,7 +259,7 @@ class TrainerService(Service):
             if self._child is proc:
                 self._child = None
                 self._child_job = None
-            entry = await self.jobs.get(f"job.{job_id}")
+            entry = await self.jobs.get(job_key(job_id))
             job, revision = _job.decode(entry.value or b""), entry.revision or 0
             if rendezvous.moved_on(job, attempt):
                 return  # already moved on (we were stopped, or another rank reported first)
@@ -291,14 +295,14 @@ class TrainerService(Service):
     async def _cas(self, job: TrainJob, revision: int, **changes: Any) -> bool:
         updated = msgspec.structs.replace(job, updated_at=rfc3339_now(), **changes)
         try:
-            await self.jobs.update(f"job.{job.job_id}", _json.encode(updated), last=revision)
+            await self.jobs.update(job_key(job.job_id), _json.encode(updated), last=revision)
             return True
         except KeyWrongLastSequenceError:
             return False  # someone else changed it first; the watch brings the new state
 
     async def _result(self, job_id: str, attempt: int) -> TrainResult | None:
         try:
-            return _result.decode((await self.jobs.get(f"result.{job_id}.{attempt}")).value or b"")
+            return _result.decode((await self.jobs.get(result_key(job_id, attempt))).value or b"")
         except KeyNotFoundError:
             return None
 
@@ -319,6 +323,8 @@ class TrainerService(Service):
                 out.append(_node.decode((await self.nodes.get(key)).value or b""))
             except KeyNotFoundError:
                 continue
+            except msgspec.DecodeError as exc:  # ValidationError too: another agent's version, say
+                log.warning("trainer node %s: its heartbeat cannot be read: %s", key, exc)
         return out
 
 

@@ -13,7 +13,7 @@ import msgspec
 
 from shared.errors import BadRequest
 from shared.names import check_token
-from shared.schemas import DatasetManifest, TrainRequest
+from shared.schemas import DEVICES, OPTIMIZERS, DatasetManifest, TrainRequest
 
 
 def check_request(req: TrainRequest) -> TrainRequest:
@@ -24,6 +24,10 @@ def check_request(req: TrainRequest) -> TrainRequest:
         raise BadRequest(str(exc)) from None
     if req.parallel not in ("dp", "pp"):
         raise BadRequest(f"parallel must be dp or pp (got {req.parallel!r})")
+    if req.optimizer not in OPTIMIZERS:
+        raise BadRequest(f"optimizer must be {' or '.join(OPTIMIZERS)} (got {req.optimizer!r})")
+    if req.device not in DEVICES:
+        raise BadRequest(f"device must be {', '.join(DEVICES)} (got {req.device!r})")
     if req.nodes < 1 or (req.parallel == "pp" and req.nodes < 2):
         raise BadRequest("nodes must be ≥ 1 (≥ 2 for pp: one pipeline stage per node)")
     min_nodes = req.min_nodes or req.nodes

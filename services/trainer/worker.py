@@ -46,9 +46,18 @@ from shared.config import MeshConfig, TrainerConfig, load_mesh_config, load_trai
 from shared.datasets import DatasetReader
 from shared.errors import BadRequest
 from shared.logs import setup_logging
-from shared.names import Names
+from shared.names import Names, attempt_key, checkpoint_key, job_key, progress_key, result_key
 from shared.registry import artifacts, put_object, register
-from shared.schemas import Checkpoint, DatasetManifest, ModelVersion, TrainJob, TrainProgress, TrainRequest, TrainResult
+from shared.schemas import (
+    Checkpoint,
+    DatasetManifest,
+    ModelTask,
+    ModelVersion,
+    TrainJob,
+    TrainProgress,
+    TrainRequest,
+    TrainResult,
+)
 from zoo import ModelSpec, build_model, check_factory, check_kwargs
 from zoo.artifacts import checkpoint_from_bytes, checkpoint_to_bytes, weights_to_bytes
 from zoo.lm import declared_chat_template, lm_loss
@@ -93,7 +102,7 @@ class Worker:
         self.bridge = NatsBridge(self.config, f"{self.config.prefix}-trainer-{self.job_id}-r{self.rank}")
         self.js = self.bridge.nc.jetstream()
         self.jobs = self.bridge.call(self.js.key_value(self.names.jobs_bucket))
-        job = msgspec.json.decode(self.bridge.call(self.jobs.get(f"job.{self.job_id}")).value or b"", type=TrainJob)
+        job = msgspec.json.decode(self.bridge.call(self.jobs.get(job_key(self.job_id))).value or b"", type=TrainJob)
         self.job = job
         self.req: TrainRequest = job.request
         self.device = self._device()
@@ -129,7 +138,7 @@ class Worker:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
         try:
             manifest = self.bridge.call(DatasetReader.open(self.js, self.names, self.req.dataset)).manifest
-            task = "lm" if any(c.name == "tokens" for c in manifest.columns) else "classify"
+            task: ModelTask = "lm" if any(c.name == "tokens" for c in manifest.columns) else "classify"
             if self.req.parallel == "pp" and task != "lm":
                 raise SystemExit("pipeline parallelism (pp) is for the language model: use dp for classifiers")
             arrays, sizes = self._load(manifest)
@@ -325,7 +334,7 @@ class Worker:
             self.bridge.call(self._store(f"{prefix}-r{self.rank}", body, None))
             dist.barrier()  # every stage's part is stored before the checkpoint is announced
             if self.rank == 0:
-                self.bridge.call(self.jobs.put(f"checkpoint.{self.job_id}", _json.encode(ckpt)))
+                self.bridge.call(self.jobs.put(checkpoint_key(self.job_id), _json.encode(ckpt)))
         else:
             self._pending_checkpoint = self.bridge.post(self._store(objects[0], body, ckpt))
 
@@ -333,7 +342,7 @@ class Worker:
         store = await artifacts(self.js, self.names, self.config.js_replicas)
         await put_object(store, name, body)
         if announce is not None:
-            await self.jobs.put(f"checkpoint.{self.job_id}", _json.encode(announce))
+            await self.jobs.put(checkpoint_key(self.job_id), _json.encode(announce))
 
     def wait_checkpoint(self) -> None:
         pending, self._pending_checkpoint = self._pending_checkpoint, None
@@ -359,7 +368,7 @@ class Worker:
             start_step=0,
         )
         try:
-            entry = self.bridge.call(self.jobs.get(f"checkpoint.{self.job_id}"))
+            entry = self.bridge.call(self.jobs.get(checkpoint_key(self.job_id)))
         except KeyNotFoundError:  # KeyDeletedError too
             log.info(
                 "rank %d: no checkpoint recorded for %s: training starts at epoch 0 step 0", self.rank, self.job_id
@@ -408,7 +417,7 @@ class Worker:
     def _account(self, record: AttemptRecord) -> None:
         if self.rank == 0:
             self._record = record
-            self.bridge.call(self.jobs.put(f"attempt.{self.job_id}.{self.attempt}", _json.encode(record)))
+            self.bridge.call(self.jobs.put(attempt_key(self.job_id, self.attempt), _json.encode(record)))
 
     def _account_end(self, full: torch.nn.Module) -> None:
         """Rank 0 records the steps this attempt trained and (dp) every rank's parameter digest."""
@@ -434,18 +443,18 @@ class Worker:
             samples_per_s=rate,
             ranks=list(range(self.world)),
         )
-        self.bridge.post(self.jobs.put(f"progress.{self.job_id}", _json.encode(progress)))
+        self.bridge.post(self.jobs.put(progress_key(self.job_id), _json.encode(progress)))
 
     def _fail(self, error: str) -> NoReturn:
         """End the attempt with an error a retry cannot fix.  Every rank that finds it writes the
         result before exiting: its agent reads the result when this process ends, and another
         rank's copy may not be stored yet (a missing result reads as a crash, i.e. a restart)."""
         result = TrainResult(job_id=self.job_id, ok=False, error=error)
-        self.bridge.call(self.jobs.put(f"result.{self.job_id}.{self.attempt}", _json.encode(result)))
+        self.bridge.call(self.jobs.put(result_key(self.job_id, self.attempt), _json.encode(result)))
         raise SystemExit(error)
 
     # -- the end: evaluate, store, register ---------------------------------------------------
-    def _finish(self, full: torch.nn.Module, manifest: DatasetManifest, task: str) -> None:
+    def _finish(self, full: torch.nn.Module, manifest: DatasetManifest, task: ModelTask) -> None:
         if self.req.parallel == "pp":
             full = self._gather_pipeline(full)
             if self.rank != 0:
@@ -483,7 +492,7 @@ class Worker:
         result = TrainResult(
             job_id=self.job_id, ok=True, model_version=registered.version, metrics=metrics, losses=self.losses
         )
-        self.bridge.call(self.jobs.put(f"result.{self.job_id}.{self.attempt}", _json.encode(result)))
+        self.bridge.call(self.jobs.put(result_key(self.job_id, self.attempt), _json.encode(result)))
         log.info("registered %s@%s %s", self.req.model, registered.version, metrics)
 
     def _gather_pipeline(self, full: torch.nn.Module) -> torch.nn.Module:

@@ -29,13 +29,10 @@ from services.metrics.dashboard import add_routes
 from services.metrics.service import MetricsService
 from services.metrics.timeseries import History
 from services.metrics.traces import TraceStore
-from shared.client import request
 from shared.config import MeshConfig
 from shared.httpserve import serve_app
 from shared.names import Names
 from shared.schemas import (
-    Deployment,
-    DeployRequest,
     ExperimentReport,
     ScaleDecision,
     SpanBatch,
@@ -43,7 +40,7 @@ from shared.schemas import (
     VariantReport,
 )
 from tests.helpers import ServiceProcess, eventually
-from tests.test_inference import register_mlp, serving, start_gateway
+from tests.mesh import deploy_digits, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -442,9 +439,7 @@ async def test_a_real_requests_trace_reaches_the_api_over_nats(
     # Tracing on, no OTLP endpoint: the spans' only way out is <prefix>.spans.<service>.
     traced = {"OTEL_SDK_DISABLED": "false", "OTEL_BSP_SCHEDULE_DELAY": "100"}
     _, _, base = await start_gateway(spawn, nats_url, names, router_env=traced, worker_env=traced)
-    await register_mlp(nc, names, seed=1)
-    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 60, "the worker to serve digits@1")
+    await deploy_digits(nc, names)
     async with MetricsService(fast) as metrics:
         # The services record 1% of their own roots, and every trace their caller sampled: this one.
         trace_id, caller = uuid.uuid4().hex, "00f067aa0ba902b7"

@@ -29,54 +29,14 @@ from shared.schemas import (
     ModelVersion,
 )
 from shared.tensors import from_wire, to_wire
-from tests.helpers import ServiceProcess, eventually
+from tests.helpers import AIMESH, ROOT, ServiceProcess, clean_env, eventually, free_port
+from tests.mesh import deploy_digits, register_mlp, serving, start_gateway
+from tests.otlp import KIND_CLIENT, KIND_CONSUMER, KIND_INTERNAL, KIND_SERVER, OtlpReceiver
+from tests.standin import StandIn
 from zoo.artifacts import weights_to_bytes
 from zoo.classifier import mlp
 
 pytestmark = pytest.mark.slow
-
-
-async def register_mlp(nc: NatsClient, names: Names, seed: int) -> tuple[ModelVersion, torch.nn.Module]:
-    """A real MLP's weights in the artifacts store and a registry version pointing at them."""
-    torch.manual_seed(seed)
-    model = mlp(inputs=64, classes=10).eval()
-    js = nc.jetstream()
-    store = await artifacts(js, names)
-    name = f"models/digits/seed{seed}.safetensors"
-    await put_object(store, name, weights_to_bytes(model.state_dict()))
-    kv = await js.key_value(names.registry_bucket)
-    version = ModelVersion(
-        model="digits",
-        version="",
-        artifact=name,
-        factory="zoo.classifier:mlp",
-        kwargs={"inputs": 64, "classes": 10},
-        task="classify",
-        dataset="digits@1",
-        inputs=[ColumnSpec(name="x", dtype="float32", shape=[64])],
-    )
-    return await register(kv, version), model
-
-
-async def serving(nc: NatsClient, names: Names, want: str) -> bool:
-    pings = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
-    return bool(pings) and all(want in p.metadata.get("serving", "") for p in pings)
-
-
-async def start_gateway(
-    spawn: Callable[..., ServiceProcess],
-    nats_url: str,
-    names: Names,
-    *,
-    router_env: dict[str, str] | None = None,
-    worker_env: dict[str, str] | None = None,
-) -> tuple[ServiceProcess, ServiceProcess, str]:
-    """An inference worker and a router (on a free port), both ready; returns them and the URL."""
-    worker = spawn("services.inference", **(worker_env or {}))
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0", **(router_env or {}))
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
-    return worker, router, base
 
 
 async def test_deploy_infer_batch_and_swap(
@@ -242,9 +202,6 @@ async def test_ab_split_is_sticky_live_and_reversible(
 
     import aiohttp
 
-    from tests.helpers import ROOT
-    from tests.test_cli import AIMESH, _clean_env
-
     _, _, base = await start_gateway(spawn, nats_url, names)
     await register_mlp(nc, names, seed=1)
     await register_mlp(nc, names, seed=2)
@@ -257,7 +214,7 @@ async def test_ab_split_is_sticky_live_and_reversible(
         return subprocess.run(
             [*AIMESH, *args, "--nats-url", nats_url, "--prefix", names.prefix],
             cwd=ROOT,
-            env=_clean_env(),
+            env=clean_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -307,8 +264,6 @@ async def test_one_trace_from_http_to_the_batch_forward(
 ) -> None:
     import aiohttp
 
-    from tests.otlp import KIND_CLIENT, KIND_CONSUMER, KIND_INTERNAL, KIND_SERVER, OtlpReceiver
-
     receiver, url = otlp
     assert isinstance(receiver, OtlpReceiver)
     traced = {
@@ -318,9 +273,7 @@ async def test_one_trace_from_http_to_the_batch_forward(
         "AIMESH_TRACE_SAMPLE_RATIO": "1",
     }
     worker, router, base = await start_gateway(spawn, nats_url, names, router_env=traced, worker_env=traced)
-    await register_mlp(nc, names, seed=1)
-    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 30, "the worker to serve digits@1")
+    await deploy_digits(nc, names, timeout_s=30)
     body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
     async with aiohttp.ClientSession() as http, http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
         assert resp.status == 200
@@ -579,8 +532,6 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
 ) -> None:
     import aiohttp
 
-    from tests.standin import StandIn
-
     router = spawn(
         "services.router",
         AIMESH_ROUTER_PORT="0",
@@ -590,9 +541,7 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
     worker = spawn("services.inference")
     base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
     await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    await register_mlp(nc, names, seed=1)
-    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1")
+    await deploy_digits(nc, names, timeout_s=30)
     body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
     split = {"model": "digits", "variants": [{"version": "1", "weight": 1}]}
     async with aiohttp.ClientSession() as http:
@@ -678,9 +627,8 @@ async def test_deployments_are_followed_across_a_nats_restart(
     import nats
 
     from shared.natsserver import NatsServer
-    from tests.test_lifecycle import _free_port
 
-    server = NatsServer(store_dir=tmp_path / "store", port=_free_port(), http_port=None)
+    server = NatsServer(store_dir=tmp_path / "store", port=free_port(), http_port=None)
     server.start()
     try:
         worker = spawn("services.inference", url=server.url)
@@ -688,9 +636,7 @@ async def test_deployments_are_followed_across_a_nats_restart(
         await worker.wait_ready(server.url, names.micro_name("inference"), timeout_s=60)
         base = (await router.wait_ready(server.url, names.micro_name("router"))).metadata["http"]
         nc = await nats.connect(server.url)
-        await register_mlp(nc, names, seed=1)
-        await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-        await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1")
+        await deploy_digits(nc, names, timeout_s=30)
         await nc.close()
 
         server.stop()

@@ -423,14 +423,13 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
     assert "missing from the artifacts store: cannot resume" in refused.error and "gave up" not in refused.error
     await kv.put(f"checkpoint.{accepted.job_id}", original)
 
-    from tests.helpers import ROOT
-    from tests.test_cli import AIMESH, _clean_env
+    from tests.helpers import AIMESH, ROOT, clean_env
 
     out = await asyncio.to_thread(
         subprocess.run,
         [*AIMESH, "train", "--resume", accepted.job_id, "--json", "--nats-url", nats_url, "--prefix", names.prefix],
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=180,
@@ -447,7 +446,7 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
     alias = subprocess.run(
         [*AIMESH, "models", "alias", "digits@1", "stable", *common],
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -456,7 +455,7 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
     shown = subprocess.run(
         [*AIMESH, "models", "show", "digits@stable", *common],
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,

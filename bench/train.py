@@ -23,9 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import nats  # noqa: E402
 
-from aimesh.datasets_cmd import ingest  # noqa: E402
 from aimesh.demo import wait_for_service  # noqa: E402
-from aimesh.train_cmd import train  # noqa: E402
+from aimesh.jobs import ingest, train  # noqa: E402
 from shared.names import Names  # noqa: E402
 from shared.natsserver import NatsServer  # noqa: E402
 from shared.schemas import IngestRequest, TrainRequest  # noqa: E402

@@ -1,4 +1,6 @@
-"""Test helpers: service processes, waiting on conditions with a deadline."""
+"""Test helpers: service processes, waiting on conditions with a deadline, free ports, the CLI's
+command and environment, raw HTTP requests and error-body checks.  Mesh set-ups (models,
+gateways) live in ``tests/mesh.py``."""
 
 from __future__ import annotations
 
@@ -6,15 +8,18 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import aiohttp
 import nats
 import pytest
+from yarl import URL
 
 from shared.discovery import discover
 from shared.names import Names
@@ -22,6 +27,7 @@ from shared.schemas import MicroPing
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+AIMESH = [sys.executable, "-m", "aimesh"]
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
@@ -115,3 +121,43 @@ def require_binary(name: str, package: str | None = None) -> str:
     pytest.skip(
         f"no {name} on PATH: install Debian's {package or name} package (`make sysdeps` as root) to run this test"
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the mesh's, telemetry's and NATS's settings, for the
+    ``aimesh`` command line (``AIMESH``) run as an operator would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMESH_", "OTEL_", "NATS_"))}
+    env.update(PYTHONPATH=str(ROOT), OTEL_SDK_DISABLED="true", **extra)
+    return env
+
+
+async def send(
+    http: aiohttp.ClientSession,
+    method: str,
+    base: str,
+    path: str,
+    *,
+    json: Any = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, Mapping[str, str]]:
+    """One request with the path sent exactly as written; (status, JSON body, headers)."""
+    url = URL(base + path, encoded=True)
+    async with http.request(method, url, json=json, data=data, headers=headers) as resp:
+        assert resp.content_type == "application/json", (method, path, resp.status, await resp.text())
+        return resp.status, await resp.json(), resp.headers
+
+
+def oip_error(status: int, body: Any, want: int, *, contains: str = "") -> None:
+    """``status`` is ``want`` and ``body`` an Open Inference Protocol error holding ``contains``."""
+    assert status == want, body
+    assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str), body
+    assert contains in body["error"], body

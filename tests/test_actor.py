@@ -19,6 +19,7 @@ from shared.names import Header, micro_subject
 from shared.schemas import MicroInfo, ServiceStatus, StatusRequest
 from shared.service import Service, ServiceState
 from tests.apps.echo import EchoReply, EchoRequest
+from tests.helpers import eventually
 
 
 class GatedService(Service):
@@ -115,11 +116,9 @@ async def test_concurrency_bound_is_honoured(mesh_config: MeshConfig, nc: NatsCl
     async with GatedService(mesh_config, max_concurrency=3, mailbox_size=100) as svc:
         tasks = _fire(nc, svc, [f"wait{i}" for i in range(10)])
         await svc.wait_running(3)
-        stats = svc.actor.stats()
         # Every message has arrived once 3 run and 7 wait; nothing beyond the bound runs.
-        while stats.queued < 7:
-            await asyncio.sleep(0.01)
-            stats = svc.actor.stats()
+        await eventually(lambda: asyncio.sleep(0, svc.actor.stats().queued >= 7), 10, "7 messages queued")
+        stats = svc.actor.stats()
         assert (stats.in_flight, stats.queued, svc.running) == (3, 7, 3)
         svc.gate.set()
         replies = await asyncio.gather(*tasks)
@@ -132,8 +131,7 @@ async def test_full_mailbox_answers_overloaded_with_the_numbers(mesh_config: Mes
         accepted = _fire(nc, svc, ["wait0"])
         await svc.wait_running(1)
         accepted += _fire(nc, svc, ["wait1", "wait2"])
-        while svc.actor.stats().queued < 2:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: asyncio.sleep(0, svc.actor.stats().queued >= 2), 10, "2 messages queued")
         with pytest.raises(Overloaded, match=r"1 running, limit 1; 2 queued, limit 2"):
             await request(nc, svc.subject, EchoRequest(text="one too many"), EchoReply)
         svc.gate.set()
@@ -189,8 +187,7 @@ async def test_drain_finishes_in_flight_requests(mesh_config: MeshConfig, nc: Na
     tasks = _fire(nc, svc, ["wait0", "wait1", "wait2"])
     await svc.wait_running(2)
     drain = asyncio.create_task(svc.drain())
-    while svc.state is not ServiceState.DRAINING:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: asyncio.sleep(0, svc.state is ServiceState.DRAINING), 10, "the service to drain")
     svc.gate.set()
     await drain
     assert sorted(r.text for r in await asyncio.gather(*tasks)) == ["wait0", "wait1", "wait2"]

@@ -13,14 +13,13 @@ from nats.aio.client import Client as NatsClient
 
 from aimesh.supervisor import Supervisor
 from shared import durable
-from shared.client import request
 from shared.config import UpConfig, load_autoscale_config
 from shared.discovery import discover
 from shared.names import Names
-from shared.schemas import Deployment, DeployRequest, InferRequest, MicroPing
+from shared.schemas import InferRequest, MicroPing
 from shared.tensors import to_wire
 from tests.helpers import ROOT, eventually
-from tests.test_inference import register_mlp, serving
+from tests.mesh import deploy_digits
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +61,7 @@ async def test_idle_pool_scales_to_zero_and_queued_durable_requests_bring_worker
             return await ready_workers(nc, names) == 1
 
         await eventually(one_ready, 60, "the first inference worker")
-        await register_mlp(nc, names, seed=1)
-        await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-        await eventually(lambda: serving(nc, names, "digits@1"), 60, "digits@1 to be served")
+        await deploy_digits(nc, names)
 
         # Idle: the pool goes to zero, the worker drained, not killed.
         async def none_ready() -> bool:

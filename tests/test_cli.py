@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,11 @@ from shared.connect import connect_single
 from shared.names import Names
 from shared.natsserver import pid_alive
 from shared.schemas import Deployment, ExperimentReport, Split
-from tests.helpers import ROOT, ServiceProcess, eventually
-from tests.test_experiments import report_when
-from tests.test_inference import register_mlp, serving
+from tests.helpers import AIMESH, ROOT, ServiceProcess, clean_env, eventually
+from tests.mesh import register_mlp, report_when, serving
 
 pytestmark = pytest.mark.slow
 
-AIMESH = [sys.executable, "-m", "aimesh"]
 NO_SERVICES_BUT_ROUTER = ("--ingest", "0", "--trainer", "0", "--inference", "0", "--metrics", "0")
 
 
@@ -41,7 +38,7 @@ def _status(data_dir: Path, names: Names) -> list[dict[str, Any]]:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         timeout=30,
     )
     # 1: no instance answered; 3: NATS not reachable yet (the mesh is still starting).
@@ -56,15 +53,7 @@ def _up(data_dir: Path, names: Names, *flags: str, stdout: Any, **env: str) -> s
     free ports too, unless ``env`` says otherwise)."""
     env = {"AIMESH_ROUTER_PORT": "0", "AIMESH_METRICS_PORT": "0", **env}
     command = [*AIMESH, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--prefix", names.prefix]
-    return subprocess.Popen(
-        [*command, *flags], cwd=ROOT, env=_clean_env(**env), stdout=stdout, stderr=subprocess.STDOUT
-    )
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMESH_", "OTEL_", "NATS_"))}
-    env.update(PYTHONPATH=str(ROOT), OTEL_SDK_DISABLED="true", **extra)
-    return env
+    return subprocess.Popen([*command, *flags], cwd=ROOT, env=clean_env(**env), stdout=stdout, stderr=subprocess.STDOUT)
 
 
 def _ready(
@@ -297,7 +286,7 @@ async def test_demo_ingests_the_built_in_data_and_exits(tmp_path: Path, names: N
             names.prefix,
         ],
         cwd=ROOT,
-        env=_clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
+        env=clean_env(AIMESH_ROUTER_PORT="0", AIMESH_METRICS_PORT="0"),
         capture_output=True,
         text=True,
         timeout=300,
@@ -329,7 +318,7 @@ async def test_ingest_and_datasets_commands(
 
     def aimesh(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*AIMESH, *args, *common], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60
+            [*AIMESH, *args, *common], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60
         )
 
     done = await asyncio.to_thread(
@@ -361,7 +350,7 @@ async def test_deploy_split_feedback_and_experiments_show_as_the_operator_of_aim
     def aimesh(*args: str) -> subprocess.CompletedProcess[str]:
         # No URL and no identity given: the commands find both through <data_dir>/mesh.json.
         command = [*AIMESH, *args, "--data-dir", str(data_dir), "--prefix", names.prefix]
-        return subprocess.run(command, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60)
+        return subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
 
     with open(log_path, "wb") as log:
         up = _up(data_dir, names, *flags, stdout=log)
@@ -476,7 +465,7 @@ def test_up_refuses_a_public_address_without_tls(tmp_path: Path, names: Names) -
     out = subprocess.run(
         [*AIMESH, "up", "--host", "0.0.0.0", "--port", "0", "--http-port", "0", "--data-dir", str(tmp_path)],
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,

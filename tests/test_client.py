@@ -15,8 +15,7 @@ from shared.experiments import put_split
 from shared.names import Names
 from shared.schemas import Deployment, DeployRequest, Split, Variant
 from tests.helpers import ServiceProcess, eventually
-from tests.test_generation import register_lm
-from tests.test_inference import register_mlp, serving
+from tests.mesh import register_lm, register_mlp, serving
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NatsClient
 from services.metrics.service import MetricsService
 from shared.client import request
 from shared.config import MeshConfig, MetricsConfig
-from shared.errors import MeshTimeout, NotFound, Unavailable
+from shared.errors import MeshTimeout, Unavailable
 from shared.events import publish_feedback
 from shared.names import Names, split_key
 from shared.natsserver import NatsServer
@@ -40,9 +40,8 @@ from shared.schemas import (
     Split,
     Variant,
 )
-from tests.helpers import ServiceProcess, eventually
-from tests.test_inference import register_mlp, serving, start_gateway
-from tests.test_lifecycle import _free_port
+from tests.helpers import ServiceProcess, eventually, free_port
+from tests.mesh import deploy_digits, put_split, register_mlp, report_of, report_when, serving, start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +62,6 @@ async def two_versions(
     return router, base
 
 
-async def put_split(http: aiohttp.ClientSession, base: str, split: dict[str, object]) -> Split:
-    """Store a split through the router's admin API.  The router that stores it routes by it at
-    once (other routers follow the bucket): every test here has one router."""
-    async with http.put(f"{base}/admin/splits/digits", json=split) as resp:
-        assert resp.status == 200, await resp.text()
-        return msgspec.json.decode(await resp.read(), type=Split)
-
-
 async def wait_ticks(metrics: MetricsService, n: int) -> None:
     """Until ``n`` ticks of ``metrics`` have started after this call: ticks run one after the
     other, so every tick that was running when it was called, and ``n - 1`` more, have finished.
@@ -83,20 +74,6 @@ async def wait_ticks(metrics: MetricsService, n: int) -> None:
         return sum(ts > since for ts, _ in points) >= n
 
     await eventually(ticked, 10 + n, f"{n} ticks of the metrics service")
-
-
-async def report_of(nc: NatsClient, names: Names) -> ExperimentReport:
-    return await request(nc, names.experiments_query, ExperimentQuery(model="digits"), ExperimentReport)
-
-
-async def report_when(nc: NatsClient, names: Names, ok: Callable[[ExperimentReport], bool]) -> ExperimentReport | None:
-    """The report if ``ok`` says so; None while the metrics service has none yet (it is still
-    reading the split) or it does not fit."""
-    try:
-        report = await report_of(nc, names)
-    except NotFound:
-        return None
-    return report if ok(report) else None
 
 
 async def first_decision(nc: NatsClient, names: Names) -> ExperimentDecision:
@@ -391,9 +368,7 @@ async def test_feedback_counts_once_per_idempotency_key_and_once_per_request(
     http: aiohttp.ClientSession,
 ) -> None:
     _, _, base = await start_gateway(spawn, nats_url, names)
-    await register_mlp(nc, names, seed=1)
-    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 60, "digits@1 to be served")
+    await deploy_digits(nc, names)
     await put_split(http, base, {"model": "digits", "variants": [{"version": "1", "weight": 100}]})
     async with MetricsService(fast, fast_metrics) as metrics:
         ids = []
@@ -438,7 +413,7 @@ async def test_feedback_answers_503_while_nats_is_away_and_its_retry_is_stored_o
     spawn: Callable[..., ServiceProcess], names: Names, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     # A server of its own: this test stops it.
-    server = NatsServer(store_dir=tmp_path / "store", port=_free_port(), http_port=None)
+    server = NatsServer(store_dir=tmp_path / "store", port=free_port(), http_port=None)
     server.start()
     try:
         router = spawn("services.router", url=server.url, AIMESH_ROUTER_PORT="0")

@@ -28,8 +28,7 @@ from shared.client import request
 from shared.names import Names
 from shared.schemas import Deployment, DeployRequest
 from tests.helpers import ServiceProcess, eventually
-from tests.test_generation import register_lm
-from tests.test_inference import register_mlp, serving, start_gateway
+from tests.mesh import register_lm, register_mlp, serving, start_gateway
 
 pytestmark = pytest.mark.slow
 

@@ -7,48 +7,21 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
-import torch
 from nats.aio.client import Client as NatsClient
 
 from shared.client import request, stream
 from shared.errors import BadRequest
 from shared.names import Names
-from shared.registry import artifacts, put_object, register
 from shared.schemas import (
-    ColumnSpec,
     Deployment,
     DeployRequest,
     GenerateChunk,
     GenerateRequest,
-    ModelVersion,
-    TokenizerSpec,
 )
 from tests.helpers import ServiceProcess, eventually
-from tests.test_inference import serving, start_gateway
-from zoo.artifacts import weights_to_bytes
-from zoo.lm import causal_lm
+from tests.mesh import register_lm, serving, start_gateway
 
 pytestmark = pytest.mark.slow
-KWARGS = {"dim": 32, "layers": 1, "heads": 2, "context": 64}
-
-
-async def register_lm(nc: NatsClient, names: Names) -> None:
-    torch.manual_seed(0)
-    model = causal_lm(**KWARGS)
-    js = nc.jetstream()
-    await put_object(await artifacts(js, names), "models/lm/1.safetensors", weights_to_bytes(model.state_dict()))
-    version = ModelVersion(
-        model="lm",
-        version="",
-        artifact="models/lm/1.safetensors",
-        factory="zoo.lm:causal_lm",
-        kwargs=KWARGS,
-        task="lm",
-        dataset="text@1",
-        inputs=[ColumnSpec(name="tokens", dtype="int32", shape=[65])],
-        tokenizer=TokenizerSpec(kind="bytes", vocab_size=257, eos_id=256, seq_len=64),
-    )
-    await register(await js.key_value(names.registry_bucket), version)
 
 
 async def generate(nc: NatsClient, names: Names, req: GenerateRequest) -> list[GenerateChunk]:

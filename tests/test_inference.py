@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import numpy as np
 import pytest
 import torch
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 
+from shared import durable
 from shared.client import request
 from shared.discovery import discover
 from shared.errors import BadRequest, MeshTimeout, NotFound, Unavailable
-from shared.names import Names
+from shared.names import Header, Names
 from shared.registry import artifacts, put_object, register
 from shared.schemas import (
     ColumnSpec,
     Deployment,
     DeployRequest,
+    DurableResult,
     InferReply,
     InferRequest,
     MicroPing,
@@ -29,54 +39,14 @@ from shared.schemas import (
     ModelVersion,
 )
 from shared.tensors import from_wire, to_wire
-from tests.helpers import ServiceProcess, eventually
+from tests.helpers import AIMESH, ROOT, ServiceProcess, clean_env, eventually, free_port
+from tests.mesh import deploy_digits, register_mlp, serving, start_gateway
+from tests.otlp import KIND_CLIENT, KIND_CONSUMER, KIND_INTERNAL, KIND_SERVER, OtlpReceiver
+from tests.standin import StandIn
 from zoo.artifacts import weights_to_bytes
 from zoo.classifier import mlp
 
 pytestmark = pytest.mark.slow
-
-
-async def register_mlp(nc: NatsClient, names: Names, seed: int) -> tuple[ModelVersion, torch.nn.Module]:
-    """A real MLP's weights in the artifacts store and a registry version pointing at them."""
-    torch.manual_seed(seed)
-    model = mlp(inputs=64, classes=10).eval()
-    js = nc.jetstream()
-    store = await artifacts(js, names)
-    name = f"models/digits/seed{seed}.safetensors"
-    await put_object(store, name, weights_to_bytes(model.state_dict()))
-    kv = await js.key_value(names.registry_bucket)
-    version = ModelVersion(
-        model="digits",
-        version="",
-        artifact=name,
-        factory="zoo.classifier:mlp",
-        kwargs={"inputs": 64, "classes": 10},
-        task="classify",
-        dataset="digits@1",
-        inputs=[ColumnSpec(name="x", dtype="float32", shape=[64])],
-    )
-    return await register(kv, version), model
-
-
-async def serving(nc: NatsClient, names: Names, want: str) -> bool:
-    pings = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
-    return bool(pings) and all(want in p.metadata.get("serving", "") for p in pings)
-
-
-async def start_gateway(
-    spawn: Callable[..., ServiceProcess],
-    nats_url: str,
-    names: Names,
-    *,
-    router_env: dict[str, str] | None = None,
-    worker_env: dict[str, str] | None = None,
-) -> tuple[ServiceProcess, ServiceProcess, str]:
-    """An inference worker and a router (on a free port), both ready; returns them and the URL."""
-    worker = spawn("services.inference", **(worker_env or {}))
-    router = spawn("services.router", AIMESH_ROUTER_PORT="0", **(router_env or {}))
-    await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
-    return worker, router, base
 
 
 async def test_deploy_infer_batch_and_swap(
@@ -242,9 +212,6 @@ async def test_ab_split_is_sticky_live_and_reversible(
 
     import aiohttp
 
-    from tests.helpers import ROOT
-    from tests.test_cli import AIMESH, _clean_env
-
     _, _, base = await start_gateway(spawn, nats_url, names)
     await register_mlp(nc, names, seed=1)
     await register_mlp(nc, names, seed=2)
@@ -257,7 +224,7 @@ async def test_ab_split_is_sticky_live_and_reversible(
         return subprocess.run(
             [*AIMESH, *args, "--nats-url", nats_url, "--prefix", names.prefix],
             cwd=ROOT,
-            env=_clean_env(),
+            env=clean_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -307,8 +274,6 @@ async def test_one_trace_from_http_to_the_batch_forward(
 ) -> None:
     import aiohttp
 
-    from tests.otlp import KIND_CLIENT, KIND_CONSUMER, KIND_INTERNAL, KIND_SERVER, OtlpReceiver
-
     receiver, url = otlp
     assert isinstance(receiver, OtlpReceiver)
     traced = {
@@ -318,9 +283,7 @@ async def test_one_trace_from_http_to_the_batch_forward(
         "AIMESH_TRACE_SAMPLE_RATIO": "1",
     }
     worker, router, base = await start_gateway(spawn, nats_url, names, router_env=traced, worker_env=traced)
-    await register_mlp(nc, names, seed=1)
-    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 30, "the worker to serve digits@1")
+    await deploy_digits(nc, names, timeout_s=30)
     body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
     async with aiohttp.ClientSession() as http, http.post(f"{base}/v2/models/digits/infer", json=body) as resp:
         assert resp.status == 200
@@ -339,26 +302,148 @@ async def test_one_trace_from_http_to_the_batch_forward(
     assert forward.links == [process.span_id] and forward.attributes["aimesh.batch.size"] == 1
 
 
+class DurableProbe:
+    """What JetStream says of digits@1's durable requests: the consumer every worker of it
+    fetches from, and the requests and results streams."""
+
+    consumer = "infer-digits-1"
+
+    def __init__(self, js: JetStreamContext, names: Names) -> None:
+        self.js, self.names = js, names
+
+    async def consumer_info(self) -> ConsumerInfo:
+        info: ConsumerInfo = await self.js.consumer_info(self.names.requests_stream, self.consumer)
+        return info
+
+    async def delivered(self) -> tuple[int, int]:
+        """The consumer's last delivery: its own sequence (one per delivery) and the stream's."""
+        last = (await self.consumer_info()).delivered
+        assert last is not None
+        return last.consumer_seq, last.stream_seq
+
+    async def last_seqs(self) -> tuple[int, int]:
+        """How many messages the requests and the results streams ever stored."""
+        requests_state = (await self.js.stream_info(self.names.requests_stream)).state
+        results_state = (await self.js.stream_info(self.names.results_stream)).state
+        return requests_state.last_seq, results_state.last_seq
+
+    async def settled(self) -> ConsumerInfo | None:
+        info = await self.consumer_info()
+        # Delivered to the frozen worker (unacked), or left in the stream (its fetch expired).
+        return info if info.num_ack_pending or (not info.num_waiting and info.num_pending) else None
+
+    async def idle(self) -> bool:
+        info = await self.consumer_info()
+        return not info.num_ack_pending and not info.num_pending
+
+
+class DurableClient:
+    """``n`` requests for digits, submitted over HTTP with ``Prefer: respond-async`` in order,
+    some at a time, and their answers read back."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str, xs: np.ndarray) -> None:
+        self.http, self.base, self.xs = http, base, xs
+        self.n = len(xs)
+        self.submitted = 0
+
+    def body(self, i: int) -> dict[str, Any]:
+        return {
+            "id": f"d{i}",
+            "inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": self.xs[i].ravel().tolist()}],
+        }
+
+    async def submit(self, i: int) -> None:
+        headers = {"Prefer": "respond-async"}
+        async with self.http.post(f"{self.base}/v2/models/digits/infer", json=self.body(i), headers=headers) as resp:
+            assert resp.status == 202 and resp.headers["Location"] == f"/v2/results/d{i}"
+
+    async def submit_next(self, count: int) -> None:
+        end = min(self.submitted + count, self.n)
+        await asyncio.gather(*(self.submit(i) for i in range(self.submitted, end)))
+        self.submitted = end
+
+    async def logits(self, i: int) -> list[float] | None:
+        """The answer's logits; None while it is pending."""
+        async with self.http.get(f"{self.base}/v2/results/d{i}") as resp:
+            if resp.status == 202:
+                return None
+            assert resp.status == 200, await resp.text()
+            logits: list[float] = next(o for o in (await resp.json())["outputs"] if o["name"] == "logits")["data"]
+            return logits
+
+    async def all_answered(self) -> dict[int, list[float]] | None:
+        answers = {}
+        for i in range(self.n):
+            logits = await self.logits(i)
+            if logits is None:
+                return None
+            answers[i] = logits
+        return answers
+
+
+class ResultRecorder:
+    """Every publish on the result subjects as sent, whether the stream stored it or not: per
+    request id, each (state, Nats-Msg-Id)."""
+
+    def __init__(self) -> None:
+        self.published: defaultdict[str, list[tuple[str, str | None]]] = defaultdict(list)
+        self.decoder = msgspec.msgpack.Decoder(DurableResult)
+
+    async def on_result(self, msg: Msg) -> None:
+        outcome = self.decoder.decode(msg.data)
+        self.published[outcome.id].append((outcome.state, (msg.headers or {}).get(Header.MSG_ID)))
+
+    async def every_answer_seen(self, n: int) -> bool:
+        return all(any(state != "pending" for state, _ in self.published[f"d{i}"]) for i in range(n))
+
+    def answer_msg_ids(self, i: int) -> list[str | None]:
+        return [msg_id for state, msg_id in self.published[f"d{i}"] if state != "pending"]
+
+
+async def hold_requests_in_a_frozen_worker(worker: ServiceProcess, client: DurableClient, probe: DurableProbe) -> int:
+    """Freeze ``worker`` (SIGSTOP) with requests delivered to it and unacked; how many it holds.
+    Frozen, it takes requests only through the fetch it left waiting, and acks none.  If that fetch
+    expired before the requests came, it serves them, and we try again."""
+    held = 0
+    for _ in range(5):
+        os.kill(worker.pid, signal.SIGSTOP)
+        await client.submit_next(16)
+        held = (await eventually(probe.settled, 10, "the requests to reach the frozen worker")).num_ack_pending or 0
+        if held:
+            break
+        os.kill(worker.pid, signal.SIGCONT)
+        await eventually(probe.idle, 30, "the first worker to serve what it was sent")
+    assert held, "the frozen worker never held a request: its fetch had expired each time"
+    return held
+
+
+async def assert_the_same_id_is_the_same_request(
+    client: DurableClient, probe: DurableProbe, answers: dict[int, list[float]], seqs: tuple[int, int]
+) -> None:
+    """The same id again is the same request: nothing new is stored or delivered, the answer
+    stands; a second answer for an id that has one (what a redelivered request's run publishes)
+    is dropped by the stream.  ``seqs``: the streams' last sequences once every id was answered."""
+    deliveries = await probe.delivered()
+    again = json.dumps(client.body(7))
+    async with client.http.post(f"{client.base}/v2/models/digits/infer?async=1", data=again) as resp:
+        assert resp.status == 202
+    assert await probe.last_seqs() == seqs
+    assert await probe.delivered() == deliveries
+    assert await client.logits(7) == answers[7]
+    late = DurableResult(id="d7", state="error", model="digits", version="1", error="a second answer", code=500)
+    await durable.store_result(probe.js, probe.names, late)
+    assert await probe.last_seqs() == seqs
+    assert (await durable.fetch(probe.js, probe.names, "d7")).state == "done"
+    async with client.http.get(f"{client.base}/v2/results/nobody") as resp:
+        assert resp.status == 404
+
+
 async def test_durable_requests_survive_a_killed_worker_and_are_answered_once(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
 ) -> None:
     """The first worker is frozen (SIGSTOP) while requests it was delivered wait unacked in it,
     then killed; a second worker serves everything, those after the ack wait.  Every publish on
     the result subjects is recorded as sent, and the streams' sequences count what was stored."""
-    import json
-    import os
-    import signal
-    from collections import defaultdict
-
-    import aiohttp
-    import msgspec
-    from nats.aio.msg import Msg
-    from nats.js.api import ConsumerInfo
-
-    from shared import durable
-    from shared.names import Header
-    from shared.schemas import DurableResult
-
     env = {"AIMESH_INFERENCE_DURABLE_ACK_WAIT_S": "2"}
     first = spawn("services.inference", **env)
     router = spawn("services.router", AIMESH_ROUTER_PORT="0")
@@ -368,33 +453,9 @@ async def test_durable_requests_survive_a_killed_worker_and_are_answered_once(
     await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
     await eventually(lambda: serving(nc, names, "digits@1"), 30, "the first worker to serve digits@1")
     js = nc.jetstream()
-    consumer = "infer-digits-1"  # the durable consumer every worker of digits@1 fetches from
-
-    async def consumer_info() -> ConsumerInfo:
-        info: ConsumerInfo = await js.consumer_info(names.requests_stream, consumer)
-        return info
-
-    async def delivered() -> tuple[int, int]:
-        """The consumer's last delivery: its own sequence (one per delivery) and the stream's."""
-        last = (await consumer_info()).delivered
-        assert last is not None
-        return last.consumer_seq, last.stream_seq
-
-    async def last_seqs() -> tuple[int, int]:
-        """How many messages the requests and the results streams ever stored."""
-        requests_state = (await js.stream_info(names.requests_stream)).state
-        results_state = (await js.stream_info(names.results_stream)).state
-        return requests_state.last_seq, results_state.last_seq
-
-    # Every publish on the result subjects as sent, whether the stream stored it or not.
-    published: defaultdict[str, list[tuple[str, str | None]]] = defaultdict(list)
-    outcome_of = msgspec.msgpack.Decoder(DurableResult)
-
-    async def on_result(msg: Msg) -> None:
-        outcome = outcome_of.decode(msg.data)
-        published[outcome.id].append((outcome.state, (msg.headers or {}).get(Header.MSG_ID)))
-
-    await nc.subscribe(names.result_subjects, cb=on_result)
+    probe = DurableProbe(js, names)
+    recorder = ResultRecorder()
+    await nc.subscribe(names.result_subjects, cb=recorder.on_result)
     await nc.flush()
     n = 200
     xs = np.random.default_rng(2).random((n, 1, 64), dtype=np.float32)
@@ -402,111 +463,36 @@ async def test_durable_requests_survive_a_killed_worker_and_are_answered_once(
         expected = model(torch.from_numpy(xs[:, 0])).numpy()
 
     async with aiohttp.ClientSession() as http:
-        submitted = 0
-
-        async def submit(i: int) -> None:
-            body = {
-                "id": f"d{i}",
-                "inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": xs[i].ravel().tolist()}],
-            }
-            async with http.post(
-                f"{base}/v2/models/digits/infer", json=body, headers={"Prefer": "respond-async"}
-            ) as resp:
-                assert resp.status == 202 and resp.headers["Location"] == f"/v2/results/d{i}"
-
-        async def submit_next(count: int) -> None:
-            nonlocal submitted
-            end = min(submitted + count, n)
-            await asyncio.gather(*(submit(i) for i in range(submitted, end)))
-            submitted = end
-
-        async def settled() -> ConsumerInfo | None:
-            info = await consumer_info()
-            # Delivered to the frozen worker (unacked), or left in the stream (its fetch expired).
-            return info if info.num_ack_pending or (not info.num_waiting and info.num_pending) else None
-
-        async def idle() -> bool:
-            info = await consumer_info()
-            return not info.num_ack_pending and not info.num_pending
-
-        # Frozen, the first worker takes requests only through the fetch it left waiting, and acks
-        # none.  If that fetch expired before the requests came, it serves them, and we try again.
-        held = 0
-        for _ in range(5):
-            os.kill(first.pid, signal.SIGSTOP)
-            await submit_next(16)
-            held = (await eventually(settled, 10, "the requests to reach the frozen worker")).num_ack_pending or 0
-            if held:
-                break
-            os.kill(first.pid, signal.SIGCONT)
-            await eventually(idle, 30, "the first worker to serve what it was sent")
-        assert held, "the frozen worker never held a request: its fetch had expired each time"
-        while submitted < n:
-            await submit_next(16)
+        client = DurableClient(http, base, xs)
+        held = await hold_requests_in_a_frozen_worker(first, client, probe)
+        while client.submitted < n:
+            await client.submit_next(16)
         os.kill(first.pid, signal.SIGKILL)  # with `held` requests delivered and unacked
         second = spawn("services.inference", **env)
         await second.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
 
-        async def all_answered() -> dict[int, list[float]] | None:
-            answers = {}
-            for i in range(n):
-                async with http.get(f"{base}/v2/results/d{i}") as resp:
-                    if resp.status == 202:
-                        return None
-                    assert resp.status == 200, await resp.text()
-                    logits = next(o for o in (await resp.json())["outputs"] if o["name"] == "logits")
-                    answers[i] = logits["data"]
-            return answers
-
-        answers = await eventually(all_answered, 60, "every durable request to be answered")
+        answers = await eventually(client.all_answered, 60, "every durable request to be answered")
         for i, logits in answers.items():
             np.testing.assert_allclose(logits, expected[i], rtol=1e-5, atol=1e-6)
 
         # The kill left unacked work, and it was delivered again: every delivery, a redelivery
         # too, takes the consumer's next sequence.
-        requests_seq, results_seq = await last_seqs()
+        requests_seq, results_seq = await probe.last_seqs()
         assert requests_seq == n
-        redelivered = (await delivered())[0] - requests_seq
+        redelivered = (await probe.delivered())[0] - requests_seq
         assert redelivered >= held > 0, f"{held} requests held by the killed worker, {redelivered} redelivered"
 
         # Each answer was published once, or its copies were collapsed by id: every answer
         # published for an id carries the same Nats-Msg-Id, and the results stream stored one
         # pending record (each was submitted while no worker could answer it) and one answer per id.
-        async def every_answer_seen() -> bool:
-            return all(any(state != "pending" for state, _ in published[f"d{i}"]) for i in range(n))
-
-        await eventually(every_answer_seen, 10, "every answer's publish to reach the test")
+        await eventually(lambda: recorder.every_answer_seen(n), 10, "every answer's publish to reach the test")
         for i in range(n):
-            msg_ids = [msg_id for state, msg_id in published[f"d{i}"] if state != "pending"]
+            msg_ids = recorder.answer_msg_ids(i)
             assert set(msg_ids) == {f"d{i}/result"}, f"d{i}: answers published as {msg_ids}"
         assert results_seq == 2 * n, (
             f"{results_seq - 2 * n} more messages stored than one pending and one answer per id"
         )
-
-        # The same id again is the same request: nothing new is stored or delivered, the answer stands.
-        deliveries = await delivered()
-        body = json.dumps(
-            {
-                "id": "d7",
-                "inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": xs[7].ravel().tolist()}],
-            }
-        )
-        async with http.post(f"{base}/v2/models/digits/infer?async=1", data=body) as resp:
-            assert resp.status == 202
-        assert await last_seqs() == (requests_seq, results_seq)
-        assert await delivered() == deliveries
-        async with http.get(f"{base}/v2/results/d7") as resp:
-            assert resp.status == 200
-            again = next(o for o in (await resp.json())["outputs"] if o["name"] == "logits")
-            assert again["data"] == answers[7]
-        # A second answer for an id that has one (what a redelivered request's run publishes) is
-        # dropped by the stream: the first answer stands.
-        late = DurableResult(id="d7", state="error", model="digits", version="1", error="a second answer", code=500)
-        await durable.store_result(js, names, late)
-        assert await last_seqs() == (requests_seq, results_seq)
-        assert (await durable.fetch(js, names, "d7")).state == "done"
-        async with http.get(f"{base}/v2/results/nobody") as resp:
-            assert resp.status == 404
+        await assert_the_same_id_is_the_same_request(client, probe, answers, (requests_seq, results_seq))
 
     # Straight from a NATS client, a bad request's answer is its error.
     bad = InferRequest(inputs={"x": to_wire(np.zeros((1, 3), dtype=np.float32))}, id="bad1")
@@ -579,8 +565,6 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
 ) -> None:
     import aiohttp
 
-    from tests.standin import StandIn
-
     router = spawn(
         "services.router",
         AIMESH_ROUTER_PORT="0",
@@ -590,9 +574,7 @@ async def test_api_keys_scopes_deadlines_and_the_concurrency_bound(
     worker = spawn("services.inference")
     base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
     await worker.wait_ready(nats_url, names.micro_name("inference"), timeout_s=60)
-    await register_mlp(nc, names, seed=1)
-    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1")
+    await deploy_digits(nc, names, timeout_s=30)
     body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
     split = {"model": "digits", "variants": [{"version": "1", "weight": 1}]}
     async with aiohttp.ClientSession() as http:
@@ -678,9 +660,8 @@ async def test_deployments_are_followed_across_a_nats_restart(
     import nats
 
     from shared.natsserver import NatsServer
-    from tests.test_lifecycle import _free_port
 
-    server = NatsServer(store_dir=tmp_path / "store", port=_free_port(), http_port=None)
+    server = NatsServer(store_dir=tmp_path / "store", port=free_port(), http_port=None)
     server.start()
     try:
         worker = spawn("services.inference", url=server.url)
@@ -688,9 +669,7 @@ async def test_deployments_are_followed_across_a_nats_restart(
         await worker.wait_ready(server.url, names.micro_name("inference"), timeout_s=60)
         base = (await router.wait_ready(server.url, names.micro_name("router"))).metadata["http"]
         nc = await nats.connect(server.url)
-        await register_mlp(nc, names, seed=1)
-        await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-        await eventually(lambda: serving(nc, names, "digits@1"), 30, "digits@1")
+        await deploy_digits(nc, names, timeout_s=30)
         await nc.close()
 
         server.stop()

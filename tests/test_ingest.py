@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from aimesh.datasets_cmd import ingest
+from aimesh.jobs import ingest
 from services.ingest.service import IngestService
 from shared.batches import batch_arrays, decode_batch
 from shared.client import request

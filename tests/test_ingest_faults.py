@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from aimesh.datasets_cmd import ingest
+from aimesh.jobs import ingest
 from services.ingest.job import _input_error
 from services.ingest.service import IngestService
 from services.ingest.sources import RejectLog

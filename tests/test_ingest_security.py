@@ -23,7 +23,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 
-from aimesh.datasets_cmd import ingest, upload
+from aimesh.jobs import ingest, upload
 from services.ingest.access import Roots
 from services.ingest.service import IngestService
 from shared.client import request

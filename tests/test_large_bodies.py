@@ -42,8 +42,7 @@ from shared.schemas import (
 )
 from shared.tensors import from_wire, to_wire
 from tests.helpers import ServiceProcess, eventually
-from tests.test_generation import register_lm
-from tests.test_inference import register_mlp, serving, start_gateway
+from tests.mesh import register_lm, register_mlp, serving, start_gateway
 from zoo.artifacts import weights_to_bytes
 from zoo.classifier import mlp
 

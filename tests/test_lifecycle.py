@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,9 @@ from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.schemas import MicroStats
 from tests.apps.echo import EchoReply, EchoRequest
-from tests.helpers import ServiceProcess, eventually
+from tests.helpers import ServiceProcess, eventually, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_sigterm_during_load_answers_every_accepted_request(
@@ -62,7 +55,7 @@ async def test_sigterm_during_load_answers_every_accepted_request(
 async def test_service_resumes_after_the_nats_server_restarts(
     spawn: Callable[..., ServiceProcess], names: Names, tmp_path: Path
 ) -> None:
-    server = NatsServer(store_dir=tmp_path / "store", port=_free_port(), http_port=None)
+    server = NatsServer(store_dir=tmp_path / "store", port=free_port(), http_port=None)
     server.start()
     try:
         echo = spawn("tests.apps.echo", url=server.url, AIMESH_HEALTH_PORT="0")

@@ -33,9 +33,8 @@ from shared.schemas import (
     ModelVersion,
 )
 from shared.tensors import from_wire, to_wire
-from tests.helpers import ServiceProcess, eventually
-from tests.test_inference import serving, start_gateway
-from tests.test_router_input import oip_error, send
+from tests.helpers import ServiceProcess, eventually, oip_error, send
+from tests.mesh import serving, start_gateway
 from zoo.artifacts import weights_to_bytes
 from zoo.classifier import mlp
 

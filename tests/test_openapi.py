@@ -37,29 +37,42 @@ def _statuses(doc: dict[str, Any], path: str, method: str) -> set[int]:
     return {int(code) for code in doc["paths"][path][method]["responses"]}
 
 
+OPEN_ROUTES = {"/openapi.json", "/v2/health/live", "/v2/health/ready"}
+
+
+def _assert_gate_statuses(doc: dict[str, Any], path: str, method: str, op: dict[str, Any]) -> None:
+    """The statuses the router's gate can answer before the handler: throttling, auth, admin
+    scope, body limits, bad path tokens (which also carry the token pattern)."""
+    statuses = _statuses(doc, path, method)
+    assert 429 in statuses, (path, method)
+    if path not in OPEN_ROUTES:
+        assert 401 in statuses, (path, method)
+    if path.startswith("/admin/"):
+        assert 403 in statuses, (path, method)
+    if "requestBody" in op:
+        assert {408, 413} <= statuses, (path, method)
+    if "{" in path:
+        assert 400 in statuses, (path, method)
+        for param in op["parameters"]:
+            if param["in"] == "path":
+                assert param["schema"]["pattern"] == "^[A-Za-z0-9_-]+$", (path, param)
+
+
+def _assert_family_error_body(path: str, method: str, op: dict[str, Any]) -> None:
+    """Every error response with a schema names the route family's error body."""
+    family = "OpenAIError" if path.startswith("/v1/") and path != "/v1/feedback" else "Error"
+    for code, response in op["responses"].items():
+        schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+        if int(code) >= 400 and schema.get("$ref", "").startswith("#/components/schemas/"):
+            assert schema["$ref"].endswith(f"/{family}"), (path, method, code, schema)
+
+
 def test_every_route_lists_the_gates_statuses_and_its_familys_error_body() -> None:
     doc = document("0.0.0")
-    open_routes = {"/openapi.json", "/v2/health/live", "/v2/health/ready"}
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
-            statuses = _statuses(doc, path, method)
-            assert 429 in statuses, (path, method)
-            if path not in open_routes:
-                assert 401 in statuses, (path, method)
-            if path.startswith("/admin/"):
-                assert 403 in statuses, (path, method)
-            if "requestBody" in op:
-                assert {408, 413} <= statuses, (path, method)
-            if "{" in path:
-                assert 400 in statuses, (path, method)
-                for param in op["parameters"]:
-                    if param["in"] == "path":
-                        assert param["schema"]["pattern"] == "^[A-Za-z0-9_-]+$", (path, param)
-            family = "OpenAIError" if path.startswith("/v1/") and path != "/v1/feedback" else "Error"
-            for code, response in op["responses"].items():
-                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
-                if int(code) >= 400 and schema.get("$ref", "").startswith("#/components/schemas/"):
-                    assert schema["$ref"].endswith(f"/{family}"), (path, method, code, schema)
+            _assert_gate_statuses(doc, path, method, op)
+            _assert_family_error_body(path, method, op)
 
 
 def test_the_openai_routes_take_exactly_the_parameters_the_router_decodes() -> None:

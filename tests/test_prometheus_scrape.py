@@ -9,7 +9,6 @@ without it in CI (``CI`` set).
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,16 +22,9 @@ from services.metrics.service import MetricsService
 from shared.client import request
 from shared.config import MeshConfig, MetricsConfig
 from tests.apps.echo import EchoReply, EchoRequest, EchoService
-from tests.helpers import eventually, require_binary
+from tests.helpers import eventually, free_port, require_binary
 
 REQUESTS = 5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PrometheusProcess:

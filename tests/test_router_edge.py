@@ -23,10 +23,9 @@ from shared.kv import open_bucket
 from shared.names import Header, Names
 from shared.schemas import Deployment, DeployRequest, InferReply, InferRequest, MetricsSnapshot
 from shared.tensors import to_wire
-from tests.helpers import ServiceProcess, eventually
+from tests.helpers import ServiceProcess, eventually, free_port
+from tests.mesh import register_mlp, serving, start_gateway
 from tests.standin import StandIn
-from tests.test_inference import register_mlp, serving, start_gateway
-from tests.test_lifecycle import _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +107,7 @@ async def test_a_mirror_gets_its_share_of_copies_and_never_answers_the_caller(
 async def test_routers_on_one_port_share_its_connections(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient
 ) -> None:
-    port = _free_port()
+    port = free_port()
     await deploy_record(nc, names, "digits", "1")  # before the routers start: both read it
     routers = [
         spawn("services.router", AIMESH_ROUTER_PORT=str(port), AIMESH_METRICS_INTERVAL_S="0.2") for _ in range(2)

@@ -4,19 +4,18 @@ route's convention, and the router keeps serving.  See docs/serving.md, "Bad inp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from nats.aio.client import Client as NatsClient
-from yarl import URL
 
 from shared.client import request
 from shared.names import Names
 from shared.schemas import Deployment, DeployRequest
-from tests.helpers import ServiceProcess, eventually
-from tests.test_inference import serving, start_gateway
+from tests.helpers import ServiceProcess, eventually, oip_error, send
+from tests.mesh import register_lm, serving, start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -31,29 +30,6 @@ async def start_router(spawn: Callable[..., ServiceProcess], nats_url: str, name
     router = spawn("services.router", AIMESH_ROUTER_PORT="0")
     base = (await router.wait_ready(nats_url, names.micro_name("router"))).metadata["http"]
     return router, base
-
-
-async def send(
-    http: aiohttp.ClientSession,
-    method: str,
-    base: str,
-    path: str,
-    *,
-    json: Any = None,
-    data: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any, Mapping[str, str]]:
-    """One request with the path sent exactly as written; (status, JSON body, headers)."""
-    url = URL(base + path, encoded=True)
-    async with http.request(method, url, json=json, data=data, headers=headers) as resp:
-        assert resp.content_type == "application/json", (method, path, resp.status, await resp.text())
-        return resp.status, await resp.json(), resp.headers
-
-
-def oip_error(status: int, body: Any, want: int, *, contains: str = "") -> None:
-    assert status == want, body
-    assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str), body
-    assert contains in body["error"], body
 
 
 def openai_error(status: int, body: Any, want: int, *, contains: str = "", param: str | None = None) -> None:
@@ -269,7 +245,6 @@ async def test_unknown_paths_and_methods_are_json_in_the_family_convention(
 async def test_a_vanishing_temperature_is_greedy_not_a_torch_error(
     spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient, http: aiohttp.ClientSession
 ) -> None:
-    from tests.test_generation import register_lm
 
     _, router, base = await start_gateway(spawn, nats_url, names)
     await register_lm(nc, names)

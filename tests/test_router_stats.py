@@ -15,13 +15,12 @@ from nats.aio.client import Client as NatsClient
 from services.metrics.experiments import ExperimentBook
 from services.metrics.service import MetricsService
 from services.router.stats import OTHER, ExposureLog, RouteCounters, deployed_versions, route_labels
-from shared.client import request
 from shared.config import MeshConfig, MetricsConfig
 from shared.names import Names
 from shared.routing import RoutingTable
-from shared.schemas import Deployment, DeployRequest, Exposure, ExposureBatch, Feedback, Mirror, Split, Variant
+from shared.schemas import Deployment, Exposure, ExposureBatch, Feedback, Mirror, Split, Variant
 from tests.helpers import ServiceProcess, eventually
-from tests.test_inference import register_mlp, serving, start_gateway
+from tests.mesh import deploy_digits, put_split, start_gateway
 
 
 def test_route_counters_count_requests_errors_by_code_and_latency() -> None:
@@ -119,9 +118,7 @@ async def test_requests_naming_anything_add_no_series_to_the_metrics_service(
     of a model in an experiment, through a real router to a real metrics service: /metrics names
     only what is deployed."""
     _, router, base = await start_gateway(spawn, nats_url, names, router_env={"AIMESH_METRICS_INTERVAL_S": "0.2"})
-    await register_mlp(nc, names, seed=1)
-    await request(nc, names.deploy, DeployRequest(model="digits"), Deployment)
-    await eventually(lambda: serving(nc, names, "digits@1"), 60, "the worker to serve digits@1")
+    await deploy_digits(nc, names)
     body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
     split = {"model": "digits", "variants": [{"version": "1", "weight": 100}]}
     served = 0
@@ -139,8 +136,7 @@ async def test_requests_naming_anything_add_no_series_to_the_metrics_service(
             async with http.get(f"{metrics.http_url}/api/experiments/digits") as resp:
                 return sum(v["requests"] for v in (await resp.json())["variants"]) if resp.status == 200 else 0
 
-        async with http.put(f"{base}/admin/splits/digits", json=split) as resp:
-            assert resp.status == 200, await resp.text()
+        await put_split(http, base, split)
 
         async def in_experiment() -> bool:  # the metrics service knows digits' experiment
             await infer()

@@ -24,7 +24,7 @@ import pytest
 import torch
 from nats.aio.client import Client as NatsClient
 
-from aimesh.datasets_cmd import ingest
+from aimesh.jobs import ingest
 from services.ingest.service import IngestService
 from services.trainer import store as tcpstore
 from shared.client import request

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from shared.names import Names
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -108,8 +108,11 @@ async def test_slow_bodies_give_back_their_in_flight_slots(
     for _, writer in slow:
         writer.write(partial_body("/v2/models/digits/infer"))
         await writer.drain()
-    await asyncio.sleep(0.3)
-    assert await live(http, base) == 429  # both slots are held by the slow bodies...
+
+    async def both_held() -> bool:  # both slots are held by the slow bodies...
+        return await live(http, base) == 429
+
+    await eventually(both_held, BODY_TIMEOUT_S, "the slow bodies to hold both in-flight slots before their deadline")
     for reader, _ in slow:
         status, _, _ = await read_response(reader, BODY_TIMEOUT_S + 5)
         assert status == 408

@@ -19,8 +19,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from aimesh.datasets_cmd import ingest
-from aimesh.train_cmd import train
+from aimesh.jobs import ingest, train
 from services.ingest.service import IngestService
 from services.trainer import data
 from services.trainer.worker import AttemptRecord
@@ -421,14 +420,13 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
     assert "missing from the artifacts store: cannot resume" in refused.error and "gave up" not in refused.error
     await kv.put(f"checkpoint.{accepted.job_id}", original)
 
-    from tests.helpers import ROOT
-    from tests.test_cli import AIMESH, _clean_env
+    from tests.helpers import AIMESH, ROOT, clean_env
 
     out = await asyncio.to_thread(
         subprocess.run,
         [*AIMESH, "train", "--resume", accepted.job_id, "--json", "--nats-url", nats_url, "--prefix", names.prefix],
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=180,
@@ -445,7 +443,7 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
     alias = subprocess.run(
         [*AIMESH, "models", "alias", "digits@1", "stable", *common],
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -454,7 +452,7 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
     shown = subprocess.run(
         [*AIMESH, "models", "show", "digits@stable", *common],
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,

@@ -431,7 +431,7 @@ async def test_a_failed_job_resumes_from_its_checkpoint_with_the_cli(
         text=True,
         timeout=180,
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr + out.stdout  # --json: a failed job's record is on stdout
     result = json.loads(out.stdout)
     assert result["job"]["state"] == "complete" and result["job"]["attempt"] == refused.attempt + 1
     resumed = await attempt_record(kv, accepted.job_id, refused.attempt + 1)

@@ -37,7 +37,7 @@ from services.ingest.fingerprint import fingerprint, upload_fingerprint
 from services.ingest.job import IngestRun, purge_version
 from services.ingest.printable import printable
 from services.ingest.sources import Source, open_source
-from services.ingest.sources.common import FORMATS, format_for_name
+from services.ingest.sources.formats import FORMATS, format_for_name
 from services.ingest.uploads import ensure_uploads, fetch_upload, file_name_of, upload_info
 from services.ingest.versions import give_back
 from shared import tracing

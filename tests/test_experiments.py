@@ -297,7 +297,7 @@ async def test_feedback_errors_nats_feedback_and_serving_without_metrics(
         async def counted() -> ExperimentReport | None:
             return await report_when(nc, names, all_in)
 
-        report = await eventually(counted, 20, f"the stored requests {served} and 101 rewards")
+        report = await eventually(counted, 60, f"the stored requests {served} and 101 rewards")
         assert report.verdict == "waiting"
         by = {v.version: v for v in report.variants}
         assert by["1"].reward_mean == 1.0 and by["1"].rewards == served["1"]

@@ -126,12 +126,14 @@ def _name(pid: int, comm: str) -> str:
     except OSError:
         return comm
     name = os.path.basename(argv[0].decode(errors="replace")).split(" ")[0] or comm
+    if name.startswith("ray::"):
+        name = name.split(".")[0]  # "ray::ProxyActor.receive_asgi_messages": the task it runs now
     return f"{name} (spawned)" if any(b"spawn_main" in a for a in argv) else name[:32]
 
 
-def cpu_sample(groups: list[Group]) -> dict[str, float]:
-    """CPU seconds so far of every counted process, by label."""
-    out: dict[str, float] = {}
+def cpu_sample(groups: list[Group]) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every counted process: pid → (label, seconds)."""
+    out: dict[int, tuple[str, float]] = {}
     children: dict[int, list[int]] = {}
     if any(g.tree for g in groups):
         for entry in os.listdir("/proc"):
@@ -143,10 +145,18 @@ def cpu_sample(groups: list[Group]) -> dict[str, float]:
             pid = todo.pop()
             if (st := _stat(pid)) is None:
                 continue
-            key = g.label if pid == g.pid or not g.tree else f"{g.label}/{_name(pid, st[0])}"
-            out[key] = out.get(key, 0.0) + st[2]
+            out[pid] = (g.label if pid == g.pid or not g.tree else f"{g.label}/{_name(pid, st[0])}", st[2])
             if g.tree:
                 todo += children.get(pid, [])
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two samples, by label (per pid first: Ray's actors retitle
+    themselves with the task they run, so a label may change within the window)."""
+    out: dict[str, float] = {}
+    for pid, (label, seconds) in after.items():
+        out[label] = out.get(label, 0.0) + seconds - before.get(pid, (label, 0.0))[1]
     return out
 
 
@@ -197,7 +207,7 @@ def _wait_answering(url: str, body: str, proc: subprocess.Popen[Any] | None, tim
                 if resp.status == 200:
                     return
         except urllib.error.HTTPError as exc:
-            if 400 <= exc.code < 500:  # a refusal, not a server still starting
+            if 400 <= exc.code < 500 and exc.code != 404:  # a refusal (Ray's proxy: 404 until the app is up)
                 raise RuntimeError(f"{url} answered {exc.code}: {exc.read()[:300]!r}") from None
         except (urllib.error.URLError, OSError):
             pass
@@ -365,8 +375,8 @@ def measure(running: Running, body: str, concurrency: int, seconds: float, quiet
         raise RuntimeError(f"the load generator failed with code {client.returncode}")
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     requests = max(result["rps"] * seconds, 1.0)
-    for key, value in after.items():
-        result[f"cpu:{key}"] = (value - before.get(key, 0.0)) / requests * 1e6  # µs per request
+    for key, value in cpu_delta(before, after).items():
+        result[f"cpu:{key}"] = value / requests * 1e6  # µs per request
     result["quiet"] = float(quiet)
     result["busy"] = busy
     return result
@@ -383,10 +393,11 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, float]:
 
 
 def cpu_parts(result: dict[str, float]) -> list[tuple[str, float]]:
-    """Per process (tree members folded to their top three names and "other"), largest first."""
+    """Per process, largest first: every named process, and of a tree's members those over 5% of
+    the total (the rest as "other")."""
     parts = sorted(((k[4:], v) for k, v in result.items() if k.startswith("cpu:")), key=lambda kv: -kv[1])
     total = sum(v for _, v in parts)
-    shown = [(k, v) for k, v in parts if v >= 0.05 * total][:4]
+    shown = [(k, v) for k, v in parts if "/" not in k or v >= 0.05 * total]
     rest = total - sum(v for _, v in shown)
     return shown + ([("other", rest)] if rest >= 0.5 else [])
 

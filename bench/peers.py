@@ -397,7 +397,7 @@ def cpu_parts(result: dict[str, float]) -> list[tuple[str, float]]:
     the total (the rest as "other")."""
     parts = sorted(((k[4:], v) for k, v in result.items() if k.startswith("cpu:")), key=lambda kv: -kv[1])
     total = sum(v for _, v in parts)
-    shown = [(k, v) for k, v in parts if "/" not in k or v >= 0.05 * total]
+    shown = [(k, v) for k, v in parts if v >= 0.5 and ("/" not in k or v >= 0.05 * total)]
     rest = total - sum(v for _, v in shown)
     return shown + ([("other", rest)] if rest >= 0.5 else [])
 
@@ -465,7 +465,7 @@ def write_doc(out: Path, header: list[str], body: list[str], chart: Path | None)
     """The section between the markers in ``out`` replaced (appended when there are none)."""
     section = [MARK_BEGIN, *header, "", *body]
     if chart is not None:
-        section += ["", f"![c=64 requests per second by system]({chart.name})"]
+        section += ["", f"![requests per second by system, at concurrency 1 and 64]({chart.name})"]
     section.append(MARK_END)
     text = out.read_text() if out.exists() else "# Performance\n"
     if MARK_BEGIN in text and MARK_END in text:

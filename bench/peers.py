@@ -227,47 +227,49 @@ class Running:
     leave: Callable[[], None] = lambda: None  # after them
 
 
-def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    # A session of its own, so stopping it can signal the whole group (Ray's and LitServe's
-    # children included).
-    return subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-
-
 def _log_path(name: str) -> Path:
     return Path(tempfile.gettempdir()) / f"aimesh-bench-peers-{name}.log"
 
 
+def _spawn(argv: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
+    # A session of its own, so that stop() can kill the whole group (Ray's and LitServe's
+    # processes included); output to a log that a failed start names.
+    with _log_path(log_name).open("wb") as log:
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _started(running: Running, body: str, timeout_s: float, logs: list[str]) -> Running:
+    """``running`` once it answers; stopped, and an error naming its logs, if it does not."""
+    try:
+        _wait_answering(running.url, body, running.procs[0], timeout_s)
+    except RuntimeError as exc:
+        stop(running)
+        raise RuntimeError(f"{exc} (logs: {', '.join(str(_log_path(n)) for n in logs)})") from None
+    return running
+
+
 def start_peer(row: Row, python: str, env: dict[str, str]) -> Running:
-    """A peer's or baseline's server (one process tree), answering before this returns."""
+    """A peer's or the ceiling's server (one process tree), answering before this returns."""
     port = serve._free_port()
-    url = f"http://127.0.0.1:{port}{PATH}"
     if row.name == "ceiling":
         argv = [sys.executable, str(ROOT / "bench" / "serve.py"), "--role", "echo", "--port", str(port)]
     else:
         argv = [python, __file__, "--role", row.name, "--port", str(port)]
-    log = _log_path(row.name).open("wb")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    running = Running(url, [Group(row.name, proc.pid, tree=row.name in ("litserve", "ray"))], [proc])
-    try:
-        _wait_answering(url, row.body, proc, 180.0)
-    except RuntimeError as exc:
-        stop(running)
-        raise RuntimeError(f"{exc} (its log: {_log_path(row.name)})") from None
-    return running
+    proc = _spawn(argv, env, row.name)
+    group = Group(row.name, proc.pid, tree=row.name in ("litserve", "ray"))
+    return _started(Running(f"http://127.0.0.1:{port}{PATH}", [group], [proc]), row.body, 180.0, [row.name])
 
 
-def start_prototype(nats_url: str, env: dict[str, str]) -> Running:
+def start_prototype(nats_url: str, env: dict[str, str], nats_pid: int) -> Running:
     script = str(ROOT / "bench" / "prototype.py")
-    worker = _spawn([sys.executable, script, "worker", "--nats", nats_url], env)
+    worker = _spawn([sys.executable, script, "worker", "--nats", nats_url], env, "prototype-worker")
     port = serve._free_port()
-    gateway = _spawn([sys.executable, script, "gateway", "--nats", nats_url, "--port", str(port)], env)
-    url = f"http://127.0.0.1:{port}{PATH}"
-    running = Running(url, [Group("gateway", gateway.pid), Group("worker", worker.pid)], [gateway, worker])
-    _wait_answering(url, "binary", gateway, 60.0)
-    return running
+    gateway = _spawn(
+        [sys.executable, script, "gateway", "--nats", nats_url, "--port", str(port)], env, "prototype-gateway"
+    )
+    groups = [Group("gateway", gateway.pid), Group("worker", worker.pid), Group("nats", nats_pid)]
+    running = Running(f"http://127.0.0.1:{port}{PATH}", groups, [gateway, worker])
+    return _started(running, "binary", 60.0, ["prototype-gateway", "prototype-worker"])
 
 
 class Mesh:
@@ -278,10 +280,14 @@ class Mesh:
         self.env = env
         self.router = serve.start_service("router", env)
         self.worker = serve.start_service("inference", env)
-        self.loop = asyncio.new_event_loop()
-        self.nc, self.names = self.loop.run_until_complete(serve.mesh_setup(nats_url))
-        self.url = self.deploy(1)
         self.second: subprocess.Popen[bytes] | None = None
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.nc, self.names = self.loop.run_until_complete(serve.mesh_setup(nats_url))
+            self.url = self.deploy(1)
+        except BaseException:
+            self._stop_services()
+            raise
 
     def deploy(self, workers: int) -> str:
         url: str = self.loop.run_until_complete(serve.deploy(self.nc, self.names, max_batch=MAX_BATCH, workers=workers))
@@ -290,7 +296,7 @@ class Mesh:
     def row(self, workers: int, nats_pid: int) -> Running:
         groups = [Group("router", self.router.pid), Group("worker", self.worker.pid), Group("nats", nats_pid)]
         if workers == 1:
-            return Running(self.url, groups, enter=lambda: self._one(), leave=lambda: None)
+            return Running(self.url, groups, enter=self._one)  # redeployed: the 2-worker row may have run
         running = Running(self.url, groups)
 
         def enter() -> None:
@@ -314,6 +320,9 @@ class Mesh:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.nc.close())
+        self._stop_services()
+
+    def _stop_services(self) -> None:
         self.loop.close()
         for p in (self.router, self.worker, self.second):
             if p is not None:
@@ -642,14 +651,17 @@ def run(args: argparse.Namespace) -> None:
         try:
             for name in rows:
                 print(f"  starting {name}", flush=True)
-                if name == "prototype":
-                    systems[name] = start_prototype(server.url, env)
-                    systems[name].groups.append(Group("nats", server.process.pid))
-                elif name.startswith("aimesh"):
-                    mesh = mesh or Mesh(server.url, env)
-                    systems[name] = mesh.row(2 if name == "aimesh-2workers" else 1, server.process.pid)
-                else:
-                    systems[name] = start_peer(ROWS[name], args.peers_python, env)
+                try:
+                    if name == "prototype":
+                        systems[name] = start_prototype(server.url, env, server.process.pid)
+                    elif name.startswith("aimesh"):
+                        mesh = mesh or Mesh(server.url, env)
+                        systems[name] = mesh.row(2 if name == "aimesh-2workers" else 1, server.process.pid)
+                    else:
+                        systems[name] = start_peer(ROWS[name], args.peers_python, env)
+                except RuntimeError as exc:  # a peer that cannot start is left out, and says why
+                    print(f"  skipped {name}: it did not start: {exc}", flush=True)
+            rows = [n for n in rows if n in systems]
             for r in range(args.rounds):
                 for name in rows[r % len(rows) :] + rows[: r % len(rows)]:  # rotated by one a round
                     running = systems[name]
@@ -671,7 +683,10 @@ def run(args: argparse.Namespace) -> None:
                 stop(running)
             if mesh is not None:
                 mesh.close()
-    report(args, {n: {c: summarize(s) for c, s in by_c.items()} for n, by_c in samples.items()}, versions)
+    if not rows:
+        print("  no row started")
+        return
+    report(args, {n: {c: summarize(s) for c, s in samples[n].items()} for n in rows}, versions)
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[int, dict[str, float]]], versions: dict[str, Any]) -> None:

@@ -472,7 +472,7 @@ def goals(results: dict[str, dict[int, dict[str, float]]]) -> list[str]:
 
 def write_doc(out: Path, header: list[str], body: list[str], chart: Path | None) -> None:
     """The section between the markers in ``out`` replaced (appended when there are none)."""
-    section = [MARK_BEGIN, *header, "", *body]
+    section = [MARK_BEGIN, "\n\n".join(header), "", *body]  # each header line a paragraph
     if chart is not None:
         section += ["", f"![requests per second by system, at concurrency 1 and 64]({chart.name})"]
     section.append(MARK_END)
@@ -689,11 +689,19 @@ def run(args: argparse.Namespace) -> None:
     report(args, {n: {c: summarize(s) for c, s in samples[n].items()} for n in rows}, versions)
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "CPU unknown"
+
+
 def report(args: argparse.Namespace, results: dict[str, dict[int, dict[str, float]]], versions: dict[str, Any]) -> None:
     busy_runs = [r for by_c in results.values() for r in by_c.values() if not r["quiet"]]
     have = ", ".join(f"{k} {v}" for k, v in versions.items() if v) or "none"
     header = [
-        f"Measured with `bench/peers.py --seconds {args.seconds:g} --rounds {args.rounds}` on {os.cpu_count()} cores, "
+        f"Measured with `bench/peers.py --seconds {args.seconds:g} --rounds {args.rounds}` on {os.cpu_count()} cores "
+        f"({_cpu_model()}), "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}; peers' interpreter has: {have}.  Medians over "
         f"{args.rounds} rotated round(s); CPU is µs of server CPU per request over the measured window.",
     ]

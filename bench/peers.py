@@ -2,11 +2,12 @@
 prototype and aimesh, one load generator, CPU per request per process.
 
     .venv/bin/python bench/peers.py [--seconds 5] [--rounds 3] [--only ROW ...] [--peers-python PATH]
-                                    [--out docs/performance.md | --no-write]
+                                    [--quiet-wait 30] [--out docs/performance.md | --no-write]
 
 The peers come from the optional extra: ``pip install -e '.[peers]'`` (into this venv, or into
 another one named by ``--peers-python``, which then runs the peers' servers).  A peer whose
-packages the peers' interpreter lacks is skipped with a line saying so.
+packages the peers' interpreter lacks, or that does not start, is skipped with a line saying so.
+Smoke test (about 3 minutes): ``--seconds 1 --rounds 1 --quiet-wait 2 --no-write``.
 
 Model: ``bench/serve.py``'s MLP 256→1024→1024→10, one torch thread per process.  Rows:
 

@@ -622,16 +622,21 @@ def bench_env() -> dict[str, str]:
     return env
 
 
-def run(args: argparse.Namespace) -> None:
-    versions = peer_versions(args.peers_python)
-    names = [n for n in ROWS if not args.only or n in args.only]
+def runnable(args: argparse.Namespace, versions: dict[str, str | None]) -> list[str]:
+    """The rows asked for whose peers are installed; each one left out says why."""
     rows: list[str] = []
-    for name in names:
+    for name in (n for n in ROWS if not args.only or n in args.only):
         lacking = missing(ROWS[name], versions)
         if lacking:
             print(f"  skipped {name}: {args.peers_python} lacks {', '.join(lacking)} (install: {INSTALL_HINT})")
         else:
             rows.append(name)
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    versions = peer_versions(args.peers_python)
+    rows = runnable(args, versions)
     if not rows:
         print("  nothing to run")
         return
@@ -645,7 +650,6 @@ def run(args: argparse.Namespace) -> None:
 
     systems: dict[str, Running] = {}
     mesh: Mesh | None = None
-    samples: dict[str, dict[int, list[dict[str, float]]]] = {n: {c: [] for c in CONCURRENCIES} for n in rows}
     with NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-peers-")), http_port=None) as server:
         assert server.process is not None
         env["AIMESH_NATS_URL"] = server.url
@@ -663,22 +667,7 @@ def run(args: argparse.Namespace) -> None:
                 except RuntimeError as exc:  # a peer that cannot start is left out, and says why
                     print(f"  skipped {name}: it did not start: {exc}", flush=True)
             rows = [n for n in rows if n in systems]
-            for r in range(args.rounds):
-                for name in rows[r % len(rows) :] + rows[: r % len(rows)]:  # rotated by one a round
-                    running = systems[name]
-                    running.enter()
-                    try:
-                        for c in CONCURRENCIES:
-                            sample = measure(running, ROWS[name].body, c, args.seconds, args.quiet_wait)
-                            samples[name][c].append(sample)
-                            print(
-                                f"  round {r + 1} {name:<16} c={c:<3} {sample['rps']:>8,.0f} req/s "
-                                f"p99 {sample['p99_ms']:>7.1f} ms  CPU {cpu_total(sample):>7,.0f} µs/req  "
-                                f"errors {sample['errors']:.0f}{'' if sample['quiet'] else '  (machine busy)'}",
-                                flush=True,
-                            )
-                    finally:
-                        running.leave()
+            samples = run_rounds(args, rows, systems)
         finally:
             for running in systems.values():
                 stop(running)
@@ -688,6 +677,30 @@ def run(args: argparse.Namespace) -> None:
         print("  no row started")
         return
     report(args, {n: {c: summarize(s) for c, s in samples[n].items()} for n in rows}, versions)
+
+
+def run_rounds(
+    args: argparse.Namespace, rows: list[str], systems: dict[str, Running]
+) -> dict[str, dict[int, list[dict[str, float]]]]:
+    """Every row at every concurrency, ``args.rounds`` times, the order rotated by one a round."""
+    samples: dict[str, dict[int, list[dict[str, float]]]] = {n: {c: [] for c in CONCURRENCIES} for n in rows}
+    for r in range(args.rounds if rows else 0):
+        for name in rows[r % len(rows) :] + rows[: r % len(rows)]:
+            running = systems[name]
+            running.enter()
+            try:
+                for c in CONCURRENCIES:
+                    sample = measure(running, ROWS[name].body, c, args.seconds, args.quiet_wait)
+                    samples[name][c].append(sample)
+                    print(
+                        f"  round {r + 1} {name:<16} c={c:<3} {sample['rps']:>8,.0f} req/s "
+                        f"p99 {sample['p99_ms']:>7.1f} ms  CPU {cpu_total(sample):>7,.0f} µs/req  "
+                        f"errors {sample['errors']:.0f}{'' if sample['quiet'] else '  (machine busy)'}",
+                        flush=True,
+                    )
+            finally:
+                running.leave()
+    return samples
 
 
 def _cpu_model() -> str:

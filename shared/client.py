@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -95,23 +96,34 @@ async def request(
     # Keep an upstream deadline when it is the earlier one: deadlines only shrink downstream.
     hdrs[Header.DEADLINE] = theirs if theirs and theirs.isdigit() and int(theirs) < int(ours) else ours
     body = encode(payload)
-    with tracing.send_span(template or subject, subject, hdrs, request=True) as span:
-        check_fits(nc, f"the request to {subject}", body, hdrs)
-        try:
-            reply = await nc.request(subject, body, timeout=timeout_s, headers=hdrs)
-        except MaxPayloadError:  # the server's limit changed since we checked (a reconnect)
-            raise too_large(f"the request to {subject}", message_size(body, hdrs), nc.max_payload) from None
-        except NoRespondersError:
-            raise Unavailable(f"no service answers on {subject}: is it running?") from None
-        except (NatsTimeoutError, TimeoutError):
-            raise MeshTimeout(subject, timeout_s) from None
+    if tracing.tracing_disabled():  # the hot path without a span: no context manager to enter
+        reply = await _request_once(nc, subject, body, hdrs, timeout_s)
         err = error_in(reply.headers)
         if err is not None:
-            tracing.mark_error(span, type(err).__name__, err.description)
             raise err
+    else:
+        with tracing.send_span(template or subject, subject, hdrs, request=True) as span:
+            reply = await _request_once(nc, subject, body, hdrs, timeout_s)
+            err = error_in(reply.headers)
+            if err is not None:
+                tracing.mark_error(span, type(err).__name__, err.description)
+                raise err
     if response_type is bytes:
         return reply.data  # type: ignore[return-value]
     return _decode_reply(_decoder(response_type), reply.data, subject)
+
+
+async def _request_once(nc: NatsClient, subject: str, body: bytes, hdrs: dict[str, str], timeout_s: float) -> Msg:
+    """One request/reply, nats-py's failures as the mesh's errors."""
+    check_fits(nc, f"the request to {subject}", body, hdrs)
+    try:
+        return await nc.request(subject, body, timeout=timeout_s, headers=hdrs)
+    except MaxPayloadError:  # the server's limit changed since we checked (a reconnect)
+        raise too_large(f"the request to {subject}", message_size(body, hdrs), nc.max_payload) from None
+    except NoRespondersError:
+        raise Unavailable(f"no service answers on {subject}: is it running?") from None
+    except (NatsTimeoutError, TimeoutError):
+        raise MeshTimeout(subject, timeout_s) from None
 
 
 async def stream(

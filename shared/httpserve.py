@@ -55,6 +55,9 @@ async def read_body(request: web.Request, timeout_s: float) -> None:
     A request without a body is not waited for."""
     if not request.body_exists:
         return
+    if request.content.is_eof():  # all of it is in already (most small bodies): no timer to arm
+        await request.read()
+        return
     try:
         async with asyncio.timeout(timeout_s):
             await request.read()

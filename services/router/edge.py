@@ -15,6 +15,7 @@ into its own error shape (``{"error": ...}``, or OpenAI's object under ``/v1/com
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -86,3 +87,8 @@ def timeout_s(raw: str | None, header: str, default_s: float) -> float:
     if not math.isfinite(asked) or asked <= 0:
         raise BadRequest(f"{header} must be a positive, finite number of milliseconds, not {raw[:32]!r}")
     return min(asked, default_s)
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 random hex digits (uuid4's size, at a fifth of its cost)."""
+    return os.urandom(16).hex()

@@ -15,7 +15,6 @@ which :func:`build_app` fills, so each can be served over any gateway (a test's 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -348,7 +347,7 @@ async def infer(request: web.Request) -> web.Response:
             headers={"Location": location, VARIANT: served},
         )
     # Every request gets an id (the caller's, else a new one): feedback names it later.
-    request_id = edge.check_request_id(body.id) if body.id else uuid.uuid4().hex
+    request_id = edge.check_request_id(body.id) if body.id else edge.new_request_id()
     served_version, outputs = await gw.infer(model, version, inputs, request_id, deadline_s(request), request.headers)
     wanted = {o.name for o in body.outputs}
     if wanted:

@@ -22,7 +22,6 @@ import contextlib
 import math
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, Protocol
 
@@ -398,7 +397,7 @@ def sampling_request(body: Sampling, prompt: str, max_tokens: int) -> GenerateRe
         top_k=body.top_k,
         stop=stops(body.stop),
         seed=body.seed,
-        id=uuid.uuid4().hex,  # names the generation (its cancel subject) and the completion
+        id=edge.new_request_id(),  # names the generation (its cancel subject) and the completion
     )
 
 

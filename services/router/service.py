@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
 
@@ -21,6 +20,7 @@ import numpy as np
 from aiohttp import web
 from nats.js.kv import KeyValue
 
+from services.router import edge
 from services.router.http import build_app, parse_keys
 from services.router.oip import tensor_metadata
 from services.router.openai import ChatMessage, chat_request
@@ -246,7 +246,7 @@ class RouterService(Service):
         header, sent as a NATS header), mirrors and fallback as over HTTP."""
         model = call.subject.rsplit(".", 1)[1]
         if not req.id:  # the reply carries it: what feedback names
-            req = msgspec.structs.replace(req, id=uuid.uuid4().hex)
+            req = msgspec.structs.replace(req, id=edge.new_request_id())
         route = self._route(model, None, call.headers)
         # The caller's deadline, capped like an HTTP request's: no NATS caller holds a worker longer.
         cap = self.router_config.timeout_s
@@ -337,7 +337,7 @@ class RouterService(Service):
         if chat is not None:
             assert version is not None
             req = chat_request(version, req, chat)
-        req = msgspec.structs.replace(req, id=req.id or uuid.uuid4().hex)
+        req = msgspec.structs.replace(req, id=req.id or edge.new_request_id())
         finished = False
         try:
             chunks = stream(

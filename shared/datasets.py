@@ -21,11 +21,12 @@ import numpy as np
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.batches import batch_arrays, decode_batch
 from shared.errors import NotFound
+from shared.kv import entries
 from shared.names import Names, dataset_latest_key, manifest_key, manifest_key_prefix
 from shared.schemas import DatasetManifest
 
@@ -61,15 +62,7 @@ async def get_manifest(js: JetStreamContext, names: Names, dataset: str, version
 
 async def list_manifests(js: JetStreamContext, names: Names) -> list[DatasetManifest]:
     kv = await datasets_kv(js, names)
-    try:
-        keys = await kv.keys()
-    except (NotFoundError, NoKeysError):  # no bucket, or an empty one: no datasets yet
-        return []
-    out = []
-    for key in keys:
-        if key.startswith(manifest_key_prefix()):
-            entry = await kv.get(key)
-            out.append(_manifest.decode(entry.value or b""))
+    out = [_manifest.decode(entry.value or b"") for entry in await entries(kv, manifest_key_prefix())]
     out.sort(key=lambda m: (m.dataset, int(m.version) if m.version.isdigit() else 0))
     return out
 

@@ -27,6 +27,23 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False
         return await js.create_key_value(KeyValueConfig(bucket=bucket, storage=StorageType.FILE, replicas=replicas))
 
 
+async def entries(kv: KeyValue, prefix: str = "") -> list[KeyValue.Entry]:
+    """The live entries whose keys start with ``prefix`` (a whole token, ending in ``.``, or "").
+
+    nats-py's ``KeyValue.keys()`` races: its watcher can signal "no more" before the entries
+    already delivered have been handed over, so a full bucket reads as empty (seen in the suite).
+    The stream's own per-subject index has no such race: the keys come from the server's stream
+    info, then each value is read; a key deleted or purged meanwhile is skipped."""
+    # nats-py keeps the bucket's stream and subject prefix private; this is their one reader.
+    js: JetStreamContext = kv._js
+    info = await js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{prefix}>")
+    found: list[KeyValue.Entry] = []
+    for subject in sorted((info.state.subjects or {}).keys()):
+        with contextlib.suppress(KeyNotFoundError):  # deleted, or purged
+            found.append(await kv.get(subject[len(kv._pre) :]))
+    return found
+
+
 async def follow(
     kv: KeyValue,
     keys: str,

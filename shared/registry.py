@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared.errors import NotFound
-from shared.kv import next_number
+from shared.kv import entries, next_number
 from shared.names import (
     Names,
     alias_key,
@@ -87,22 +87,14 @@ async def get_version(kv: KeyValue, model: str, ref: str | None = None) -> Model
 
 
 async def list_versions(kv: KeyValue) -> list[ModelVersion]:
-    try:
-        keys = await kv.keys()
-    except NotFoundError:
-        return []
-    out = [_version.decode((await kv.get(k)).value or b"") for k in keys if k.startswith(version_key_prefix())]
+    out = [_version.decode(entry.value or b"") for entry in await entries(kv, version_key_prefix())]
     out.sort(key=lambda v: (v.model, int(v.version)))
     return out
 
 
 async def aliases(kv: KeyValue, model: str) -> dict[str, str]:
-    try:
-        keys = await kv.keys()
-    except NotFoundError:
-        return {}
     prefix = alias_key_prefix(model)
-    return {k[len(prefix) :]: (await kv.get(k)).value.decode() for k in keys if k.startswith(prefix)}  # type: ignore[union-attr]
+    return {entry.key[len(prefix) :]: (entry.value or b"").decode() for entry in await entries(kv, prefix)}
 
 
 async def artifacts(js: JetStreamContext, names: Names, replicas: int = 1) -> ObjectStore:

@@ -8,7 +8,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from shared.kv import follow, open_bucket
+from shared.kv import entries, follow, open_bucket
 from shared.names import Names
 
 
@@ -40,3 +40,26 @@ async def test_one_bad_entry_never_ends_the_watch(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await nc.jetstream().delete_key_value(f"{names.prefix}-kvtest")
+
+
+async def test_entries_lists_every_live_key_right_after_it_is_written(nc: NatsClient, names: Names) -> None:
+    js = nc.jetstream()
+    bucket = f"{names.prefix}-entries"
+    kv = await open_bucket(js, bucket, create=True)
+    assert kv is not None
+    try:
+        assert await entries(kv) == []
+        # nats-py's keys() could read a full bucket as empty just after a write: list at once,
+        # many times over, and every key written so far must be there.
+        for i in range(30):
+            await kv.put(f"manifest.d.{i}", str(i).encode())
+            listed = await entries(kv, "manifest.")
+            assert [e.key for e in listed] == sorted(f"manifest.d.{n}" for n in range(i + 1))
+        await kv.put("other.x", b"1")
+        await kv.delete("manifest.d.3")
+        await kv.purge("manifest.d.4")
+        keys = [e.key for e in await entries(kv, "manifest.")]
+        assert "manifest.d.3" not in keys and "manifest.d.4" not in keys and len(keys) == 28
+        assert "other.x" in [e.key for e in await entries(kv)]
+    finally:
+        await js.delete_key_value(bucket)

@@ -51,6 +51,7 @@ from shared.clock import rfc3339_now
 from shared.config import MeshConfig, TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
 from shared.errors import BadRequest, NotFound
+from shared.kv import entries
 from shared.names import job_key, job_keys, result_key, trainer_node_key
 from shared.natsserver import die_with_parent
 from shared.registry import artifacts
@@ -315,16 +316,15 @@ class TrainerService(Service):
     async def _nodes(self) -> list[TrainerNode]:
         out: list[TrainerNode] = []
         try:
-            keys = await self.nodes.keys()
-        except Exception:
+            found = await entries(self.nodes)
+        except Exception as exc:  # NATS away for a moment: no nodes seen this time, as before
+            log.debug("trainer nodes not listed: %s", exc)
             return out
-        for key in keys:
+        for entry in found:
             try:
-                out.append(_node.decode((await self.nodes.get(key)).value or b""))
-            except KeyNotFoundError:
-                continue
+                out.append(_node.decode(entry.value or b""))
             except msgspec.DecodeError as exc:  # ValidationError too: another agent's version, say
-                log.warning("trainer node %s: its heartbeat cannot be read: %s", key, exc)
+                log.warning("trainer node %s: its heartbeat cannot be read: %s", entry.key, exc)
         return out
 
 

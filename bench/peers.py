@@ -606,15 +606,9 @@ def missing(row: Row, versions: dict[str, str | None]) -> list[str]:
 
 
 def bench_env() -> dict[str, str]:
-    """bench/serve.py's environment: tracing off, one thread per process, ports picked freely."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
+    """bench/serve.py's environment, and what the peers' own processes need."""
+    env = serve.bench_env()
     env.update(
-        AIMESH_PREFIX="benchserve",
-        OTEL_SDK_DISABLED="true",
-        AIMESH_ROUTER_PORT="0",
-        AIMESH_METRICS_PORT="0",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
         PYTHONPATH=str(ROOT),  # Ray's workers and LitServe's spawned worker import bench.*
         RAY_USAGE_STATS_ENABLED="0",
         RAY_AUTH_MODE="disabled",  # local only: no token file written under ~/.ray

@@ -355,6 +355,20 @@ def overhead(env: dict[str, str], seconds: float, rounds: int) -> None:
     )
 
 
+def bench_env() -> dict[str, str]:
+    """The services' environment: tracing off, one torch thread per process, free ports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
+    env.update(
+        AIMESH_PREFIX="benchserve",
+        OTEL_SDK_DISABLED="true",
+        AIMESH_ROUTER_PORT="0",
+        AIMESH_METRICS_PORT="0",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", default="bench", choices=["bench", "client", "inproc", "echo"])
@@ -379,15 +393,7 @@ def main() -> None:
         uvloop.run(inproc_server(args.port, with_model=args.role == "inproc"))
         return
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
-    env.update(
-        AIMESH_PREFIX="benchserve",
-        OTEL_SDK_DISABLED="true",
-        AIMESH_ROUTER_PORT="0",
-        AIMESH_METRICS_PORT="0",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-    )
+    env = bench_env()
     print(
         f"serving benchmark: MLP 256→{'→'.join(map(str, HIDDEN))}→10, {args.seconds:g}s per row, "
         f"rounds: {args.rounds} (medians shown); {os.cpu_count()} cores"

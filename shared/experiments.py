@@ -65,6 +65,10 @@ def check_guardrails(split: Split) -> None:
 
 async def delete_split(js: JetStreamContext, names: Names, model: str) -> None:
     """Remove ``model``'s split; none (or no experiments bucket yet) is already the wanted state."""
+    try:
+        check_token(model, "model name")  # "*" or "a.b" would name other keys, or none
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     key = split_key(model)
     with contextlib.suppress(BucketNotFoundError, KeyNotFoundError):
         kv = await js.key_value(names.experiments_bucket)

@@ -36,6 +36,12 @@ def test_clearing_a_split_before_any_bucket_exists_is_done(nats_url: str, names:
     assert "split removed" in out.stdout
 
 
+def test_clearing_the_split_of_a_name_that_is_not_a_token_is_refused(nats_url: str, names: Names) -> None:
+    for name in ("*", "a.b", "a b", ">"):
+        out = aimesh("split", name, "--clear", "--nats-url", nats_url, "--prefix", names.prefix)
+        assert out.returncode == 2 and "must be letters, digits" in out.stderr, (name, out.stderr)
+
+
 def test_permissions_in_text_name_a_role_that_may_publish_nothing() -> None:
     out = aimesh("auth", "permissions", "--role", "supervisor")
     assert out.returncode == 0, out.stderr

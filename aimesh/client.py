@@ -17,6 +17,7 @@ answers.  Errors are the mesh's typed errors (``shared.errors``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -27,14 +28,14 @@ import numpy as np
 from nats.aio.client import Client as NatsClient
 
 from shared import durable
-from shared.client import infer_with_fallback, stream
+from shared.client import generation, infer_with_fallback
 from shared.config import MeshConfig
 from shared.connect import connect_options
 from shared.errors import MeshTimeout
 from shared.kv import follow, open_bucket
 from shared.names import Names, deploy_keys, split_keys
 from shared.routing import RoutingTable
-from shared.schemas import DurableResult, GenerateChunk, GenerateRequest, InferRequest
+from shared.schemas import DurableResult, GenerateRequest, InferRequest
 from shared.tensors import from_wire, to_wire
 
 
@@ -101,19 +102,16 @@ class MeshClient:
         self, model: str, prompt: str, *, version: str | None = None, timeout_s: float = 30.0, **params: Any
     ) -> AsyncIterator[str]:
         """Yield text as the model produces it; ``params``: max_tokens, temperature, top_k, top_p,
-        stop, seed."""
+        stop, seed.  Leaving the loop early (``break``, an exception, closing the generator)
+        cancels the generation on its worker."""
         route = self.table.route(model, version)
         req = GenerateRequest(prompt=prompt, **params)
-        async for chunk in stream(
-            self.nc,
-            self.names.generate(model, route.version),
-            req,
-            GenerateChunk,
-            done=lambda c: c.done,
-            timeout_s=timeout_s,
-        ):
-            if chunk.text:
-                yield chunk.text
+        async with contextlib.aclosing(
+            generation(self.nc, self.names, model, route.version, req, timeout_s=timeout_s)
+        ) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                if chunk.text:
+                    yield chunk.text
 
     async def submit(
         self, model: str, inputs: dict[str, np.ndarray] | np.ndarray, *, version: str | None = None, id: str = ""

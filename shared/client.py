@@ -13,6 +13,7 @@ server's INFO at connect) is refused before it is sent, as :class:`~shared.error
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from shared.config import NATS_MAX_PAYLOAD_LIMIT
 from shared.errors import InternalError, MeshTimeout, PayloadTooLarge, Unavailable
 from shared.names import Header, Names
 from shared.routing import Route
-from shared.schemas import InferReply, InferRequest
+from shared.schemas import GenerateChunk, GenerateRequest, InferReply, InferRequest
 from shared.wire import deadline_header, encode, error_in
 
 T = TypeVar("T")
@@ -172,6 +173,48 @@ async def stream(
                 return
     finally:
         await sub.unsubscribe()
+
+
+async def generation(
+    nc: NatsClient,
+    names: Names,
+    model: str,
+    version: str,
+    req: GenerateRequest,
+    *,
+    timeout_s: float = 30.0,
+) -> AsyncIterator[GenerateChunk]:
+    """Stream ``req``'s completion from ``model@version``'s workers, to the final chunk.
+
+    ``req.id`` names the generation (a fresh one when empty).  Ended before its final chunk (the
+    caller closed the generator: its client is gone, or it read enough; or an error), the
+    generation is cancelled on its worker, which frees its slot instead of running on to
+    ``max_tokens``.
+    """
+    import os
+
+    if not req.id:
+        req = msgspec.structs.replace(req, id=os.urandom(16).hex())
+    cancel = names.generate_cancel(req.id)  # the id is checked as a subject token here
+    finished = False
+    chunks = stream(
+        nc,
+        names.generate(model, version),
+        req,
+        GenerateChunk,
+        done=lambda c: c.done,
+        timeout_s=timeout_s,
+        template=names.generate_template(),
+    )
+    try:
+        async for chunk in chunks:
+            finished = chunk.done
+            yield chunk
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        if not finished:
+            with contextlib.suppress(Exception):  # best effort: the worker's deadline ends it anyway
+                await nc.publish(cancel)
 
 
 async def infer_with_fallback(

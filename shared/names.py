@@ -145,7 +145,7 @@ class Names:
     def generate_cancel(self, request_id: str) -> str:
         """Stop the generation with this id (the router publishes it when its client is gone);
         not under ``.generate.``, where a model named ``cancel`` could be served."""
-        return f"{self.prefix}.cancel.generate.{request_id}"
+        return f"{self.prefix}.cancel.generate.{check_token(request_id, 'generation id')}"
 
     @property
     def generate_cancel_subjects(self) -> str:

@@ -5,6 +5,7 @@ experiment report.  Small utilities live in ``tests/helpers.py``."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -17,6 +18,7 @@ from shared.errors import NotFound
 from shared.names import Names
 from shared.registry import artifacts, put_object, register
 from shared.schemas import (
+    ChatTemplate,
     ColumnSpec,
     Deployment,
     DeployRequest,
@@ -32,7 +34,8 @@ from zoo.artifacts import weights_to_bytes
 from zoo.classifier import mlp
 from zoo.lm import causal_lm
 
-LM_KWARGS = {"dim": 32, "layers": 1, "heads": 2, "context": 64}
+LM_KWARGS: dict[str, Any] = {"dim": 32, "layers": 1, "heads": 2, "context": 64}
+LM_EOS = 256  # the bytes tokenizer's end of text
 
 
 async def register_mlp(nc: NatsClient, names: Names, seed: int) -> tuple[ModelVersion, torch.nn.Module]:
@@ -57,22 +60,37 @@ async def register_mlp(nc: NatsClient, names: Names, seed: int) -> tuple[ModelVe
     return await register(kv, version), model
 
 
-async def register_lm(nc: NatsClient, names: Names) -> None:
-    """A tiny causal language model ``lm@1`` with a bytes tokenizer."""
+async def register_lm(
+    nc: NatsClient,
+    names: Names,
+    model: str = "lm",
+    kwargs: dict[str, Any] | None = None,
+    *,
+    template: ChatTemplate | None = None,
+    no_eos: bool = False,
+) -> None:
+    """A tiny causal language model ``<model>@1`` with a bytes tokenizer; ``no_eos``: it never
+    ends by itself (only ``max_tokens`` or a cancel stops it)."""
+    kwargs = kwargs or LM_KWARGS
     torch.manual_seed(0)
-    model = causal_lm(**LM_KWARGS)
+    lm = causal_lm(**kwargs)
+    if no_eos:
+        with torch.no_grad():
+            lm.head.out.bias[LM_EOS] = -1e4
     js = nc.jetstream()
-    await put_object(await artifacts(js, names), "models/lm/1.safetensors", weights_to_bytes(model.state_dict()))
+    artifact = f"models/{model}/1.safetensors"
+    await put_object(await artifacts(js, names), artifact, weights_to_bytes(lm.state_dict()))
     version = ModelVersion(
-        model="lm",
+        model=model,
         version="",
-        artifact="models/lm/1.safetensors",
+        artifact=artifact,
         factory="zoo.lm:causal_lm",
-        kwargs=LM_KWARGS,
+        kwargs=kwargs,
         task="lm",
         dataset="text@1",
-        inputs=[ColumnSpec(name="tokens", dtype="int32", shape=[65])],
-        tokenizer=TokenizerSpec(kind="bytes", vocab_size=257, eos_id=256, seq_len=64),
+        inputs=[ColumnSpec(name="tokens", dtype="int32", shape=[kwargs["context"] + 1])],
+        tokenizer=TokenizerSpec(kind="bytes", vocab_size=257, eos_id=LM_EOS, seq_len=kwargs["context"]),
+        chat_template=template,
     )
     await register(await js.key_value(names.registry_bucket), version)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -13,9 +14,11 @@ from aimesh.client import MeshClient
 from shared.client import request
 from shared.experiments import put_split
 from shared.names import Names
-from shared.schemas import Deployment, DeployRequest, Split, Variant
+from shared.schemas import ActorStats, Deployment, DeployRequest, ServiceStatus, Split, StatusRequest, Variant
 from tests.helpers import ServiceProcess, eventually
 from tests.mesh import register_lm, register_mlp, serving
+
+SLOW_LM = {"dim": 64, "layers": 2, "heads": 2, "context": 128}  # ~2 ms a token
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +31,10 @@ async def test_client_infers_submits_and_streams(
     _, model1 = await register_mlp(nc, names, seed=1)
     await register_mlp(nc, names, seed=2)
     await register_lm(nc, names)
-    for model, ref in (("digits", "1"), ("digits", "2"), ("lm", "latest")):
+    await register_lm(nc, names, "long", SLOW_LM, no_eos=True)
+    for model, ref in (("digits", "1"), ("digits", "2"), ("lm", "latest"), ("long", "latest")):
         await request(nc, names.deploy, DeployRequest(model=model, ref=ref), Deployment)
-    for want in ("digits@1", "digits@2", "lm@1"):
+    for want in ("digits@1", "digits@2", "lm@1", "long@1"):
         await eventually(lambda w=want: serving(nc, names, w), 30, want)  # type: ignore[misc]
     x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
 
@@ -56,6 +60,20 @@ async def test_client_infers_submits_and_streams(
 
         text = "".join([t async for t in mesh.generate("lm", "def main():", max_tokens=12, temperature=0)])
         assert len(text) > 0
+
+        # Leaving a generation early cancels it on the worker (4096 tokens would take seconds).
+        async for _ in mesh.generate("long", "x", max_tokens=4096, temperature=0):
+            break
+        t0 = time.monotonic()
+        stopped = await eventually(lambda: _generation_stopped(nc, names, "long"), 10, "the generation to stop")
+        assert time.monotonic() - t0 < 2.0, "the generation ran on after the client left it"
+        assert stopped.extra["cancelled"] == 1
+
+
+async def _generation_stopped(nc: NatsClient, names: Names, model: str) -> ActorStats | None:
+    status = await request(nc, names.service_status("inference"), StatusRequest(), ServiceStatus)
+    stats = next(a for a in status.actors if a.name == f"generate-{model}-1")
+    return stats if stats.extra["generating"] == 0 and stats.in_flight == 0 else None
 
 
 async def _has_split(mesh: MeshClient) -> bool:

@@ -21,54 +21,23 @@ from services.inference.generate import pieces, prompt_ids
 from services.router.openai import ChatMessage, ParamError, chat_request, decode_param, render_chat
 from shared.client import request
 from shared.names import Names
-from shared.registry import artifacts, put_object, register
 from shared.schemas import (
     ActorStats,
     ChatTemplate,
-    ColumnSpec,
     Deployment,
     DeployRequest,
     GenerateRequest,
     ModelVersion,
     ServiceStatus,
     StatusRequest,
-    TokenizerSpec,
 )
 from tests.helpers import ServiceProcess, eventually
-from tests.mesh import register_mlp, serving, start_gateway
-from zoo.artifacts import weights_to_bytes
+from tests.mesh import register_lm, register_mlp, serving, start_gateway
 from zoo.lm import CHAT_TEMPLATE, causal_lm, declared_chat_template
 
 SMALL = {"dim": 32, "layers": 1, "heads": 2, "context": 64}
 SLOW = {"dim": 64, "layers": 2, "heads": 2, "context": 128}  # ~2 ms a token: 4096 take seconds
-EOS = 256
 T = TypeVar("T")
-
-
-async def register_lm(
-    nc: NatsClient, names: Names, model: str, kwargs: dict[str, Any], *, template: ChatTemplate | None, no_eos: bool
-) -> None:
-    torch.manual_seed(0)
-    lm = causal_lm(**kwargs)
-    if no_eos:  # never ends by itself: only max_tokens (or a cancel) stops it
-        with torch.no_grad():
-            lm.head.out.bias[EOS] = -1e4
-    js = nc.jetstream()
-    artifact = f"models/{model}/1.safetensors"
-    await put_object(await artifacts(js, names), artifact, weights_to_bytes(lm.state_dict()))
-    version = ModelVersion(
-        model=model,
-        version="",
-        artifact=artifact,
-        factory="zoo.lm:causal_lm",
-        kwargs=kwargs,
-        task="lm",
-        dataset="text@1",
-        inputs=[ColumnSpec(name="tokens", dtype="int32", shape=[kwargs["context"] + 1])],
-        tokenizer=TokenizerSpec(kind="bytes", vocab_size=257, eos_id=EOS, seq_len=kwargs["context"]),
-        chat_template=template,
-    )
-    await register(await js.key_value(names.registry_bucket), version)
 
 
 async def deploy(nc: NatsClient, names: Names, *models: str) -> None:

@@ -28,14 +28,14 @@ from services.router.openai import add_routes as add_openai_routes
 from services.router.stats import ExposureLog, RouteCounters, deployed_versions
 from shared import durable, events
 from shared.actor import ActorConfig, Call
-from shared.client import infer_with_fallback, request, stream
+from shared.client import generation, infer_with_fallback, request
 from shared.config import DurableConfig, MeshConfig, RouterConfig, load_durable_config, load_router_config
 from shared.datasets import get_manifest
 from shared.discovery import discover
 from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
 from shared.experiments import delete_split, put_split
 from shared.httpserve import serve_app
-from shared.names import check_token, deploy_keys, split_keys
+from shared.names import deploy_keys, split_keys
 from shared.registry import get_version, registry_kv
 from shared.routing import Route, RoutingTable
 from shared.schemas import (
@@ -338,25 +338,12 @@ class RouterService(Service):
             assert version is not None
             req = chat_request(version, req, chat)
         req = msgspec.structs.replace(req, id=req.id or edge.new_request_id())
-        finished = False
         try:
-            chunks = stream(
-                self.nc,
-                self.names.generate(model, served),
-                req,
-                GenerateChunk,
-                done=lambda c: c.done,
-                template=self.names.generate_template(),
-            )
-            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async with contextlib.aclosing(generation(self.nc, self.names, model, served, req)) as chunks:  # type: ignore[type-var]
                 async for chunk in chunks:
-                    finished = chunk.done
                     yield chunk
         except Unavailable:
             raise Unavailable(f"no inference worker generates with {model}@{served} (start workers)") from None
-        finally:
-            if not finished:
-                await self._cancel_generation(req.id)
 
     async def _language_model(self, model: str, version: str, *, need_version: bool) -> ModelVersion | None:
         """The registry's record of ``model@version``, or None when the model is known to be a
@@ -370,13 +357,6 @@ class RouterService(Service):
                 "GET /v1/models lists the language models"
             )
         return found
-
-    async def _cancel_generation(self, request_id: str) -> None:
-        """Tell the worker running it to stop (it frees its generation slot); best effort."""
-        try:
-            await self.nc.publish(self.names.generate_cancel(check_token(request_id, "generation id")))
-        except Exception:
-            log.debug("could not cancel generation %s", request_id, exc_info=True)
 
     def _mirror(self, model: str, version: str, req: InferRequest, timeout_s: float) -> None:
         """Send a copy and forget it: never slower for the caller; dropped (and counted) when

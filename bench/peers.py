@@ -19,6 +19,9 @@ Model: ``bench/serve.py``'s MLP 256→1024→1024→10, one torch thread per pro
   aimesh-json      aimesh's router → NATS → 1 inference worker, OIP JSON body, batch 32 / 2 ms
   aimesh-binary    the same, OIP binary body
   aimesh-2workers  the same with 2 inference workers, binary body
+  aimesh-json-single, aimesh-binary-single
+                   the same rows through a second router with coalescing off
+                   (``[router] coalesce = false``: one NATS request per HTTP request)
 
 The mesh is set up as in ``bench/serve.py`` (tracing off, metric snapshots every 2 s).  Every
 server starts once, in its own process(es), and stays up, idle while other rows run.  Each of
@@ -92,6 +95,8 @@ ROWS = {
         Row("aimesh-json", "aimesh, OIP JSON", "json"),
         Row("aimesh-binary", "aimesh, OIP binary", "binary"),
         Row("aimesh-2workers", "aimesh, 2 workers (binary)", "binary"),
+        Row("aimesh-json-single", "aimesh, OIP JSON, coalescing off", "json"),
+        Row("aimesh-binary-single", "aimesh, OIP binary, coalescing off", "binary"),
     )
 }
 INSTALL_HINT = "pip install -e '.[peers]'"
@@ -282,6 +287,8 @@ class Mesh:
         self.router = serve.start_service("router", env)
         self.worker = serve.start_service("inference", env)
         self.second: subprocess.Popen[bytes] | None = None
+        self.single: subprocess.Popen[bytes] | None = None  # a router with coalescing off
+        self.single_url = ""
         self.loop = asyncio.new_event_loop()
         try:
             self.nc, self.names = self.loop.run_until_complete(serve.mesh_setup(nats_url))
@@ -294,10 +301,12 @@ class Mesh:
         url: str = self.loop.run_until_complete(serve.deploy(self.nc, self.names, max_batch=MAX_BATCH, workers=workers))
         return url
 
-    def row(self, workers: int, nats_pid: int) -> Running:
-        groups = [Group("router", self.router.pid), Group("worker", self.worker.pid), Group("nats", nats_pid)]
+    def row(self, workers: int, nats_pid: int, *, coalesce: bool = True) -> Running:
+        router = self.router if coalesce else self._single_router()
+        url = self.url if coalesce else self.single_url
+        groups = [Group("router", router.pid), Group("worker", self.worker.pid), Group("nats", nats_pid)]
         if workers == 1:
-            return Running(self.url, groups, enter=self._one)  # redeployed: the 2-worker row may have run
+            return Running(url, groups, enter=self._one)  # redeployed: the 2-worker row may have run
         running = Running(self.url, groups)
 
         def enter() -> None:
@@ -316,6 +325,16 @@ class Mesh:
         running.enter, running.leave = enter, leave
         return running
 
+    def _single_router(self) -> subprocess.Popen[bytes]:
+        if self.single is None:
+            port = serve._free_port()
+            self.single = serve.start_service(
+                "router", self.env | {"AIMESH_ROUTER_COALESCE": "false", "AIMESH_ROUTER_PORT": str(port)}
+            )
+            self.single_url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+            _wait_answering(self.single_url, "binary", self.single, 60)
+        return self.single
+
     def _one(self) -> None:
         self.deploy(1)
 
@@ -325,10 +344,10 @@ class Mesh:
 
     def _stop_services(self) -> None:
         self.loop.close()
-        for p in (self.router, self.worker, self.second):
+        for p in (self.router, self.worker, self.second, self.single):
             if p is not None:
                 p.terminate()
-        for p in (self.router, self.worker, self.second):
+        for p in (self.router, self.worker, self.second, self.single):
             if p is not None:
                 p.wait(30)
 
@@ -655,7 +674,8 @@ def run(args: argparse.Namespace) -> None:
                         systems[name] = start_prototype(server.url, env, server.process.pid)
                     elif name.startswith("aimesh"):
                         mesh = mesh or Mesh(server.url, env)
-                        systems[name] = mesh.row(2 if name == "aimesh-2workers" else 1, server.process.pid)
+                        workers = 2 if name == "aimesh-2workers" else 1
+                        systems[name] = mesh.row(workers, server.process.pid, coalesce=not name.endswith("-single"))
                     else:
                         systems[name] = start_peer(ROWS[name], args.peers_python, env)
                 except RuntimeError as exc:  # a peer that cannot start is left out, and says why

@@ -171,6 +171,9 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 16 * 1024 * 1024
     max_concurrency: int = 1024  # HTTP requests in flight; more get 429 with Retry-After
     timeout_s: float = 30.0  # default deadline of a request (header Aimesh-Timeout-Ms overrides, lower only)
+    # Inference requests for the same version that arrive in one turn of the event loop go to the
+    # workers as one request (rows concatenated, outputs split back; shared/coalesce.py).
+    coalesce: bool = True
     # Slow clients: a request head (line and headers) not in within header_timeout_s of the
     # connection's opening or its previous response closes the connection; a body not in within
     # body_timeout_s is a 408 and the connection is closed.

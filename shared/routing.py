@@ -15,7 +15,7 @@ import msgspec
 
 from shared.errors import NotFound
 from shared.names import is_deploy_key, split_key_model
-from shared.schemas import Deployment, Split
+from shared.schemas import DEFAULT_MAX_BATCH_SIZE, Deployment, Split
 from shared.splits import choose
 
 _deployment = msgspec.json.Decoder(Deployment)
@@ -100,6 +100,12 @@ class RoutingTable:
             self.splits[model] = split
             return split
         return None
+
+    def max_batch_size(self, model: str, version: str) -> int:
+        """The batch size ``model@version`` is deployed with (the smallest, if deployed twice;
+        a version only a split names gets the default)."""
+        sizes = [d.max_batch_size for d in self.deployments.values() if d.model == model and d.version == version]
+        return min(sizes) if sizes else DEFAULT_MAX_BATCH_SIZE
 
     def models(self) -> set[str]:
         return {d.model for d in self.deployments.values()}

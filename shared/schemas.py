@@ -14,6 +14,8 @@ from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
+DEFAULT_MAX_BATCH_SIZE: Final = 32  # rows per forward pass, unless a deployment says otherwise
+
 
 class Message(msgspec.Struct, frozen=True, kw_only=True):
     """Base of every mesh message (MessagePack on the wire)."""
@@ -383,7 +385,7 @@ class DeployRequest(Message, frozen=True, kw_only=True):
     model: str
     ref: str = "latest"  # a version number or an alias
     replicas: int = 1  # a target for the autoscaler and `aimesh up`; every inference worker serves it
-    max_batch_size: int = 32
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_wait_ms: float = 2.0  # under sustained load, how long a batch may wait to fill up
 
 
@@ -395,7 +397,7 @@ class Deployment(Message, frozen=True, kw_only=True):
     version: str  # resolved at deploy time
     previous: str = ""  # the version this ref pointed at before: callers fall back to it while this one loads
     replicas: int = 1
-    max_batch_size: int = 32
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_wait_ms: float = 2.0
     updated_at: str = ""
 

@@ -12,8 +12,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Self
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, Protocol, Self, TypeVar
 
 import msgspec
 import numpy as np
@@ -29,6 +29,7 @@ from services.router.stats import ExposureLog, RouteCounters, deployed_versions
 from shared import durable, events
 from shared.actor import ActorConfig, Call
 from shared.client import generation, infer_with_fallback, request
+from shared.coalesce import Coalescer, Served
 from shared.config import DurableConfig, MeshConfig, RouterConfig, load_durable_config, load_router_config
 from shared.datasets import get_manifest
 from shared.discovery import discover
@@ -61,6 +62,14 @@ from shared.tls import check_http_exposure, server_context
 log = logging.getLogger(__name__)
 
 
+class _HasVersion(Protocol):
+    @property
+    def version(self) -> str: ...
+
+
+R = TypeVar("R", bound=_HasVersion)
+
+
 class RouterService(Service):
     name = "router"
     description = "The HTTP gateway: Open Inference Protocol v2 and OpenAI-compatible APIs, with A/B splits."
@@ -83,6 +92,7 @@ class RouterService(Service):
         self._versions: dict[tuple[str, str], ModelVersion] = {}  # registry records, by (model, version)
         self._manifests: dict[str, DatasetManifest] = {}  # by NAME@VERSION
         self._mirror_slots = asyncio.Semaphore(64)
+        self.coalescer = Coalescer()
         self.mirrors_sent = 0
         self.mirrors_dropped = 0
 
@@ -254,7 +264,9 @@ class RouterService(Service):
         if route.split is not None:
             for mirror in mirrors_for(route.split):
                 self._mirror(model, mirror, req, timeout_s)
-        return await self._serve(model, route, req, timeout_s)
+        return await self._counted(
+            model, route, req.id, infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
+        )
 
     async def submit_durable(
         self,
@@ -285,21 +297,34 @@ class RouterService(Service):
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Serve one request where the routing table says (see shared.routing)."""
         route = self._route(model, version, headers)
-        req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id)
         if route.split is not None:
-            for mirror in mirrors_for(route.split):
-                self._mirror(model, mirror, req, timeout_s)
-        reply = await self._serve(model, route, req, timeout_s)
-        return reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()}
+            mirrors = mirrors_for(route.split)
+            if mirrors:
+                req = InferRequest(inputs={k: to_wire(v) for k, v in inputs.items()}, id=request_id)
+                for mirror in mirrors:
+                    self._mirror(model, mirror, req, timeout_s)
 
-    async def _serve(self, model: str, route: Route, req: InferRequest, timeout_s: float) -> InferReply:
+        async def send(batch: dict[str, np.ndarray]) -> Served:
+            req = InferRequest(inputs={k: to_wire(v) for k, v in batch.items()}, id=request_id)
+            reply = await infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
+            return Served(reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()})
+
+        if self.router_config.coalesce:
+            key = (model, route.version, route.fallback, timeout_s)
+            call = self.coalescer.infer(key, inputs, send, max_rows=self.table.max_batch_size(model, route.version))
+        else:
+            call = send(inputs)
+        served = await self._counted(model, route, request_id, call)
+        return served.version, served.outputs
+
+    async def _counted(self, model: str, route: Route, request_id: str, call: Awaitable[R]) -> R:
         """One inference, counted per served version; an exposure when an experiment routed it."""
         t0 = time.perf_counter()
         served, code = route.version, 200
         try:
-            reply = await infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
-            served = reply.version
-            return reply
+            result = await call
+            served = result.version
+            return result
         except ServiceError as exc:
             code = exc.code
             raise
@@ -312,9 +337,9 @@ class RouterService(Service):
         finally:
             elapsed = time.perf_counter() - t0
             self.counters.record(model, served, code, elapsed)
-            if route.split is not None and req.id:
+            if route.split is not None and request_id:
                 self.exposures.record(
-                    request_id=req.id,
+                    request_id=request_id,
                     model=model,
                     variant=served,
                     experiment=route.split.experiment,

@@ -231,6 +231,8 @@ class TrainerService(Service):
             "AIMESH_PREFIX": self.config.prefix,
             # The rank refuses factories outside this node's trusted packages, as submit does.
             "AIMESH_MODEL_PACKAGES": json.dumps(self.config.model_packages),
+            # The address this node advertised: gloo (and NCCL) listen on its interface.
+            "AIMESH_TRAINER_HOST": self.address,
         }
         args = [
             sys.executable,

@@ -6,6 +6,8 @@ made with one replica is raised to three.  The multi-host proof is tests/test_mu
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import nats
@@ -20,7 +22,7 @@ from shared.config import MeshConfig, UpConfig, load_up_config
 from shared.connect import connect
 from shared.errors import ConfigError
 from shared.names import Names
-from tests.helpers import free_port
+from tests.helpers import ROOT, free_port
 
 NO_SERVICES = {"ingest": 0, "trainer": 0, "inference": 0, "router": 0, "metrics": 0}
 
@@ -79,6 +81,21 @@ def test_the_route_secret_is_private_and_kept(tmp_path: Path) -> None:
     (tmp_path / cluster.ROUTE_SECRET_FILE).chmod(0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         cluster.route_secret(tmp_path)
+
+
+def test_auth_init_writes_the_route_secret(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    out = subprocess.run(
+        [sys.executable, "-m", "aimesh", "auth", "init", str(creds)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cluster.secret" in out.stdout
+    assert (creds / cluster.ROUTE_SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    assert cluster.route_secret(creds) == (creds / cluster.ROUTE_SECRET_FILE).read_text().strip()
 
 
 def test_replicas_follow_the_cluster_size() -> None:

@@ -287,8 +287,15 @@ def start_mesh(hosts: Hosts, prefix: str, credentials: Path) -> None:
 
 async def test_three_hosts_serve_train_survive_a_partition_and_a_killed_host(hosts: Hosts) -> None:
     names = Names(f"mh{hosts.tag}")
-    credentials = hosts.tmp / "auth"
-    auth.ensure_seeds(credentials)
+    credentials = hosts.tmp / "auth"  # one folder for every host: seeds and the routes' secret
+    made = subprocess.run(
+        [sys.executable, "-m", "aimesh", "auth", "init", str(credentials), "--prefix", names.prefix],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
     figures: dict[str, object] = {}
     try:
         start_mesh(hosts, names.prefix, credentials)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.errors import APIError, NotFoundError
 from nats.js.errors import Error as JetStreamError
-from nats.js.errors import NotFoundError
 
 from shared.config import UpConfig, split_host_port
 from shared.errors import ConfigError
@@ -160,6 +161,36 @@ async def ensure_replicas(js: JetStreamContext, stream: str, replicas: int) -> i
     log.info("stream %s: replicas raised from %d to %d", stream, have, replicas)
     _raised.add((stream, replicas))
     return replicas
+
+
+async def declare_stream(js: JetStreamContext, config: StreamConfig, replicas: int) -> None:
+    """Create the stream, or update it to ``config`` if it exists; ``replicas`` unless the config
+    names a count.  An existing stream's replicas are raised, never lowered; when the server
+    cannot raise them, the rest of the update is made and the command to run is logged."""
+    if config.num_replicas is None:
+        config.num_replicas = replicas
+    try:
+        await js.add_stream(config)
+        return
+    except APIError as exc:
+        # 10058: the name is in use with a different config; a single server refuses more than
+        # one replica (10074) before it looks for the stream.
+        if exc.err_code not in (10058, 10074):
+            raise
+        try:
+            existing = (await js.stream_info(config.name or "")).config.num_replicas or 1
+        except NotFoundError:
+            raise exc from None
+    wanted = config.num_replicas
+    config.num_replicas = max(existing, wanted)
+    try:
+        await js.update_stream(config)
+    except APIError:
+        if existing >= wanted:
+            raise
+        config.num_replicas = existing  # the server cannot hold more (not clustered, too few servers)
+        await js.update_stream(config)
+        await ensure_replicas(js, config.name or "", wanted)  # logs what to run
 
 
 def replicas_env(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import Error as JetStreamError
 
 from aimesh.cli import build_parser
@@ -81,6 +81,23 @@ def test_the_route_secret_is_private_and_kept(tmp_path: Path) -> None:
     (tmp_path / cluster.ROUTE_SECRET_FILE).chmod(0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         cluster.route_secret(tmp_path)
+
+
+async def test_a_single_server_keeps_one_replica_and_says_what_to_run(
+    nats_url: str, names: Names, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        stream = StreamConfig(name=names.data_stream, subjects=[f"{names.prefix}.clustertest.>"])
+        await cluster.declare_stream(js, stream, 1)
+        changed = StreamConfig(name=names.data_stream, subjects=[f"{names.prefix}.clustertest.>"], max_msgs=10)
+        await cluster.declare_stream(js, changed, 3)  # not clustered: the rest of the update, and the hint
+        info = await js.stream_info(names.data_stream)
+        assert (info.config.num_replicas, info.config.max_msgs) == (1, 10)
+        assert f"nats stream edit {names.data_stream} --replicas 3" in caplog.text
+    finally:
+        await nc.close()
 
 
 def test_auth_init_writes_the_route_secret(tmp_path: Path) -> None:
@@ -170,6 +187,13 @@ async def test_a_loopback_cluster_with_identities_raises_a_one_replica_bucket(tm
             info = await js.stream_info(f"KV_{bucket}")
             assert info.config.num_replicas == 3 and info.cluster is not None
             assert info.cluster.name == "loop"
+            # A host configured with fewer replicas updates a stream without shrinking it.
+            stream = StreamConfig(name=names.data_stream, subjects=[f"{names.prefix}.clustertest.>"])
+            await cluster.declare_stream(js, stream, 3)
+            smaller = StreamConfig(name=names.data_stream, subjects=[f"{names.prefix}.clustertest.>"], max_msgs=10)
+            await cluster.declare_stream(js, smaller, 1)
+            info = await js.stream_info(names.data_stream)
+            assert (info.config.num_replicas, info.config.max_msgs) == (3, 10)
         finally:
             await nc.close()
     finally:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 ROUTE_USER = "aimesh-route"
 ROUTE_SECRET_FILE = "cluster.secret"
+ROUTE_PING_INTERVAL = "2s"
+ROUTE_PING_MAX = 3
 MAX_REPLICAS = 3  # what JetStream clusters commonly run; more costs writes and buys little
 
 
@@ -68,7 +70,15 @@ def server_name(up: UpConfig) -> str:
 def cluster_config(up: UpConfig, secret: str | None) -> str:
     """The ``cluster`` block (nats-server config; JSON values are valid there)."""
     assert up.cluster is not None
-    block: dict[str, object] = {"name": up.cluster, "listen": f"{_bracket(up.host)}:{up.cluster_port}"}
+    block: dict[str, object] = {
+        "name": up.cluster,
+        "listen": f"{_bracket(up.host)}:{up.cluster_port}",
+        # A route whose peer stopped answering (a cut link sends no reset) is closed after
+        # ROUTE_PING_MAX missed pings, not nats-server's 2 min × 2: its interest (the cut-off
+        # host's workers) leaves the cluster, and the route is dialled again until it heals.
+        "ping_interval": ROUTE_PING_INTERVAL,
+        "ping_max": ROUTE_PING_MAX,
+    }
     credentials = ""
     if secret is not None:
         block["authorization"] = {"user": ROUTE_USER, "password": secret, "timeout": 5}

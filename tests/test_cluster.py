@@ -67,6 +67,7 @@ def test_the_cluster_block_carries_the_route_credentials() -> None:
     up = UpConfig(cluster="c1", host="10.0.0.1", routes=["10.0.0.2:6222", "[fd00::3]:6222"], server_name="h1")
     text = cluster.cluster_config(up, "s3cret-s3cret-s3cret")
     assert 'server_name: "h1"' in text and '"listen": "10.0.0.1:6222"' in text
+    assert '"ping_interval": "2s"' in text and '"ping_max": 3' in text
     assert '"user": "aimesh-route"' in text and '"password": "s3cret-s3cret-s3cret"' in text
     assert "nats-route://aimesh-route:s3cret-s3cret-s3cret@10.0.0.2:6222" in text
     assert "nats-route://aimesh-route:s3cret-s3cret-s3cret@[fd00::3]:6222" in text

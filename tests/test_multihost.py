@@ -398,12 +398,17 @@ async def _phases(
     hosts.link(3, up=False)
     t_cut = time.monotonic()
     # Streams led from h3 elect a leader on h1 or h2 once the others miss its heartbeats.
-    await asyncio.sleep(5)  # at least this long cut off
+    # h1 closes its routes to h3 once they miss their pings (shared.cluster.ROUTE_PING_*).
+    await eventually(lambda: _routes_to(http, hosts, 3, want=False), 30, "h1 to drop its routes to h3")
+    route_closed_s = time.monotonic() - t_cut
+    await asyncio.sleep(max(0.0, 5 - route_closed_s))  # at least 5 s cut off
     await eventually(
         lambda: _true(load.durable_flowing()), 45, "durable requests to be accepted on h1+h2 while h3 is cut off"
     )
     hosts.link(3, up=True)
     t_heal = time.monotonic()
+    await eventually(lambda: _routes_to(http, hosts, 3, want=True), 30, "h1's routes to h3 to come back")
+    route_back_s = time.monotonic() - t_heal
     before = await worker_counts(nc, names, hosts)
     await eventually(
         lambda: _counts_if(nc, names, hosts, lambda c: c.get(3, 0) > before.get(3, 0)),
@@ -411,6 +416,8 @@ async def _phases(
         "h3's worker to serve again after healing",
     )
     figures["partition"] = {
+        "route_closed_after_cut_s": round(route_closed_s, 1),
+        "route_back_after_heal_s": round(route_back_s, 1),
         "durable_accepted_during": len(load.accepted) - accepted_before,
         "durable_refused_until_s_after_cut": round(load.refused_until(t_cut), 2),
         "durable_refused_during": _statuses([s for t, s in load.refused if t_cut <= t <= t_heal]),
@@ -450,6 +457,14 @@ async def _phases(
     # A synchronous request fails only when it was in flight on h2 at the kill (sent before it).
     assert all(f <= 0.5 for f in failed), f"requests sent after the kill failed: {failed}"
     assert len(failed) <= 4, f"{len(failed)} failed: more than the 4 clients had in flight"
+
+
+async def _routes_to(http: aiohttp.ClientSession, hosts: Hosts, i: int, *, want: bool) -> bool:
+    """Whether h1's server has (``want``) or lacks a route to host ``i`` (its monitoring /routez)."""
+    async with http.get(f"http://{hosts.addr(1)}:8222/routez") as resp:
+        routes = (await resp.json()).get("routes") or []
+    present = any(r.get("ip") == hosts.addr(i) or r.get("remote_name") == f"h{i}" for r in routes)
+    return present == want
 
 
 async def _true(value: bool) -> bool:

@@ -25,7 +25,8 @@ def add_up_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--credentials",
         metavar="DIR",
-        help="with --nats-url: the <role>.nk seeds `aimesh auth init` wrote (each service gets its role's)",
+        help="the <role>.nk seeds `aimesh auth init` wrote (each service gets its role's): with --nats-url, "
+        "or with --cluster (the same folder, cluster.secret included, on every host)",
     )
     p.add_argument("--host", help="the embedded nats-server's listen address (default 127.0.0.1)")
     p.add_argument(

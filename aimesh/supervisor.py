@@ -42,7 +42,7 @@ from nats.aio.msg import Msg
 
 from aimesh.restart import RestartPolicy
 from services import SERVICE_NAMES
-from shared import auth
+from shared import auth, cluster
 from shared.config import AutoscaleConfig, UpConfig, config_path, load_mesh_config, read_toml
 from shared.connect import connect
 from shared.names import Names
@@ -141,15 +141,20 @@ class Supervisor:
             self.server.start()
             self.nats_url = self.server.url
             log.info(
-                "nats-server on %s (monitoring %s, store %s, max_payload %d bytes)",
+                "nats-server on %s (monitoring %s, store %s, max_payload %d bytes%s)",
                 self.server.url,
                 self.server.monitor_url,
                 self.server.store_dir,
                 self.up.nats_max_payload,
+                f"; cluster {self.up.cluster}, routes on port {self.up.cluster_port}" if self.up.cluster else "",
             )
             self._server_task = asyncio.create_task(self._watch_server())
         else:
             log.info("using NATS at %s (no embedded server)", self.nats_url)
+        external = self.nats_url if self.server is None else None
+        self.child_env |= cluster.replicas_env(self.up, external, self.child_env, _mesh_table())
+        if "AIMESH_JS_REPLICAS" in self.child_env:
+            log.info("JetStream replicas for the mesh's streams and buckets: %s", self.child_env["AIMESH_JS_REPLICAS"])
         self._write_state()  # at once, so `aimesh status` finds the mesh while services start
         for service in SERVICE_NAMES:
             self.scale(service, getattr(self.up, service))
@@ -178,6 +183,9 @@ class Supervisor:
         if self.credentials_dir is not None:
             prefix = self.child_env.get("AIMESH_PREFIX", "aimesh")
             parts.append(auth.server_config(Names(prefix), auth.ensure_seeds(self.credentials_dir)))
+        if self.up.cluster is not None:
+            secret = cluster.route_secret(self.credentials_dir) if self.credentials_dir is not None else None
+            parts.append(cluster.cluster_config(self.up, secret))
         if self.pki is not None:
             block = {"cert_file": str(self.pki.cert), "key_file": str(self.pki.key), "timeout": 5}
             parts.append(f"tls: {json.dumps(block)}\n")
@@ -426,6 +434,11 @@ class Supervisor:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(path)
+
+
+def _mesh_table() -> dict[str, object]:
+    table = read_toml(config_path()).get("mesh", {})
+    return table if isinstance(table, dict) else {}
 
 
 def read_state(data_dir: str | Path) -> dict[str, object] | None:

@@ -255,7 +255,9 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True):
 class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """A trainer agent: table ``[trainer]``, variables ``AIMESH_TRAINER_*``."""
 
-    host: str = "127.0.0.1"  # the address other nodes reach this one at (rank 0's TCPStore); a pod IP on k8s
+    # The address other nodes reach this one at (rank 0's TCPStore, gloo); a pod IP on k8s.  Empty:
+    # this host's address on the route to its NATS server (127.0.0.1 when NATS is on loopback).
+    host: str = ""
     heartbeat_s: float = 1.0
     node_ttl_s: float = 5.0  # a node whose heartbeat is older than this is gone
     threads: int = 1  # torch intra-op threads per rank
@@ -314,10 +316,41 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True):
     restart_backoff_max_s: float = 30.0
     crash_loop_restarts: int = 5  # this many crashes within crash_loop_window_s is a crash loop
     crash_loop_window_s: float = 60.0
+    # A NATS cluster (docs/cluster.md): the embedded server joins cluster ``cluster`` (a name, the
+    # same on every host), listens for routes on ``cluster_port`` and dials ``routes`` (host:port
+    # of every server, the same list on each host; a host's own entry is ignored).
+    cluster: str | None = None
+    cluster_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 6222
+    routes: list[str] = []
+    server_name: str | None = None  # unique per server of a cluster; default <hostname>-<host>-<port>
 
 
 def load_up_config(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> UpConfig:
-    return load_section(UpConfig, "up", env_prefix="AIMESH_UP_", env=env, overrides=overrides)
+    up = load_section(UpConfig, "up", env_prefix="AIMESH_UP_", env=env, overrides=overrides)
+    _check_cluster(up)
+    return up
+
+
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) → (host, port); a ConfigError naming ``what`` otherwise."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host or "@" in host:
+        raise ConfigError(f"{what}: {address!r} must look like host:port")
+    return host, int(port)
+
+
+def _check_cluster(up: UpConfig) -> None:
+    if up.cluster is None:
+        if up.routes:
+            raise ConfigError("[up] routes (--routes) needs a cluster name: [up] cluster (--cluster)")
+        return
+    if not up.cluster or not all(c.isalnum() or c in "-_" for c in up.cluster):
+        raise ConfigError(f"[up] cluster (--cluster): {up.cluster!r} must be letters, digits, '-' or '_'")
+    for route in up.routes:
+        split_host_port(route, "[up] routes (--routes)")
+    if up.server_name is not None and not (up.server_name and all(c.isalnum() or c in "-_." for c in up.server_name)):
+        raise ConfigError(f"[up] server_name: {up.server_name!r} must be letters, digits, '-', '_' or '.'")
 
 
 class DurableConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -18,6 +18,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from shared.cluster import ensure_replicas
 from shared.errors import NotFound
 from shared.kv import entries, next_number
 from shared.names import (
@@ -97,9 +98,14 @@ async def aliases(kv: KeyValue, model: str) -> dict[str, str]:
     return {entry.key[len(prefix) :]: (entry.value or b"").decode() for entry in await entries(kv, prefix)}
 
 
-async def artifacts(js: JetStreamContext, names: Names, replicas: int = 1) -> ObjectStore:
+async def artifacts(js: JetStreamContext, names: Names, replicas: int = 1, *, manage: bool = True) -> ObjectStore:
+    """The artifacts object store, created with ``replicas`` if missing; an existing one with
+    fewer replicas is raised to them when ``manage`` (the identity may update it)."""
     try:
-        return await js.object_store(names.artifacts_bucket)
+        store = await js.object_store(names.artifacts_bucket)
+        if manage:
+            await ensure_replicas(js, f"OBJ_{names.artifacts_bucket}", replicas)
+        return store
     except (NotFoundError, BucketNotFoundError):
         from nats.js.api import ObjectStoreConfig, StorageType
 

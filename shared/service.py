@@ -54,12 +54,13 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared import __version__, tracing
 from shared.actor import Actor, ActorConfig, ActorCore, Call, Handler, Req
 from shared.clock import rfc3339_from_ts
+from shared.cluster import declare_stream, ensure_replicas
 from shared.config import MeshConfig
 from shared.connect import connect, wait_sent
 from shared.discovery import Discovery
@@ -323,20 +324,17 @@ class Service:
             self._actors.remove(actor)
 
     async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create the stream, or update it to ``config`` if it exists (idempotent)."""
-        if config.num_replicas is None:
-            config.num_replicas = self.config.js_replicas
-        try:
-            await self.js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != 10058:  # stream name already in use with a different config
-                raise
-            await self.js.update_stream(config)
+        """Create the stream, or update it to ``config`` if it exists (idempotent).  An existing
+        stream's replicas are raised to the configured count (data from a single server joining
+        a cluster), never lowered (a host configured with fewer does not shrink the cluster's)."""
+        await declare_stream(self.js, config, self.config.js_replicas)
 
     async def ensure_kv(self, bucket: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
         """Open the bucket, creating it (with the configured replicas) if it does not exist."""
         try:
-            return await self.js.key_value(bucket)
+            kv = await self.js.key_value(bucket)
+            await ensure_replicas(self.js, f"KV_{bucket}", self.config.js_replicas)
+            return kv
         except (NotFoundError, BucketNotFoundError):
             config = KeyValueConfig(
                 bucket=bucket, history=history, ttl=ttl_s, storage=StorageType.FILE, replicas=self.config.js_replicas

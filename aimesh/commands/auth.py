@@ -54,6 +54,7 @@ def permissions(args: argparse.Namespace) -> int:
 
 def init(args: argparse.Namespace) -> int:
     from shared import auth
+    from shared.cluster import ROUTE_SECRET_FILE, route_secret
 
     names = mesh_names(args)
     for role in args.rotate:
@@ -62,8 +63,10 @@ def init(args: argparse.Namespace) -> int:
     keys = auth.ensure_seeds(directory, rotate=args.rotate)
     config = directory / "nats-server.conf"
     auth.write_private(config, auth.server_config(names, keys).encode())
+    route_secret(directory)  # the routes' password for `aimesh up --cluster` (docs/cluster.md)
     print(f"wrote {len(keys)} identities ({', '.join(keys)}) as {directory}/<role>.nk (0600)")
     print(f"wrote the server's authorization block to {config}: `include` it in every server's config")
+    print(f"the cluster routes' secret is {directory}/{ROUTE_SECRET_FILE}: copy the folder to every host")
     if args.rotate:
         print(f"rotated {', '.join(args.rotate)}: reload the servers (nats-server --signal reload), then restart")
         print("the processes of those roles with the new seeds")

@@ -25,7 +25,8 @@ def add_up_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--credentials",
         metavar="DIR",
-        help="with --nats-url: the <role>.nk seeds `aimesh auth init` wrote (each service gets its role's)",
+        help="the <role>.nk seeds `aimesh auth init` wrote (each service gets its role's): with --nats-url, "
+        "or with --cluster (the same folder, cluster.secret included, on every host)",
     )
     p.add_argument("--host", help="the embedded nats-server's listen address (default 127.0.0.1)")
     p.add_argument(
@@ -47,11 +48,24 @@ def add_up_flags(p: argparse.ArgumentParser) -> None:
         const=False,
         help="run the embedded NATS open to any local process (debugging only; default: one identity per role)",
     )
+    p.add_argument("--cluster", metavar="NAME", help="join the embedded nats-server to NATS cluster NAME")
+    p.add_argument(
+        "--routes",
+        metavar="HOST:PORT,...",
+        type=_routes,
+        help="with --cluster: every server's route address (the same list on each host)",
+    )
+    p.add_argument("--cluster-port", type=int, help="with --cluster: the port routes come in on (default 6222)")
+    p.add_argument("--server-name", help="with --cluster: this server's unique name (default <hostname>-<host>-<port>)")
     p.add_argument(
         "--autoscale",
         action="store_true",
         help="let the metrics service scale the inference workers (policy: [autoscale] / AIMESH_AUTOSCALE_*)",
     )
+
+
+def _routes(value: str) -> list[str]:
+    return [r.strip() for r in value.split(",") if r.strip()]
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -76,7 +90,10 @@ def supervise(args: argparse.Namespace, *, demo: bool) -> int:
     from aimesh.supervisor import Supervisor
     from shared.logs import setup_logging
 
-    flags = ("data_dir", "port", "http_port", "auth", "credentials", "host", "tls", "insecure", *SERVICE_NAMES)
+    flags = (
+        *("data_dir", "port", "http_port", "auth", "credentials", "host", "tls", "insecure"),
+        *("cluster", "routes", "cluster_port", "server_name", *SERVICE_NAMES),
+    )
     overrides = {k: getattr(args, k) for k in flags}
     up = load_up_config(overrides=overrides)
     child_env = mesh_env(args)

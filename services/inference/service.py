@@ -373,7 +373,7 @@ class InferenceService(Service):
     async def _load(self, key: str, deployment: Deployment) -> None:
         try:
             version = await get_version(await registry_kv(self.js, self.names), deployment.model, deployment.version)
-            store = await artifacts(self.js, self.names, self.config.js_replicas)
+            store = await artifacts(self.js, self.names, self.config.js_replicas, manage=False)
             weights = bytes((await store.get(version.artifact)).data or b"")
             model = await asyncio.to_thread(LoadedModel, version, weights, self.config.model_packages)
         except Exception as exc:

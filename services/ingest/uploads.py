@@ -22,6 +22,7 @@ from nats.js.api import ObjectInfo, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
+from shared.cluster import ensure_replicas
 from shared.errors import BadRequest, NotFound
 from shared.names import Names
 
@@ -33,7 +34,9 @@ async def ensure_uploads(js: JetStreamContext, names: Names, replicas: int = 1) 
     """The uploads object store, created (file storage, objects kept :data:`UPLOAD_TTL_S`) if
     it does not exist."""
     try:
-        return await js.object_store(names.uploads_bucket)
+        store = await js.object_store(names.uploads_bucket)
+        await ensure_replicas(js, f"OBJ_{names.uploads_bucket}", replicas)
+        return store
     except (NotFoundError, BucketNotFoundError):
         config = ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas, ttl=UPLOAD_TTL_S)
         return await js.create_object_store(names.uploads_bucket, config)

@@ -48,6 +48,7 @@ from services.trainer import rendezvous, submission
 from shared import tracing
 from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
+from shared.cluster import route_address
 from shared.config import MeshConfig, TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
 from shared.errors import BadRequest, NotFound
@@ -86,6 +87,8 @@ class TrainerService(Service):
         return cls(config, load_trainer_config(env))
 
     async def setup(self) -> None:
+        self.address = self.trainer_config.host or self._nats_route_address()
+        log.info("advertising %s to the other trainer nodes (rank 0's store, gloo)", self.address)
         self.jobs = await self.ensure_kv(self.names.jobs_bucket, history=1)
         self.nodes = await self.ensure_kv(self.names.trainers_bucket, ttl_s=self.trainer_config.node_ttl_s)
         await self.ensure_kv(self.names.registry_bucket)
@@ -162,7 +165,7 @@ class TrainerService(Service):
         node = TrainerNode(
             instance=self.instance_id,
             host=socket.gethostname(),
-            address=self.trainer_config.host,
+            address=self.address,
             pid=os.getpid(),
             state="busy" if job else "idle",
             job=job[0] if job else "",
@@ -199,8 +202,8 @@ class TrainerService(Service):
                 case "join":
                     await self._join(job, revision)
                 case "lead":
-                    port = _free_port(self.trainer_config.host)
-                    master = f"{self.trainer_config.host}:{port}"
+                    port = _free_port(self.address)
+                    master = f"{self.address}:{port}"
                     await self._cas(job, revision, state="running", master=master)
                 case "start":
                     await self._start_child(job, job.members.index(self.instance_id))
@@ -228,6 +231,8 @@ class TrainerService(Service):
             "AIMESH_PREFIX": self.config.prefix,
             # The rank refuses factories outside this node's trusted packages, as submit does.
             "AIMESH_MODEL_PACKAGES": json.dumps(self.config.model_packages),
+            # The address this node advertised: gloo (and NCCL) listen on its interface.
+            "AIMESH_TRAINER_HOST": self.address,
         }
         args = [
             sys.executable,
@@ -326,6 +331,12 @@ class TrainerService(Service):
             except msgspec.DecodeError as exc:  # ValidationError too: another agent's version, say
                 log.warning("trainer node %s: its heartbeat cannot be read: %s", entry.key, exc)
         return out
+
+    def _nats_route_address(self) -> str:
+        url = self.nc.connected_url
+        if url is None or not url.hostname:
+            return "127.0.0.1"
+        return route_address(url.hostname, url.port or 4222)
 
 
 def _free_port(host: str) -> int:

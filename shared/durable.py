@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterable
 
 import msgspec
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -41,7 +42,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from shared.client import message_size, too_large
 from shared.config import NATS_MAX_PAYLOAD_LIMIT, DurableConfig
@@ -205,6 +206,8 @@ async def submit(
         raise too_large(what, size, limit)
     try:
         await js.publish(names.durable_request(model, version), body, headers=headers)
+    except _NOT_NOW as exc:
+        raise _not_now(what, rid, exc) from None
     except APIError as exc:
         if exc.err_code == _MESSAGE_TOO_LARGE:
             raise await _over_stream(js, names.requests_stream, what, size, "requests_max_bytes") from None
@@ -220,10 +223,27 @@ async def submit(
             msgspec.msgpack.encode(pending),
             headers={Header.MSG_ID: f"{rid}/accepted", _EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
         )
+    except _NOT_NOW as exc:  # stored, but not known as pending: the retry (deduplicated) marks it
+        raise _not_now(what, rid, exc) from None
     except APIError as exc:
         if exc.err_code != _WRONG_LAST_SEQUENCE:
             raise
     return rid
+
+
+# JetStream cannot store now (no stream leader: an election after a server left, a stream
+# that answers no one yet; or no answer in time).  Not the request's fault, and retrying the
+# same id is safe: the stream's Msg-Id window stores it once.
+_NOT_NOW = (NoStreamResponseError, ServiceUnavailableError, NatsTimeoutError)
+
+
+def _not_now(what: str, rid: str, exc: Exception) -> Unavailable:
+    reason = str(exc) or type(exc).__name__
+    return Unavailable(
+        f"{what} could not be stored now (JetStream: {reason}): retry with the same id, {rid!r}, "
+        "which is stored once however often it is sent",
+        retry_after_s=2.0,
+    )
 
 
 async def _full_reason(js: JetStreamContext, names: Names, exc: APIError) -> str:

@@ -87,7 +87,14 @@ class InternalError(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """Nothing can serve it now, and it surely did not run (or running it again is harmless):
+    safe to retry, after ``retry_after_s`` when given (the gateway's ``Retry-After``)."""
+
     code = 503
+
+    def __init__(self, description: str, retry_after_s: float | None = None) -> None:
+        super().__init__(description)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(ServiceError, TimeoutError):

@@ -15,7 +15,7 @@ from shared.client import request
 from shared.names import Names
 from shared.schemas import Deployment, DeployRequest
 from tests.helpers import ServiceProcess, eventually, oip_error, send
-from tests.mesh import register_lm, serving, start_gateway
+from tests.mesh import deploy_digits, register_lm, serving, start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -264,4 +264,26 @@ async def test_a_vanishing_temperature_is_greedy_not_a_torch_error(
         assert out["choices"][0]["text"] == greedy["choices"][0]["text"]
     status, out = await complete(-1.0)
     openai_error(status, out, 400, contains="temperature must be a finite number", param="temperature")
+    await still_serving(http, base, router)
+
+
+async def test_a_durable_request_jetstream_cannot_store_now_is_503_with_retry_after(
+    spawn: Callable[..., ServiceProcess], nats_url: str, names: Names, nc: NatsClient, http: aiohttp.ClientSession
+) -> None:
+    """No stream answers (here: deleted; on a cluster: a leader election after a server left):
+    not the client's fault and safe to retry with the same id, so a 503 that says so, not a 500."""
+    _, router, base = await start_gateway(spawn, nats_url, names)
+    await deploy_digits(nc, names)
+    await nc.jetstream().delete_stream(names.requests_stream)
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    status, out, headers = await send(
+        http,
+        "POST",
+        base,
+        "/v2/models/digits/infer",
+        json=body,
+        headers={"Prefer": "respond-async", "Idempotency-Key": "r-1"},
+    )
+    oip_error(status, out, 503, contains="retry with the same id, 'r-1'")
+    assert headers.get("Retry-After") == "2"
     await still_serving(http, base, router)

@@ -27,7 +27,7 @@ from services.router import edge, oip, openapi
 from services.router.openai import openai_error
 from shared import durable, tracing
 from shared.apikeys import KeyRing, presented_key
-from shared.errors import MeshTimeout, Overloaded, ServiceError
+from shared.errors import MeshTimeout, Overloaded, ServiceError, Unavailable
 from shared.httpserve import BODY_TIMEOUT_S, BodyTimeout, read_body, timed_out
 from shared.names import Header
 from shared.schemas import DurableResult, Feedback, Split
@@ -140,18 +140,20 @@ def gate_error(request: web.Request, exc: ServiceError | MeshTimeout) -> web.Res
     says it for OIP routes)."""
     if not is_openai(request.path):
         return from_exception(exc)
-    if isinstance(exc, Overloaded):
-        return family_error(request, 429, exc.description, {"Retry-After": str(max(1, round(exc.retry_after_s)))})
     if isinstance(exc, ServiceError):
-        return family_error(request, exc.code, exc.description)
+        return family_error(request, exc.code, exc.description, retry_after(exc))
     return family_error(request, 504, str(exc))
 
 
+def retry_after(exc: ServiceError) -> dict[str, str]:
+    """``Retry-After`` for an error that says when to come back (429, a 503 with a hint)."""
+    seconds = exc.retry_after_s if isinstance(exc, Overloaded | Unavailable) else None
+    return {"Retry-After": str(max(1, round(seconds)))} if seconds is not None else {}
+
+
 def from_exception(exc: Exception) -> web.Response:
-    if isinstance(exc, Overloaded):
-        return error(429, exc.description, {"Retry-After": str(max(1, round(exc.retry_after_s)))})
     if isinstance(exc, ServiceError):
-        return error(exc.code, exc.description)
+        return error(exc.code, exc.description, retry_after(exc))
     if isinstance(exc, MeshTimeout):
         return error(504, str(exc))
     raise exc

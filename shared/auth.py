@@ -183,6 +183,7 @@ def role_grant(names: Names, role: str) -> Grant:
     elif role == "inference":
         grant.subscribe |= {
             n.infer("*", "*"),
+            n.infer_direct_subjects,
             n.generate("*", "*"),
             n.generate_cancel_subjects,
             n.deploy,
@@ -198,6 +199,7 @@ def role_grant(names: Names, role: str) -> Grant:
         grant.subscribe.add(n.infer_routed_subjects)
         grant.publish |= {
             n.infer("*", "*"),
+            n.infer_direct_subjects,
             n.generate("*", "*"),
             n.generate_cancel_subjects,
             n.durable_subjects,

@@ -204,37 +204,53 @@ async def submit(
     limit = _bus_limit(js)
     if size > limit:
         raise too_large(what, size, limit)
-    try:
-        await js.publish(names.durable_request(model, version), body, headers=headers)
-    except _NOT_NOW as exc:
-        raise _not_now(what, rid, exc) from None
-    except APIError as exc:
-        if exc.err_code == _MESSAGE_TOO_LARGE:
-            raise await _over_stream(js, names.requests_stream, what, size, "requests_max_bytes") from None
-        if exc.err_code != _STREAM_FULL:
-            raise
-        raise Overloaded(await _full_reason(js, names, exc), retry_after_s=5.0) from None
-    pending = DurableResult(id=rid, state="pending", model=model, version=version)
-    try:
-        # Only onto an empty subject: a result already there (a resubmitted id, or a worker that
-        # answered first) stays the answer.
-        await js.publish(
-            names.result(rid),
-            msgspec.msgpack.encode(pending),
-            headers={Header.MSG_ID: f"{rid}/accepted", _EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
-        )
-    except _NOT_NOW as exc:  # stored, but not known as pending: the retry (deduplicated) marks it
-        raise _not_now(what, rid, exc) from None
-    except APIError as exc:
-        if exc.err_code != _WRONG_LAST_SEQUENCE:
-            raise
+    await _store_request(js, names, names.durable_request(model, version), body, headers, what, rid)
+    await _mark_pending(js, names, DurableResult(id=rid, state="pending", model=model, version=version), what)
     return rid
 
 
+async def _store_request(
+    js: JetStreamContext, names: Names, subject: str, body: bytes, headers: dict[str, str], what: str, rid: str
+) -> None:
+    try:
+        await js.publish(subject, body, headers=headers)
+    except APIError as exc:
+        if exc.err_code == _MESSAGE_TOO_LARGE:
+            size = message_size(body, headers)
+            raise await _over_stream(js, names.requests_stream, what, size, "requests_max_bytes") from None
+        if exc.err_code == _STREAM_FULL:  # also a 503 from JetStream, but a full queue: 429
+            raise Overloaded(await _full_reason(js, names, exc), retry_after_s=5.0) from None
+        if isinstance(exc, ServiceUnavailableError):
+            raise _not_now(what, rid, exc) from None
+        raise
+    except _NOT_NOW as exc:
+        raise _not_now(what, rid, exc) from None
+
+
+async def _mark_pending(js: JetStreamContext, names: Names, pending: DurableResult, what: str) -> None:
+    """Only onto an empty subject: a result already there (a resubmitted id, or a worker that
+    answered first) stays the answer."""
+    try:
+        await js.publish(
+            names.result(pending.id),
+            msgspec.msgpack.encode(pending),
+            headers={Header.MSG_ID: f"{pending.id}/accepted", _EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
+        )
+    except APIError as exc:
+        if exc.err_code == _WRONG_LAST_SEQUENCE:
+            return
+        if isinstance(exc, ServiceUnavailableError):  # stored, not yet marked pending: a retry does it
+            raise _not_now(what, pending.id, exc) from None
+        raise
+    except _NOT_NOW as exc:
+        raise _not_now(what, pending.id, exc) from None
+
+
 # JetStream cannot store now (no stream leader: an election after a server left, a stream
-# that answers no one yet; or no answer in time).  Not the request's fault, and retrying the
-# same id is safe: the stream's Msg-Id window stores it once.
-_NOT_NOW = (NoStreamResponseError, ServiceUnavailableError, NatsTimeoutError)
+# that answers no one yet; or no answer in time; also a ServiceUnavailableError that is not a
+# full stream).  Not the request's fault, and retrying the same id is safe: the stream's Msg-Id
+# window stores it once.
+_NOT_NOW = (NoStreamResponseError, NatsTimeoutError)
 
 
 def _not_now(what: str, rid: str, exc: Exception) -> Unavailable:

@@ -127,6 +127,15 @@ class Names:
     def infer(self, model: str, version: str) -> str:
         return f"{self.prefix}.infer.{model}.{version}"
 
+    def infer_direct(self, model: str, version: str, instance: str) -> str:
+        """One worker's own subject for ``model@version`` (no queue group): a hedge goes to a
+        worker known to answer, not to whichever the queue group picks."""
+        return f"{self.prefix}.infer.{model}.{version}.{check_token(instance, 'worker instance')}"
+
+    @property
+    def infer_direct_subjects(self) -> str:
+        return f"{self.prefix}.infer.*.*.*"
+
     def infer_routed(self, model: str) -> str:
         """Inference without a version: the router applies the model's split or deployment."""
         return f"{self.prefix}.infer.{model}"

@@ -465,6 +465,7 @@ class InferReply(Message, frozen=True, kw_only=True):
     version: str
     id: str = ""
     batch_size: int = 1  # how many requests' rows shared the forward pass that served this one
+    worker: str = ""  # the instance id of the worker that answered (a hedge may go to it directly)
 
 
 class DurableResult(Message, frozen=True, kw_only=True):
@@ -612,6 +613,8 @@ class RouteStats(Message, frozen=True, kw_only=True):
     errors: dict[str, int] = {}  # by status code
     latency_buckets: list[int] = []  # cumulative, per shared.histogram.LATENCY_BOUNDS_S then +Inf
     latency_sum_s: float = 0.0
+    hedged: int = 0  # requests sent again because the answer was late (shared/hedge.py)
+    hedges_won: int = 0  # of those, answered first by the second request
 
 
 class MetricsSnapshot(Message, frozen=True, kw_only=True):

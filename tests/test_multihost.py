@@ -366,6 +366,8 @@ async def run_scenario(hosts: Hosts, names: Names, nc: NatsClient, figures: dict
             await asyncio.gather(*clients, return_exceptions=True)
         t_end = time.monotonic()
         figures["durable"] = {"accepted": len(load.accepted), "refused": len(load.refused)}
+        # Refused only as "not now, resend with the same id" (while streams elect leaders).
+        assert all(status == 503 for _, status in load.refused), _statuses([s for _, s in load.refused])
         await eventually(lambda: _all_answered(load, http), 90, "every accepted durable request to be answered")
         figures["durable"] = {
             **figures["durable"],

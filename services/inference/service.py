@@ -403,6 +403,7 @@ class InferenceService(Service):
                 version=deployment.version,
                 id=req.id,
                 batch_size=batch_size,
+                worker=self.instance_id,
             )
 
         actor = self.add_actor(
@@ -419,7 +420,21 @@ class InferenceService(Service):
         )
         actor.extra_stats = batcher.stats
         await actor.start()
-        actors: list[Actor[Any]] = [actor, await self._durable_actor(deployment, model, batcher)]
+        # This worker's own subject, same handler and batcher: where the router sends a hedge.
+        direct = self.add_actor(
+            ActorConfig(
+                name=f"infer-{deployment.model}-{deployment.version}-direct",
+                subject=self.names.infer_direct(deployment.model, deployment.version, self.instance_id),
+                template=self.names.infer_template(),
+                queue_group=None,
+                max_concurrency=max(64, deployment.max_batch_size * 4),
+                labels={"model": deployment.model, "version": deployment.version},
+            ),
+            handle,
+            InferRequest,
+        )
+        await direct.start()
+        actors: list[Actor[Any]] = [actor, direct, await self._durable_actor(deployment, model, batcher)]
         if version.task == "lm":
             actors.append(await self._generation_actor(deployment, model))
         self._served[key] = Served(deployment, model, batcher, actors)

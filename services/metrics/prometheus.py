@@ -49,6 +49,8 @@ _HELP = {
     "aimesh_gateway_requests_total": ("counter", "Inference requests through the gateway, by served version."),
     "aimesh_gateway_errors_total": ("counter", "Gateway inference requests that ended in an error, by code."),
     "aimesh_gateway_request_duration_seconds": ("histogram", "Gateway inference latency (NATS round trip)."),
+    "aimesh_gateway_hedged_total": ("counter", "Gateway inferences sent again because the answer was late."),
+    "aimesh_gateway_hedges_won_total": ("counter", "Hedged gateway inferences the second request answered first."),
     "aimesh_queue_lag": ("gauge", "Durable messages not yet acknowledged: pending + ack pending."),
     "aimesh_queue_pending": ("gauge", "Durable messages not yet delivered to the consumer."),
     "aimesh_queue_ack_pending": ("gauge", "Durable messages delivered, not yet acknowledged."),
@@ -176,6 +178,8 @@ def _instance(out: _Out, snap: MetricsSnapshot) -> None:
     for route in snap.routes:
         labels = {"instance": snap.instance, "model": route.model, "version": route.version}
         out.add("aimesh_gateway_requests_total", labels, route.requests)
+        out.add("aimesh_gateway_hedged_total", labels, route.hedged)
+        out.add("aimesh_gateway_hedges_won_total", labels, route.hedges_won)
         for code, count in sorted(route.errors.items()):
             out.add("aimesh_gateway_errors_total", {**labels, "code": code}, count)
         if len(route.latency_buckets) == len(LATENCY_BOUNDS_S) + 1:

@@ -12,8 +12,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, Protocol, Self, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Hashable, Mapping
+from typing import Any, Protocol, Self, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -35,6 +35,7 @@ from shared.datasets import get_manifest
 from shared.discovery import discover
 from shared.errors import ConfigError, MeshTimeout, NotFound, ServiceError, Unavailable
 from shared.experiments import delete_split, put_split
+from shared.hedge import Hedger, Responders
 from shared.httpserve import serve_app
 from shared.names import deploy_keys, split_keys
 from shared.registry import get_version, registry_kv
@@ -93,6 +94,11 @@ class RouterService(Service):
         self._manifests: dict[str, DatasetManifest] = {}  # by NAME@VERSION
         self._mirror_slots = asyncio.Semaphore(64)
         self.coalescer = Coalescer()
+        self._responders = Responders()
+        self.hedger = Hedger(
+            budget=self.router_config.hedge_budget,
+            on_hedge=self._count_hedge,
+        )
         self.mirrors_sent = 0
         self.mirrors_dropped = 0
 
@@ -264,9 +270,32 @@ class RouterService(Service):
         if route.split is not None:
             for mirror in mirrors_for(route.split):
                 self._mirror(model, mirror, req, timeout_s)
-        return await self._counted(
-            model, route, req.id, infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
-        )
+        return await self._counted(model, route, req.id, self._hedged(model, route, req, timeout_s))
+
+    def _count_hedge(self, key: Hashable, won: bool) -> None:
+        model, version = cast(tuple[str, str], key)  # the key _hedged gives the hedger
+        self.counters.record_hedge(model, version, won)
+
+    def _hedged(self, model: str, route: Route, req: InferRequest, timeout_s: float) -> Awaitable[InferReply]:
+        """One inference on ``route``, sent again when its answer is late (shared/hedge.py);
+        every attempt ends by the same deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        async def attempt(n: int) -> InferReply:
+            left = max(0.001, deadline - loop.time())
+            worker = self._responders.pick(model, route.version, n) if n else None
+            if worker is None:  # the first attempt, or no worker known: the queue group picks
+                reply = await infer_with_fallback(self.nc, self.names, model, route, req, left)
+            else:
+                subject = self.names.infer_direct(model, route.version, worker)
+                reply = await request(
+                    self.nc, subject, req, InferReply, timeout_s=left, template=self.names.infer_template()
+                )
+            self._responders.answered(model, reply.version, reply.worker)
+            return reply
+
+        return self.hedger.run((model, route.version), attempt)
 
     async def submit_durable(
         self,
@@ -306,7 +335,7 @@ class RouterService(Service):
 
         async def send(batch: dict[str, np.ndarray]) -> Served:
             req = InferRequest(inputs={k: to_wire(v) for k, v in batch.items()}, id=request_id)
-            reply = await infer_with_fallback(self.nc, self.names, model, route, req, timeout_s)
+            reply = await self._hedged(model, route, req, timeout_s)
             return Served(reply.version, {k: from_wire(t, k) for k, t in reply.outputs.items()})
 
         if self.router_config.coalesce:

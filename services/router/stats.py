@@ -57,6 +57,8 @@ class _Route:
     requests: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    hedged: int = 0
+    hedges_won: int = 0
 
 
 class RouteCounters:
@@ -70,14 +72,28 @@ class RouteCounters:
     def record(self, model: str, version: str, code: int, latency_s: float) -> None:
         if self._deployed is not None:
             model, version = route_labels(model, version, self._deployed())
-        route = self._routes.get((model, version))
-        if route is None:
-            route = self._routes[(model, version)] = _Route()
+        route = self._route(model, version)
         route.requests += 1
         if code >= 400:
             key = str(code)
             route.errors[key] = route.errors.get(key, 0) + 1
         route.latency.observe_ns(int(latency_s * 1e9))
+
+    def record_hedge(self, model: str, version: str, won: bool) -> None:
+        """A hedge sent for ``model@version`` (``won`` False), or one that answered first."""
+        if self._deployed is not None:
+            model, version = route_labels(model, version, self._deployed())
+        route = self._route(model, version)
+        if won:
+            route.hedges_won += 1
+        else:
+            route.hedged += 1
+
+    def _route(self, model: str, version: str) -> _Route:
+        route = self._routes.get((model, version))
+        if route is None:
+            route = self._routes[(model, version)] = _Route()
+        return route
 
     def stats(self) -> list[RouteStats]:
         return [
@@ -88,6 +104,8 @@ class RouteCounters:
                 errors=dict(r.errors),
                 latency_buckets=r.latency.cumulative(),
                 latency_sum_s=r.latency.sum_ns / 1e9,
+                hedged=r.hedged,
+                hedges_won=r.hedges_won,
             )
             for (model, version), r in sorted(self._routes.items())
         ]

@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Iterable
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -42,7 +41,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from shared.client import message_size, too_large
 from shared.config import NATS_MAX_PAYLOAD_LIMIT, DurableConfig
@@ -220,7 +219,7 @@ async def _store_request(
             raise await _over_stream(js, names.requests_stream, what, size, "requests_max_bytes") from None
         if exc.err_code == _STREAM_FULL:  # also a 503 from JetStream, but a full queue: 429
             raise Overloaded(await _full_reason(js, names, exc), retry_after_s=5.0) from None
-        if isinstance(exc, ServiceUnavailableError):
+        if (exc.code or 0) >= 500:  # no leader, no quorum, stream offline: JetStream's own state
             raise _not_now(what, rid, exc) from None
         raise
     except _NOT_NOW as exc:
@@ -239,7 +238,7 @@ async def _mark_pending(js: JetStreamContext, names: Names, pending: DurableResu
     except APIError as exc:
         if exc.err_code == _WRONG_LAST_SEQUENCE:
             return
-        if isinstance(exc, ServiceUnavailableError):  # stored, not yet marked pending: a retry does it
+        if (exc.code or 0) >= 500:  # stored, not yet marked pending: a retry does it
             raise _not_now(what, pending.id, exc) from None
         raise
     except _NOT_NOW as exc:
@@ -247,10 +246,10 @@ async def _mark_pending(js: JetStreamContext, names: Names, pending: DurableResu
 
 
 # JetStream cannot store now (no stream leader: an election after a server left, a stream
-# that answers no one yet; or no answer in time; also a ServiceUnavailableError that is not a
-# full stream).  Not the request's fault, and retrying the same id is safe: the stream's Msg-Id
-# window stores it once.
-_NOT_NOW = (NoStreamResponseError, NatsTimeoutError)
+# that answers no one yet; no answer in time; and any 5xx JetStream error but a full stream).
+# Not the request's fault, and retrying the same id is safe: the stream's Msg-Id window stores
+# it once.
+_NOT_NOW = (NoStreamResponseError, TimeoutError)
 
 
 def _not_now(what: str, rid: str, exc: Exception) -> Unavailable:

@@ -55,7 +55,9 @@ _result = msgspec.msgpack.Decoder(DurableResult)
 _deployment = msgspec.json.Decoder(Deployment)
 RESULT_TTL_S = 24 * 3600  # the default of DurableConfig.results_max_age_s
 _STREAM_FULL = 10077  # JetStream: the stream's limits refuse the message (discard policy new)
-_WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence did not hold
+# JetStream: Nats-Expected-Last-Subject-Sequence did not hold (10164 is what a clustered stream
+# answers, seen while a stream's replicas catch up after a partition).
+_WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 _MESSAGE_TOO_LARGE = 10054  # JetStream: the message is over the stream's max_msg_size
 _EXPECTED_LAST_SUBJECT_SEQUENCE = Header.EXPECTED_LAST_SUBJECT_SEQUENCE
 
@@ -236,7 +238,7 @@ async def _mark_pending(js: JetStreamContext, names: Names, pending: DurableResu
             headers={Header.MSG_ID: f"{pending.id}/accepted", _EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
         )
     except APIError as exc:
-        if exc.err_code == _WRONG_LAST_SEQUENCE:
+        if exc.err_code in _WRONG_LAST_SEQUENCE:
             return
         if (exc.code or 0) >= 500:  # stored, not yet marked pending: a retry does it
             raise _not_now(what, pending.id, exc) from None

@@ -366,8 +366,6 @@ async def run_scenario(hosts: Hosts, names: Names, nc: NatsClient, figures: dict
             await asyncio.gather(*clients, return_exceptions=True)
         t_end = time.monotonic()
         figures["durable"] = {"accepted": len(load.accepted), "refused": len(load.refused)}
-        # Refused only as "not now, resend with the same id" (while streams elect leaders).
-        assert all(status == 503 for _, status in load.refused), _statuses([s for _, s in load.refused])
         await eventually(lambda: _all_answered(load, http), 90, "every accepted durable request to be answered")
         figures["durable"] = {
             **figures["durable"],
@@ -454,6 +452,8 @@ async def _phases(
         "durable_refused_after_kill": _statuses([s for t, s in load.refused if t >= t_kill]),
         "durable_refused_until_s_after_kill": round(load.refused_until(t_kill), 2),
     }
+    # Refused only as "not now, resend with the same id" (while streams elect leaders).
+    assert all(status == 503 for _, status in load.refused), _statuses([s for _, s in load.refused])
     figures["sync_total"] = len(load.sync)
     assert steady_failed == 0, f"{steady_failed} synchronous requests failed before any fault"
     # A synchronous request fails only when it was in flight on h2 at the kill (sent before it).

@@ -19,6 +19,8 @@ surely never ran, and the caller's fallback resends it at once (``shared.client`
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -167,18 +169,24 @@ async def _last(tasks: list[asyncio.Task[T]]) -> T:
 
 
 class Responders:
-    """The workers that answered most recently, per (model, version): where hedges go."""
+    """The workers that answered most recently, per (model, version), and whether one of them is
+    suspected of stalling (a hedge answered first lately): where hedges go and, while a stall
+    is suspected, where first attempts go instead of the queue group (which would keep giving
+    the stalled worker its share)."""
 
-    def __init__(self, keep: int = 8) -> None:
+    def __init__(self, keep: int = 8, suspect_s: float = 2.0, fresh_s: float = 0.5) -> None:
         self.keep = keep
-        self._recent: dict[tuple[str, str], dict[str, None]] = {}  # insertion order: oldest first
+        self.suspect_s = suspect_s
+        self.fresh_s = fresh_s
+        self._recent: dict[tuple[str, str], dict[str, float]] = {}  # worker → when; oldest first
+        self._suspect_until: dict[tuple[str, str], float] = {}
 
     def answered(self, model: str, version: str, worker: str) -> None:
         if not worker:
             return
         recent = self._recent.setdefault((model, version), {})
         recent.pop(worker, None)
-        recent[worker] = None
+        recent[worker] = time.monotonic()
         if len(recent) > self.keep:
             del recent[next(iter(recent))]
 
@@ -186,3 +194,20 @@ class Responders:
         """For hedge ``n`` (1, 2, …): the n-th most recent responder, None when fewer are known."""
         recent = list(self._recent.get((model, version), ()))
         return recent[-n] if n <= len(recent) else None
+
+    def suspect(self, model: str, version: str) -> None:
+        """A hedge answered first: some worker of ``model@version`` may be stalled."""
+        self._suspect_until[(model, version)] = time.monotonic() + self.suspect_s
+
+    def first(self, model: str, version: str) -> str | None:
+        """Where a first attempt goes: None (the queue group) unless a stall is suspected, then
+        one of the workers that answered within ``fresh_s``, at random."""
+        until = self._suspect_until.get((model, version))
+        if until is None:
+            return None
+        now = time.monotonic()
+        if now > until:
+            del self._suspect_until[(model, version)]
+            return None
+        fresh = [w for w, t in self._recent.get((model, version), {}).items() if now - t <= self.fresh_s]
+        return random.choice(fresh) if fresh else None

@@ -128,6 +128,19 @@ def test_hedges_go_to_the_workers_that_answered_last() -> None:
     assert responders.pick("m", "2", 1) is None
 
 
+def test_while_a_stall_is_suspected_first_attempts_go_to_fresh_responders() -> None:
+    responders = Responders(suspect_s=60, fresh_s=0.05)
+    responders.answered("m", "1", "stalled")
+    time.sleep(0.06)  # it answers no more
+    responders.answered("m", "1", "healthy")
+    assert responders.first("m", "1") is None  # nothing suspected: the queue group picks
+    responders.suspect("m", "1")
+    assert {responders.first("m", "1") for _ in range(20)} == {"healthy"}
+    assert responders.first("m", "2") is None
+    time.sleep(0.06)
+    assert responders.first("m", "1") is None  # none fresh: the queue group again
+
+
 # -- through a real router and two workers ------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(180)

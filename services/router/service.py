@@ -272,9 +272,23 @@ class RouterService(Service):
                 self._mirror(model, mirror, req, timeout_s)
         return await self._counted(model, route, req.id, self._hedged(model, route, req, timeout_s))
 
+    async def _direct(
+        self, model: str, version: str, worker: str, req: InferRequest, timeout_s: float
+    ) -> InferReply | None:
+        """``req`` to one worker's own subject; None when that worker is gone (no responders)."""
+        subject = self.names.infer_direct(model, version, worker)
+        try:
+            return await request(
+                self.nc, subject, req, InferReply, timeout_s=timeout_s, template=self.names.infer_template()
+            )
+        except Unavailable:
+            return None
+
     def _count_hedge(self, key: Hashable, won: bool) -> None:
         model, version = cast(tuple[str, str], key)  # the key _hedged gives the hedger
         self.counters.record_hedge(model, version, won)
+        if won:
+            self._responders.suspect(model, version)
 
     def _hedged(self, model: str, route: Route, req: InferRequest, timeout_s: float) -> Awaitable[InferReply]:
         """One inference on ``route``, sent again when its answer is late (shared/hedge.py);
@@ -284,14 +298,12 @@ class RouterService(Service):
 
         async def attempt(n: int) -> InferReply:
             left = max(0.001, deadline - loop.time())
-            worker = self._responders.pick(model, route.version, n) if n else None
-            if worker is None:  # the first attempt, or no worker known: the queue group picks
+            worker = (
+                self._responders.pick(model, route.version, n) if n else self._responders.first(model, route.version)
+            )
+            reply = await self._direct(model, route.version, worker, req, left) if worker else None
+            if reply is None:  # no worker named, or it is gone: the queue group picks one
                 reply = await infer_with_fallback(self.nc, self.names, model, route, req, left)
-            else:
-                subject = self.names.infer_direct(model, route.version, worker)
-                reply = await request(
-                    self.nc, subject, req, InferReply, timeout_s=left, template=self.names.infer_template()
-                )
             self._responders.answered(model, reply.version, reply.worker)
             return reply
 

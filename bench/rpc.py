@@ -14,6 +14,9 @@ One responder process and one requester process per row, on a fresh embedded nat
   unsampled fast path;
 - ``actor, tracing every message``: every message recorded as a span (sample ratio 1, no
   exporter): the cost of the SDK's span objects themselves;
+- ``actor + aimesh client, tracing off``: the tracing-off responder called through
+  ``shared.client.request`` with tracing off on both sides: what the typed client path (deadline
+  header, typed errors, msgspec) costs over ``nc.request``;
 - ``actor + aimesh client``: the default-tracing responder, called through ``shared.client.request``
   (CLIENT span, traceparent and deadline headers, typed errors) instead of raw ``nc.request``.
   The requester's tracer records every root (``setup_tracing``'s ratio of 1), so each
@@ -150,6 +153,7 @@ MODES = [
     ("actor, tracing off", "actor", "off", "raw"),
     ("actor, tracing default", "actor", "default", "raw"),
     ("actor, tracing every message", "actor", "all", "raw"),
+    ("actor + aimesh client, tracing off", "actor", "off", "aimesh"),
     ("actor + aimesh client, tracing default", "actor", "default", "aimesh"),
 ]
 

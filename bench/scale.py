@@ -324,6 +324,10 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     return lines + ["| " + " | ".join(table_row(r)) + " |" for r in results]
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def saturation(results: list[dict[str, Any]]) -> list[str]:
     """Per router count: the best throughput, and the first N below SATURATED of the ideal."""
     lines = []
@@ -332,14 +336,14 @@ def saturation(results: list[dict[str, Any]]) -> list[str]:
         best = max(rows, key=lambda r: r["rps"])
         below = next((r for r in rows if r["rps"] < SATURATED * r["ideal"]), None)
         where = (
-            f"first below {SATURATED:.0%} of the ideal at {below['workers']} workers "
+            f"first below {SATURATED:.0%} of the ideal at {plural(below['workers'], 'worker')} "
             f"({below['rps']:,.0f} of {below['ideal']:,.0f} req/s, "
             f"busiest router at {below['router_core']:.0%} of a core)"
             if below
             else f"every point within {SATURATED:.0%} of the ideal"
         )
         lines.append(
-            f"- {routers} router(s): best {best['rps']:,.0f} req/s at {best['workers']} workers "
+            f"- {plural(routers, 'router')}: best {best['rps']:,.0f} req/s at {plural(best['workers'], 'worker')} "
             f"(busiest router at {best['router_core']:.0%} of a core); {where}"
         )
     return lines

@@ -244,21 +244,23 @@ async def wait_workers(nc: Any, names: Any, workers: int) -> None:
         await asyncio.sleep(0.2)
 
 
-async def deploy(nc: Any, names: Any, max_batch: int, workers: int, split: bool = False) -> str:
+async def deploy(nc: Any, names: Any, max_batch: int, workers: int, split: bool = False, model: str = "mlp") -> str:
+    """Deploy ``model`` (batch ≤ ``max_batch``, wait ≤ 2 ms); once at least ``workers`` workers
+    serve it and a router answers, that router's infer URL for it."""
     from shared.client import request
     from shared.discovery import discover
     from shared.experiments import put_split
     from shared.schemas import Deployment, DeployRequest, MicroPing, Split, Variant
 
-    await request(nc, names.deploy, DeployRequest(model="mlp", max_batch_size=max_batch, max_wait_ms=2), Deployment)
+    await request(nc, names.deploy, DeployRequest(model=model, max_batch_size=max_batch, max_wait_ms=2), Deployment)
     if split:
-        await put_split(nc.jetstream(), names, Split(model="mlp", variants=[Variant(version="1", weight=100)]))
+        await put_split(nc.jetstream(), names, Split(model=model, variants=[Variant(version="1", weight=100)]))
     while True:
         pings = await discover(nc, "PING", MicroPing, name=names.micro_name("inference"), wait_s=0.3)
         routers = await discover(nc, "PING", MicroPing, name=names.micro_name("router"), wait_s=0.3)
-        if len(pings) >= workers and all("mlp@" in p.metadata.get("serving", "") for p in pings) and routers:
+        if len(pings) >= workers and all(f"{model}@" in p.metadata.get("serving", "") for p in pings) and routers:
             await asyncio.sleep(0.5)
-            return routers[0].metadata["http"] + "/v2/models/mlp/infer"
+            return routers[0].metadata["http"] + f"/v2/models/{model}/infer"
         await asyncio.sleep(0.2)
 
 

@@ -491,15 +491,24 @@ def goals(results: dict[str, dict[int, dict[str, float]]]) -> list[str]:
 
 
 def write_doc(out: Path, header: list[str], body: list[str], chart: Path | None) -> None:
-    """The section between the markers in ``out`` replaced (appended when there are none)."""
-    section = [MARK_BEGIN, "\n\n".join(header), "", *body]  # each header line a paragraph
+    caption = "requests per second by system, at concurrency 1 and 64"
+    replace_section(out, (MARK_BEGIN, MARK_END), header, body, chart, caption, "# Performance\n")
+
+
+def replace_section(
+    out: Path, marks: tuple[str, str], header: list[str], body: list[str], chart: Path | None, caption: str, new: str
+) -> None:
+    """The section between the ``marks`` in ``out`` replaced (appended when there are none; a
+    missing file starts as ``new``): each header line a paragraph, then ``body``, then the chart."""
+    begin, end = marks
+    section = [begin, "\n\n".join(header), "", *body]
     if chart is not None:
-        section += ["", f"![requests per second by system, at concurrency 1 and 64]({chart.name})"]
-    section.append(MARK_END)
-    text = out.read_text() if out.exists() else "# Performance\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        before, rest = text.split(MARK_BEGIN, 1)
-        text = before + "\n".join(section) + rest.split(MARK_END, 1)[1]
+        section += ["", f"![{caption}]({chart.name})"]
+    section.append(end)
+    text = out.read_text() if out.exists() else new
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + "\n".join(section) + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
     out.write_text(text)

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import serve  # noqa: E402
-from bench.peers import WARMUP_S, Group, cpu_delta, cpu_sample, wait_quiet  # noqa: E402
+from bench.peers import WARMUP_S, Group, cpu_delta, cpu_sample, replace_section, wait_quiet  # noqa: E402
 
 MODEL = "sim"
 OUTPUTS = 10
@@ -392,18 +392,8 @@ def chart(results: list[dict[str, Any]], png: Path, python: str | None) -> bool:
 
 
 def write_doc(out: Path, header: list[str], body: list[str], png: Path | None) -> None:
-    """The section between the markers in ``out`` replaced (appended when there are none)."""
-    section = [MARK_BEGIN, "\n\n".join(header), "", *body]
-    if png is not None:
-        section += ["", f"![throughput and router CPU against inference workers]({png.name})"]
-    section.append(MARK_END)
-    text = out.read_text() if out.exists() else "# Scale\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        before, rest = text.split(MARK_BEGIN, 1)
-        text = before + "\n".join(section) + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
-    out.write_text(text)
+    caption = "throughput and router CPU against inference workers"
+    replace_section(out, (MARK_BEGIN, MARK_END), header, body, png, caption, "# Scale\n")
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, command: str) -> None:

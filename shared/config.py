@@ -177,7 +177,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Hedging (shared/hedge.py): an inference with no answer after its version's p95 latency is
     # sent again (the first answer wins), at most this many extra requests per request overall
     # (10 may be saved up for a burst); 0 turns it off.
-    hedge_budget: float = 0.5
+    hedge_budget: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.5
     # Slow clients: a request head (line and headers) not in within header_timeout_s of the
     # connection's opening or its previous response closes the connection; a body not in within
     # body_timeout_s is a 408 and the connection is closed.

@@ -30,6 +30,13 @@ def test_a_bad_value_names_its_source() -> None:
         load_router_config({"AIMESH_ROUTER_PORT": "eighty"})
 
 
+@pytest.mark.parametrize("value", ["nan", "-0.1", "inf", "11"])
+def test_a_hedge_budget_outside_0_to_10_is_refused(value: str) -> None:
+    """A NaN budget would compare false with every token count: hedges without bound."""
+    with pytest.raises(ConfigError, match="AIMESH_ROUTER_HEDGE_BUDGET"):
+        load_router_config({"AIMESH_ROUTER_HEDGE_BUDGET": value})
+
+
 def test_unknown_toml_keys_are_rejected(tmp_path: Path) -> None:
     toml = tmp_path / "aimesh.toml"
     toml.write_text("[up]\ntrainers = 2\n")

@@ -114,8 +114,9 @@ class Hedger:
     ) -> T:
         pending = set(tasks)
         error: BaseException | None = None
+        budget_left = True
         while pending:
-            can_hedge = len(tasks) <= self.max_hedges
+            can_hedge = budget_left and len(tasks) <= self.max_hedges
             done, pending = await asyncio.wait(
                 pending, timeout=self.delay_s(key) if can_hedge else None, return_when=asyncio.FIRST_COMPLETED
             )
@@ -127,9 +128,10 @@ class Hedger:
                 return answered[0].result()
             error = next((t.exception() for t in done), error)
             if not done and can_hedge:  # late: ask again, if the budget allows
-                if self._tokens < 1.0:
+                if self._tokens < 1.0:  # spent: wait for what was sent
                     self.stats.skipped += 1
-                    return await _last(list(pending))
+                    budget_left = False
+                    continue
                 self._tokens -= 1.0
                 self.stats.hedged += 1
                 self._tell(key, False)
@@ -152,20 +154,6 @@ class Hedger:
 
 async def _awaited(attempt: Callable[[int], Awaitable[T]], n: int) -> T:
     return await attempt(n)
-
-
-async def _last(tasks: list[asyncio.Task[T]]) -> T:
-    """The first success among ``tasks`` (no more hedges), else the last error."""
-    error: BaseException | None = None
-    pending = set(tasks)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        answered = [t for t in done if t.exception() is None]
-        if answered:
-            return answered[0].result()
-        error = next((t.exception() for t in done), error)
-    assert error is not None
-    raise error
 
 
 class Responders:

@@ -189,6 +189,16 @@ MATRIX: list[tuple[str, str, str, str]] = [
     ("metrics", "subscribe", f"{PREFIX}.infer.>", "refused"),
     ("trainer", "subscribe", f"{PREFIX}.infer.>", "refused"),
     ("router", "publish", N.infer("digits", "1"), "ok"),
+    # one worker's own subject (a hedge, or a first attempt sent past a suspect worker): the
+    # router sends, workers listen; nobody else may do either
+    ("router", "publish", N.infer_direct("digits", "1", "worker1"), "ok"),
+    ("inference", "subscribe", N.infer_direct_subjects, "ok"),
+    ("router", "subscribe", N.infer_direct_subjects, "refused"),
+    ("inference", "publish", N.infer_direct("digits", "1", "worker1"), "refused"),
+    ("metrics", "publish", N.infer_direct("digits", "1", "worker1"), "refused"),
+    ("ingest", "publish", N.infer_direct("digits", "1", "worker1"), "refused"),
+    ("trainer", "publish", N.infer_direct("digits", "1", "worker1"), "refused"),
+    ("supervisor", "subscribe", N.infer_direct_subjects, "refused"),
     # cancelling a generation: the router asks, every worker listens; nobody else does either
     ("router", "publish", N.generate_cancel("abc"), "ok"),
     ("inference", "subscribe", N.generate_cancel_subjects, "ok"),

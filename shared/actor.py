@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,10 +30,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from shared import tracing
+from shared import tracing, transient
 from shared.client import message_size, too_large
 from shared.connect import wait_sent
-from shared.errors import BadRequest, DeadlineExceeded, InternalError, Overloaded, ServiceError
+from shared.errors import BadRequest, DeadlineExceeded, InternalError, Overloaded, ServiceError, Unavailable
 from shared.histogram import LatencyHistogram
 from shared.schemas import ActorStats
 from shared.wire import deadline_ms, encode, error_headers
@@ -68,6 +69,7 @@ Handler = Callable[[Req, Call], Awaitable[Any]]
 
 DEFAULT_MAX_CONCURRENCY = 64
 DEFAULT_MAILBOX_SIZE = 256
+UNAVAILABLE_LOG_EVERY_S = 10.0
 
 
 class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +116,9 @@ class ActorCore(Generic[Req]):
         self.requests = 0
         self.errors = 0
         self.overloaded = 0
+        self.unavailable = 0  # 503s: JetStream (or what the handler needs) cannot serve now
+        self._unavailable_logged = 0  # how many of them the log has mentioned
+        self._unavailable_logged_at = -math.inf
         self.processing_ns = 0
         self.last_error = ""
         self.latency = LatencyHistogram()
@@ -177,12 +182,22 @@ class ActorCore(Generic[Req]):
             return await self._handler(request, Call(msg, deadline)), None
         except ServiceError as err:
             self._count_error(err, span)
-            if err.code >= 500:
+            if isinstance(err, Unavailable):
+                self._note_unavailable(err)
+            elif err.code >= 500:
                 log.error("%s: %s", self.name, err)
             else:  # an expected outcome for the caller, not a failure of ours
                 log.debug("%s: %s", self.name, err)
             return None, err
         except Exception as exc:
+            if transient.jetstream_not_now(exc):  # an election, a lost quorum: the caller retries
+                not_now = Unavailable(
+                    f"{self.name}: JetStream cannot serve this now ({transient.reason(exc)}); retry",
+                    retry_after_s=transient.RETRY_AFTER_S,
+                )
+                self._count_error(not_now, span)
+                self._note_unavailable(not_now)
+                return None, not_now
             failure = InternalError(f"{self.name}: internal error ({type(exc).__name__}); see the service log")
             self._count_error(failure, span)
             log.exception("%s: handler failed", self.name)
@@ -194,6 +209,16 @@ class ActorCore(Generic[Req]):
             if span is not None:
                 tracing.deactivate(token)
                 span.end()
+
+    def _note_unavailable(self, err: Unavailable) -> None:
+        """Counted always; logged at most every ``UNAVAILABLE_LOG_EVERY_S``, with how many since:
+        while a stream elects a leader every request meets it, and one line says so."""
+        self.unavailable += 1
+        now = time.monotonic()
+        if now - self._unavailable_logged_at >= UNAVAILABLE_LOG_EVERY_S:
+            since = self.unavailable - self._unavailable_logged
+            log.warning("%s: %s (%d answered 503 since the last such line)", self.name, err.description, since)
+            self._unavailable_logged, self._unavailable_logged_at = self.unavailable, now
 
     def _count_error(self, err: ServiceError, span: Any) -> None:
         self.errors += 1
@@ -209,6 +234,7 @@ class ActorCore(Generic[Req]):
             requests=self.requests,
             errors=self.errors,
             overloaded=self.overloaded,
+            unavailable=self.unavailable,
             in_flight=self._running,
             queued=queued,
             max_concurrency=self.max_concurrency,

@@ -110,6 +110,7 @@ class Discovery:
                         "in_flight": a.in_flight,
                         "queued": a.queued,
                         "overloaded": a.overloaded,
+                        "unavailable": a.unavailable,
                         "max_concurrency": a.max_concurrency,
                         "mailbox_size": a.mailbox_size,
                         "latency_buckets": a.latency_buckets,

@@ -43,6 +43,7 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
+from shared import transient
 from shared.client import message_size, too_large
 from shared.config import NATS_MAX_PAYLOAD_LIMIT, DurableConfig
 from shared.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, Unavailable
@@ -54,7 +55,6 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _result = msgspec.msgpack.Decoder(DurableResult)
 _deployment = msgspec.json.Decoder(Deployment)
 RESULT_TTL_S = 24 * 3600  # the default of DurableConfig.results_max_age_s
-_STREAM_FULL = 10077  # JetStream: the stream's limits refuse the message (discard policy new)
 # JetStream: Nats-Expected-Last-Subject-Sequence did not hold (10164 is what a clustered stream
 # answers, seen while a stream's replicas catch up after a partition).
 _WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
@@ -219,9 +219,9 @@ async def _store_request(
         if exc.err_code == _MESSAGE_TOO_LARGE:
             size = message_size(body, headers)
             raise await _over_stream(js, names.requests_stream, what, size, "requests_max_bytes") from None
-        if exc.err_code == _STREAM_FULL:  # also a 503 from JetStream, but a full queue: 429
+        if exc.err_code == transient.STREAM_FULL:  # also a 503 from JetStream, but a full queue: 429
             raise Overloaded(await _full_reason(js, names, exc), retry_after_s=5.0) from None
-        if (exc.code or 0) >= 500:  # no leader, no quorum, stream offline: JetStream's own state
+        if transient.jetstream_not_now(exc):  # no leader, no quorum, stream offline: JetStream's own state
             raise _not_now(what, rid, exc) from None
         raise
     except _NOT_NOW as exc:
@@ -240,7 +240,7 @@ async def _mark_pending(js: JetStreamContext, names: Names, pending: DurableResu
     except APIError as exc:
         if exc.err_code in _WRONG_LAST_SEQUENCE:
             return
-        if (exc.code or 0) >= 500:  # stored, not yet marked pending: a retry does it
+        if transient.jetstream_not_now(exc):  # stored, not yet marked pending: a retry does it
             raise _not_now(what, pending.id, exc) from None
         raise
     except _NOT_NOW as exc:
@@ -255,11 +255,10 @@ _NOT_NOW = (NoStreamResponseError, TimeoutError)
 
 
 def _not_now(what: str, rid: str, exc: Exception) -> Unavailable:
-    reason = str(exc) or type(exc).__name__
     return Unavailable(
-        f"{what} could not be stored now (JetStream: {reason}): retry with the same id, {rid!r}, "
-        "which is stored once however often it is sent",
-        retry_after_s=2.0,
+        f"{what} could not be stored now (JetStream: {transient.reason(exc)}): retry with the same id, "
+        f"{rid!r}, which is stored once however often it is sent",
+        retry_after_s=transient.RETRY_AFTER_S,
     )
 
 

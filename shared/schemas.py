@@ -68,6 +68,7 @@ class ActorStats(Message, frozen=True, kw_only=True):
     mailbox_size: int
     processing_time_ns: int
     last_error: str = ""
+    unavailable: int = 0  # errors that were 503s: what the handler needs cannot serve now
     # Cumulative counts per bound of shared.histogram.LATENCY_BOUNDS_S, then +Inf.
     latency_buckets: list[int] = []
     extra: dict[str, Any] = {}  # what the actor's owner adds (e.g. batching counters)

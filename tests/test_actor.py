@@ -52,6 +52,8 @@ class GatedService(Service):
             raise RuntimeError("secret internal detail")
         if req.text == "bad":
             raise BadRequest("text must not be 'bad'")
+        if req.text == "nojs":  # a JetStream domain no server runs: what a bus without JetStream answers
+            await self.nc.jetstream(domain="absent", timeout=1).stream_info("ANY")
         async with self.entered:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
@@ -110,6 +112,23 @@ async def test_handler_exception_is_a_500_without_details_and_the_actor_lives_on
             await request(nc, svc.subject, EchoRequest(text="bad"), EchoReply)
         assert (await request(nc, svc.subject, EchoRequest(text="ok"), EchoReply)).text == "ok"
         assert svc.actor.stats().last_error.startswith("400")
+
+
+async def test_jetstream_unavailable_is_a_503_to_retry_counted_and_logged_once(
+    mesh_config: MeshConfig, nc: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with GatedService(mesh_config) as svc:
+        for _ in range(3):
+            with pytest.raises(Unavailable, match=r"echo: JetStream cannot serve this now \(.+\); retry"):
+                await request(nc, svc.subject, EchoRequest(text="nojs"), EchoReply)
+        assert (svc.actor.unavailable, svc.actor.errors) == (3, 3)
+        assert svc.actor.stats().last_error.startswith("503")
+        lines = [r for r in caplog.records if "JetStream cannot serve" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelname == "WARNING" and lines[0].exc_info is None
+        # A bug is still a 500 with its traceback in the log.
+        with pytest.raises(InternalError):
+            await request(nc, svc.subject, EchoRequest(text="boom"), EchoReply)
+        assert svc.actor.unavailable == 3
 
 
 async def test_concurrency_bound_is_honoured(mesh_config: MeshConfig, nc: NatsClient) -> None:

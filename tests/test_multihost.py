@@ -7,9 +7,10 @@ fourth namespace) on an address range of their own, each running `aimesh up --cl
   each host's address, not 127.0.0.1), deployed, and served from the workers on both hosts.
 - Under bounded synchronous and durable load through h1's router: h3's link goes down (the
   cluster keeps quorum on h1+h2: durable requests are accepted and answered), then up (h3's
-  worker serves again); then every process of h2, its nats-server included, is SIGKILLed: no
-  accepted durable request is lost, synchronous requests fail only when in flight at the kill,
-  and serving continues from h3.
+  worker serves again); then every process of h2, its nats-server included, is SIGKILLed while
+  a second 2-rank job trains across h2 and h3: no accepted durable request is lost, synchronous
+  requests fail only when in flight at the kill, serving continues from h3, and the training job
+  (``min_nodes=1``) re-forms on h3 alone and completes from its last checkpoint.
 
 Figures are printed (run with -s to see them).  Namespaces, links and processes are removed
 always, by the test's finally and a fixture finalizer.  Needs root and iproute2's `ip`."""
@@ -41,16 +42,52 @@ from shared.client import request
 from shared.config import MeshConfig
 from shared.connect import connect
 from shared.discovery import discover
-from shared.names import Names
-from shared.schemas import Deployment, DeployRequest, IngestRequest, MicroPing, MicroStats, TrainRequest
+from shared.errors import Unavailable
+from shared.names import Names, trainer_node_key
+from shared.schemas import (
+    Checkpoint,
+    Deployment,
+    DeployRequest,
+    IngestRequest,
+    MicroPing,
+    MicroStats,
+    TrainAccepted,
+    TrainerNode,
+    TrainJob,
+    TrainRequest,
+)
 from tests.helpers import ROOT, TEST_STREAM_LIMITS, eventually
 from tests.mesh import serving
+from tests.training import (
+    assert_resumed_from,
+    assert_trained_the_rest,
+    attempt_record,
+    checkpoint_of,
+    first_attempt_record,
+    job_record,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 IP = shutil.which("ip")
 BODY = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
 SYNC_TIMEOUT_MS = 3000
+# The job that loses h2 mid-run: elastic down to one node, long enough to be training at the kill
+# (about 25 steps an epoch), checkpoints small and not too often for a 3-replica object store.
+ELASTIC = TrainRequest(
+    model="digits-elastic",
+    dataset="digits",
+    factory="zoo.classifier:mlp",
+    kwargs={"inputs": 64, "classes": 10, "hidden": [256, 256]},
+    nodes=2,
+    min_nodes=1,
+    epochs=60,
+    batch_size=64,
+    lr=1e-3,
+    checkpoint_every=50,
+    wait_nodes_s=3,
+    collective_timeout_s=10,
+)
 
 
 def _skip_reason() -> str | None:
@@ -360,7 +397,7 @@ async def run_scenario(hosts: Hosts, names: Names, nc: NatsClient, figures: dict
         clients = [asyncio.create_task(load.sync_client(http)) for _ in range(4)]
         clients.append(asyncio.create_task(load.durable_client(http)))
         try:
-            await _phases(hosts, names, nc, http, load, figures)
+            elastic = await _phases(hosts, names, nc, http, load, figures)
         finally:
             load.stop.set()
             await asyncio.gather(*clients, return_exceptions=True)
@@ -372,6 +409,7 @@ async def run_scenario(hosts: Hosts, names: Names, nc: NatsClient, figures: dict
             "lost": 0,
             "all_answered_after_load_s": round(time.monotonic() - t_end, 1),
         }  # type: ignore[dict-item]
+    await _follow_elastic_job(nc, names, elastic, figures)
 
 
 async def _all_answered(load: Load, http: aiohttp.ClientSession) -> bool:
@@ -383,7 +421,7 @@ async def _all_answered(load: Load, http: aiohttp.ClientSession) -> bool:
 
 async def _phases(
     hosts: Hosts, names: Names, nc: NatsClient, http: aiohttp.ClientSession, load: Load, figures: dict[str, object]
-) -> None:
+) -> ElasticJob:
     # Steady: both hosts' workers serve through the queue group.
     both = await eventually(
         lambda: _counts_if(nc, names, hosts, lambda c: c.get(2, 0) > 0 and c.get(3, 0) > 0),
@@ -423,14 +461,17 @@ async def _phases(
         "durable_refused_during": _statuses([s for t, s in load.refused if t_cut <= t <= t_heal]),
         "cut_s": round(t_heal - t_cut, 1),
         "h3_recovered_after_heal_s": round(time.monotonic() - t_heal, 1),
-        "sync_failed_during": sum(1 for st, _, s in load.sync if s != 200 and st >= t_cut - SYNC_TIMEOUT_MS / 1000),
+        "sync_failed_during": _statuses(
+            [s for st, _, s in load.sync if s != 200 and st >= t_cut - SYNC_TIMEOUT_MS / 1000]
+        ),
     }
 
-    # Kill every process of h2, its nats-server included, under load.
-    await asyncio.sleep(2)
+    # Kill every process of h2, its nats-server included, under load and while a job trains on h2+h3.
+    elastic = await _start_elastic_job(nc, names, hosts)
     before = await worker_counts(nc, names, hosts)
     t_kill = time.monotonic()
     killed = hosts.kill_host(2)
+    elastic.killed_at = t_kill
     await eventually(
         lambda: _counts_if(nc, names, hosts, lambda c: c.get(3, 0) > before.get(3, 0) + 5 and 2 not in c),
         60,
@@ -459,6 +500,82 @@ async def _phases(
     # A synchronous request fails only when it was in flight on h2 at the kill (sent before it).
     assert all(f <= 0.5 for f in failed), f"requests sent after the kill failed: {failed}"
     assert len(failed) <= 4, f"{len(failed)} failed: more than the 4 clients had in flight"
+    return elastic
+
+
+@dataclass
+class ElasticJob:
+    """The job running across h2 and h3 when h2 is killed."""
+
+    job_id: str
+    members: dict[str, int]  # trainer instance → host
+    checkpoint: Checkpoint
+    killed_at: float = 0.0
+
+
+async def _start_elastic_job(nc: NatsClient, names: Names, hosts: Hosts) -> ElasticJob:
+    """Submit ``ELASTIC`` and return once it runs across h2 and h3 and has stored a checkpoint."""
+    accepted = await _submit(nc, names, ELASTIC)
+    kv = await nc.jetstream(timeout=10).key_value(names.jobs_bucket)
+
+    async def running() -> TrainJob | None:
+        job = await job_record(kv, accepted.job_id)
+        assert job.state in ("forming", "starting", "running"), (job.state, job.error)
+        return job if job.state == "running" and job.world == 2 else None
+
+    job = await eventually(running, 120, "the elastic job to run on two nodes")
+    seen = await eventually(lambda: checkpoint_of(kv, accepted.job_id), 120, "the elastic job's first checkpoint")
+    nodes = await nc.jetstream(timeout=10).key_value(names.trainers_bucket)
+    members: dict[str, int] = {}
+    for member in job.members:
+        node = msgspec.json.decode((await nodes.get(trainer_node_key(member))).value or b"", type=TrainerNode)
+        members[member] = next(i for i in hosts.ns if hosts.addr(i) == node.address)
+    assert sorted(members.values()) == [2, 3], members
+    still = await job_record(kv, accepted.job_id)
+    assert (still.state, still.attempt) == ("running", 1), "the job ended before the kill: raise ELASTIC.epochs"
+    return ElasticJob(accepted.job_id, members, seen)
+
+
+async def _submit(nc: NatsClient, names: Names, req: TrainRequest) -> TrainAccepted:
+    """Submit, resending while the trainer answers 503: a server that rejoined after the partition
+    is still catching up its streams (JetStream "temporarily unavailable"), as a client would."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return await request(nc, names.train_submit, req, TrainAccepted, timeout_s=30)
+        except Unavailable as exc:
+            print(f"train submit: {exc}")
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(2)
+
+
+async def _follow_elastic_job(nc: NatsClient, names: Names, elastic: ElasticJob, figures: dict[str, object]) -> None:
+    """The job that lost h2 re-formed on h3 alone (min_nodes=1), resumed from its checkpoint, and
+    trained what was left."""
+    kv = await nc.jetstream(timeout=10).key_value(names.jobs_bucket)
+
+    async def ended() -> TrainJob | None:
+        job = await job_record(kv, elastic.job_id)
+        return job if job.state in ("complete", "failed") else None
+
+    final = await eventually(ended, 240, "the elastic job to end")
+    figures["elastic_job"] = {
+        "state": final.state,
+        "attempts": final.attempt,
+        "world": final.world,
+        "ended_after_kill_s": round(time.monotonic() - elastic.killed_at, 1),
+        "checkpoint_seen": [elastic.checkpoint.epoch, elastic.checkpoint.step],
+        "error": final.error,
+    }
+    assert final.state == "complete", final.error
+    h3 = next(m for m, i in elastic.members.items() if i == 3)
+    assert final.world == 1 and final.members == [h3] and final.restarts >= 1, final
+    resumed = await first_attempt_record(kv, elastic.job_id, range(2, final.attempt + 1))
+    assert resumed.world == 1 and resumed.checkpoint_world == 2, resumed
+    assert_resumed_from(resumed, elastic.checkpoint)
+    assert_trained_the_rest(await attempt_record(kv, elastic.job_id, final.attempt), ELASTIC.epochs)
+    assert final.metrics["eval_accuracy"] >= 0.9, final.metrics
 
 
 async def _routes_to(http: aiohttp.ClientSession, hosts: Hosts, i: int, *, want: bool) -> bool:

@@ -104,6 +104,26 @@ def test_live_members_or_a_forming_job_change_nothing() -> None:
     assert rendezvous.lost_members(job(members=["a"]), set(), 200.0) is None  # forming: its deadline decides
 
 
+def test_a_node_is_lost_only_once_missing_from_sound_views_for_the_grace() -> None:
+    absences = rendezvous.Absences(grace_s=2.0)
+    assert absences.lost(["a", "b"], {"a"}, True, 10.0) == set()  # first missed: counting starts
+    assert absences.lost(["a", "b"], {"a"}, True, 11.9) == set()
+    assert absences.lost(["a", "b"], {"a"}, True, 12.0) == {"b"}
+    assert absences.lost(["a", "b"], {"a", "b"}, True, 12.5) == set()  # it beat again: forgotten
+    assert absences.lost(["a", "b"], {"a"}, True, 13.0) == set()
+
+
+def test_an_unsound_view_judges_no_one_and_restarts_the_count() -> None:
+    """A partition healing: the heartbeat bucket refused writes, so every heartbeat expired."""
+    absences = rendezvous.Absences(grace_s=2.0)
+    assert absences.lost(["a", "b"], set(), True, 10.0) == set()
+    assert absences.lost(["a", "b"], set(), False, 13.0) == set()  # our own beat was not stored
+    assert absences.lost(["a", "b"], None, True, 14.0) == set()  # the listing could not be read
+    assert absences.lost(["a", "b"], set(), True, 15.0) == set()  # counting again from here
+    assert absences.lost(["a", "b"], {"a"}, True, 16.0) == set()  # 1 s: not yet
+    assert absences.lost(["a", "b"], {"a"}, True, 17.0) == {"b"}
+
+
 # -- a rank exits --------------------------------------------------------------------------------------------
 def exited(j: TrainJob, *, rank: int, code: int, result: TrainResult | None, attempt: int = 1) -> Any:
     return rendezvous.rank_exited(j, attempt=attempt, rank=rank, node="a", code=code, result=result, now=200.0)

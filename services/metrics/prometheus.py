@@ -9,7 +9,7 @@ durable consumer, training progress, experiment reports and the autoscaler's sta
   ``aimesh_gpu_memory_used_bytes``;
 - per endpoint (labels service, instance, endpoint, and model/version where the actor has
   them): ``aimesh_requests_total``, ``aimesh_errors_total``, ``aimesh_overloaded_total``,
-  ``aimesh_processing_seconds_total``, ``aimesh_in_flight``, ``aimesh_queued``,
+  ``aimesh_unavailable_total``, ``aimesh_processing_seconds_total``, ``aimesh_in_flight``, ``aimesh_queued``,
   ``aimesh_request_duration_seconds`` (histogram) and the batching series;
 - per gateway route (instance, model, version): ``aimesh_gateway_requests_total``,
   ``aimesh_gateway_errors_total`` (by code), ``aimesh_gateway_request_duration_seconds``;
@@ -39,6 +39,7 @@ _HELP = {
     "aimesh_requests_total": ("counter", "Messages handled by an endpoint."),
     "aimesh_errors_total": ("counter", "Messages answered with an error (overload included)."),
     "aimesh_overloaded_total": ("counter", "Messages refused because the mailbox was full."),
+    "aimesh_unavailable_total": ("counter", "Messages answered 503: what the handler needs cannot serve now."),
     "aimesh_processing_seconds_total": ("counter", "Time spent in handlers."),
     "aimesh_in_flight": ("gauge", "Handlers running now."),
     "aimesh_queued": ("gauge", "Messages waiting in the mailbox now."),
@@ -162,6 +163,7 @@ def _instance(out: _Out, snap: MetricsSnapshot) -> None:
         out.add("aimesh_requests_total", labels, actor.requests)
         out.add("aimesh_errors_total", labels, actor.errors)
         out.add("aimesh_overloaded_total", labels, actor.overloaded)
+        out.add("aimesh_unavailable_total", labels, actor.unavailable)
         out.add("aimesh_processing_seconds_total", labels, actor.processing_time_ns / 1e9)
         out.add("aimesh_in_flight", labels, actor.in_flight)
         out.add("aimesh_queued", labels, actor.queued)

@@ -12,7 +12,10 @@ fails and the watch brings the new record, decided again.
   join that completes the set moves the job to ``starting`` with that world.
 - **deadline** (``forming`` past ``forming_deadline``): ``starting`` with the members it has if
   they are at least ``min_nodes``, else ``failed`` saying what it waited for.
-- **lost members** (``starting``/``running``, a member's heartbeat gone): regroup.
+- **lost members** (``starting``/``running``, a member's heartbeat gone): regroup.  Gone means
+  missing from every listing for ``grace_s`` while this agent's own view was sound (``Absences``):
+  when the heartbeat bucket cannot be written or read (a partition healing, a leader election),
+  every heartbeat expires at once, and that is the bus, not the nodes.
 - **a rank exits**: rank 0 that exits 0 with an ``ok`` result completes the job; a result that
   is not ``ok`` (an error a retry cannot fix: NaN loss) fails it; any other non-zero exit, or
   rank 0 exiting without a result, regroups.
@@ -23,6 +26,7 @@ fails and the watch brings the new record, decided again.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from shared.errors import BadRequest
@@ -119,6 +123,34 @@ def lost_members(job: TrainJob, alive: set[str], now: float) -> Changes | None:
     if not lost:
         return None
     return regroup(job, f"node {lost[0]} stopped sending heartbeats", now)
+
+
+class Absences:
+    """Which nodes have been missing from the heartbeat listings long enough to be called lost.
+
+    A view is sound when the listing was read and this agent's own last heartbeat was stored:
+    a bucket that refuses writes lets every heartbeat expire, the live ones included.  An unsound
+    view forgets what was counted, so absence is only ever measured on sound views, for
+    ``grace_s`` (about two heartbeats: long enough for every node to beat again once the bucket
+    is back)."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._since: dict[str, float] = {}  # node → when a sound view first missed it
+
+    def lost(self, members: Iterable[str], listed: set[str] | None, own_beat_stored: bool, now: float) -> set[str]:
+        """The ``members`` missing from every sound view for at least ``grace_s``; ``listed`` is
+        None when the listing could not be read."""
+        if listed is None or not own_beat_stored:
+            self._since.clear()
+            return set()
+        for node in listed:
+            self._since.pop(node, None)
+        lost = set()
+        for node in members:
+            if node not in listed and now - self._since.setdefault(node, now) >= self.grace_s:
+                lost.add(node)
+        return lost
 
 
 def moved_on(job: TrainJob, attempt: int) -> bool:

@@ -81,6 +81,8 @@ class TrainerService(Service):
         self._child: asyncio.subprocess.Process | None = None
         self._child_job: tuple[str, int, int] | None = None  # (job, attempt, rank)
         self._lock = asyncio.Lock()
+        self._missed_beats = 0  # heartbeats not stored in a row
+        self._absences = rendezvous.Absences(grace_s=2 * self.trainer_config.heartbeat_s)
 
     @classmethod
     def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
@@ -141,7 +143,7 @@ class TrainerService(Service):
         job_id = f"{req.model}-{int(now * 1000):x}"
         job = rendezvous.new_job(job_id, req, now, rfc3339_now(), ids[0] if ids else "")
         await self.jobs.create(job_key(job_id), _json.encode(job))
-        idle = sum(1 for n in await self._nodes() if n.state == "idle")
+        idle = sum(1 for n in await self._nodes() or [] if n.state == "idle")
         return TrainAccepted(job_id=job_id, state=job.state, nodes_available=idle)
 
     async def _resume(self, job_id: str) -> TrainAccepted:
@@ -156,7 +158,7 @@ class TrainerService(Service):
             raise BadRequest(f"job {job_id}: its record cannot be read here: {exc}") from None
         if not await self._cas(job, entry.revision or 0, **rendezvous.resume(job, time.time())):
             raise BadRequest(f"job {job_id} changed while resuming it; try again")
-        idle = sum(1 for n in await self._nodes() if n.state == "idle")
+        idle = sum(1 for n in await self._nodes() or [] if n.state == "idle")
         return TrainAccepted(job_id=job_id, state="forming", nodes_available=idle)
 
     # -- the control loop ----------------------------------------------------------------------
@@ -173,8 +175,14 @@ class TrainerService(Service):
         )
         try:
             await self.nodes.put(trainer_node_key(self.instance_id), _json.encode(node))
-        except Exception:  # NATS away: the next beat tries again
-            log.warning("heartbeat failed", exc_info=True)
+        except Exception as exc:  # NATS away, a bucket electing its leader: the next beat tries again
+            self._missed_beats += 1
+            if self._missed_beats == 1:  # one line an outage, not one a second
+                log.warning("heartbeat not stored (%s: %s); retrying every beat", type(exc).__name__, exc)
+            return
+        if self._missed_beats:
+            log.info("heartbeat stored again after %d missed", self._missed_beats)
+            self._missed_beats = 0
 
     async def _on_job(self, entry: KeyValue.Entry) -> None:
         if not entry.value:
@@ -219,8 +227,10 @@ class TrainerService(Service):
         changes = rendezvous.deadline(job, time.time())
         if changes is None and job.state in ("starting", "running"):
             # Any agent may notice: a job whose only node died has no member left to say so.
-            alive = {n.instance for n in await self._nodes()}
-            changes = rendezvous.lost_members(job, alive, time.time())
+            nodes = await self._nodes()
+            listed = None if nodes is None else {n.instance for n in nodes}
+            lost = self._absences.lost(job.members, listed, self._missed_beats == 0, time.monotonic())
+            changes = rendezvous.lost_members(job, set(job.members) - lost, time.time())
         if changes is not None:
             await self._apply(job, revision, changes)
 
@@ -318,13 +328,14 @@ class TrainerService(Service):
             await asyncio.sleep(0.1)
         return result
 
-    async def _nodes(self) -> list[TrainerNode]:
+    async def _nodes(self) -> list[TrainerNode] | None:
+        """The live heartbeats; None when the bucket cannot be read now (not: no nodes)."""
         out: list[TrainerNode] = []
         try:
             found = await entries(self.nodes)
-        except Exception as exc:  # NATS away for a moment: no nodes seen this time, as before
+        except Exception as exc:  # NATS away, the bucket electing a leader: nothing known this time
             log.debug("trainer nodes not listed: %s", exc)
-            return out
+            return None
         for entry in found:
             try:
                 out.append(_node.decode(entry.value or b""))

@@ -9,6 +9,9 @@ Ack discipline:
   so the server does not redeliver work that is still being done;
 - a handler that raises an expected client error (4xx: the message itself is bad, retrying
   cannot help) or a message that does not decode is dead-lettered at once;
+- a handler that answers 503 (``Unavailable``: JetStream electing a leader after a server died,
+  say) runs again on the same delivery after the pause it asks for, for up to
+  ``unavailable_retry_s``: the bus's trouble must not spend the message's ``max_deliver``;
 - any other failure is nak'ed with a back-off and retried, and on its ``max_deliver``-th failure
   it is dead-lettered;
 - "dead-lettered" means: republished (body and headers intact) to the dead-letter subject
@@ -20,15 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from shared import transient
 from shared.actor import ActorConfig, ActorCore, Handler, Req
-from shared.errors import ServiceError
+from shared.errors import ServiceError, Unavailable
 from shared.names import Header
+from shared.schemas import ActorStats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ class JetStreamActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_deliver: int = 5  # a message failing this many times is dead-lettered
     ack_wait_s: float = 30.0  # an unacked message is redelivered after this (kept alive while worked on)
     retry_backoff_s: float = 1.0  # a failed message is redelivered after this × its deliveries
+    unavailable_retry_s: float = 60.0  # a 503 is retried on the same delivery for this long
     fetch_timeout_s: float = 1.0
     labels: dict[str, str] = {}  # shown with the actor's stats (model, version)
 
@@ -87,6 +94,10 @@ class JetStreamActor(ActorCore[Req]):
         self.max_deliver = config.max_deliver
         self.ack_wait_s = config.ack_wait_s
         self.retry_backoff_s = config.retry_backoff_s
+        self.unavailable_retry_s = config.unavailable_retry_s
+        self.unavailable_retries = 0  # handler runs again on the same delivery after a 503
+        self.unsettled = 0  # messages neither acked nor nak'ed (redelivered after ack_wait)
+        self._fetch_failures = 0  # fetches failed in a row
         self.fetch_timeout_s = config.fetch_timeout_s
         self.dead_lettered = 0
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -94,6 +105,15 @@ class JetStreamActor(ActorCore[Req]):
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._slot_free.set()
+
+    def stats(self, queued: int = 0) -> ActorStats:
+        base = super().stats(queued)
+        counts = {
+            "dead_lettered": self.dead_lettered,
+            "unavailable_retries": self.unavailable_retries,
+            "unsettled": self.unsettled,
+        }
+        return msgspec.structs.replace(base, extra=base.extra | counts)
 
     async def start(self) -> None:
         if self._fetcher is not None:
@@ -141,12 +161,27 @@ class JetStreamActor(ActorCore[Req]):
                 continue
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a disconnect: nats-py reconnects, we retry after a pause
-                log.warning("%s: fetch failed; retrying", self.name, exc_info=True)
+            except Exception as exc:  # a disconnect, a consumer electing its leader: retry after a pause
+                self._fetch_failed(exc)
                 await asyncio.sleep(self.fetch_timeout_s)
                 continue
+            if self._fetch_failures:
+                log.info("%s: fetching again after %d failed fetches", self.name, self._fetch_failures)
+                self._fetch_failures = 0
             for msg in msgs:
                 self._spawn(self._work(msg))
+
+    def _fetch_failed(self, exc: Exception) -> None:
+        """One line an outage; a traceback only for what is not the bus's passing state."""
+        self._fetch_failures += 1
+        if self._fetch_failures > 1:
+            log.debug("%s: fetch failed again: %s", self.name, exc)
+        elif transient.jetstream_not_now(exc):
+            log.warning(
+                "%s: fetch failed (%s); retrying every %gs", self.name, transient.reason(exc), self.fetch_timeout_s
+            )
+        else:
+            log.warning("%s: fetch failed; retrying every %gs", self.name, self.fetch_timeout_s, exc_info=True)
 
     def _finished_one(self) -> None:
         super()._finished_one()
@@ -155,7 +190,7 @@ class JetStreamActor(ActorCore[Req]):
     async def _work(self, msg: Msg) -> None:
         progress = asyncio.get_running_loop().create_task(self._keep_alive(msg))
         try:
-            _, err = await self._invoke(msg)
+            err = await self._run(msg)
             progress.cancel()
             if err is None:
                 await msg.ack()
@@ -167,18 +202,42 @@ class JetStreamActor(ActorCore[Req]):
                 await self._dead_letter(msg, err, deliveries, f"failed {deliveries} times (max_deliver)")
             else:
                 await msg.nak(delay=self.retry_backoff_s * deliveries)
-        except Exception:
-            # Could not ack/nak (connection lost): the server redelivers after ack_wait.
-            log.warning("%s: could not settle a message; it will be redelivered", self.name, exc_info=True)
+        except Exception as exc:
+            # Could not ack/nak (connection lost, the consumer electing a leader): the server
+            # redelivers after ack_wait, and the work is done again (handlers are idempotent).
+            self.unsettled += 1
+            log.warning(
+                "%s: could not settle a message (%s); it will be redelivered",
+                self.name,
+                transient.reason(exc),
+                exc_info=not transient.jetstream_not_now(exc),
+            )
         finally:
             progress.cancel()
             self._finished_one()
+
+    async def _run(self, msg: Msg) -> ServiceError | None:
+        """The handler's verdict on ``msg``.  While it is 503 the handler runs again, keeping the
+        message (``_keep_alive`` holds it): up to ``unavailable_retry_s``, and not while stopping."""
+        deadline = time.monotonic() + self.unavailable_retry_s
+        while True:
+            _, err = await self._invoke(msg)
+            if not isinstance(err, Unavailable) or self._stopping.is_set():
+                return err
+            pause = err.retry_after_s or transient.RETRY_AFTER_S
+            if time.monotonic() + pause > deadline:
+                return err
+            self.unavailable_retries += 1
+            await asyncio.sleep(pause)
 
     async def _keep_alive(self, msg: Msg) -> None:
         interval = self.ack_wait_s / 3
         while True:
             await asyncio.sleep(interval)
-            await msg.in_progress()
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # the consumer's leader away: the next beat tries again
+                log.debug("%s: in_progress failed: %s", self.name, exc)
 
     async def _dead_letter(self, msg: Msg, err: ServiceError, deliveries: int, why: str) -> None:
         meta = msg.metadata

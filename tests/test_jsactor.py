@@ -10,6 +10,7 @@ from nats.js.api import RetentionPolicy, StreamConfig
 
 from shared.actor import Call
 from shared.config import MeshConfig
+from shared.errors import Unavailable
 from shared.jsactor import DLQ_CODE, DLQ_DELIVERIES, DLQ_REASON, DLQ_SUBJECT, JetStreamActorConfig
 from shared.service import Service
 from tests.apps.echo import EchoRequest
@@ -23,6 +24,7 @@ class WorkService(Service):
         super().__init__(config)
         self.calls: dict[str, int] = {}
         self.done: list[str] = []
+        self.deliveries: dict[str, int] = {}
         self.ack_wait_s = ack_wait_s
 
     @property
@@ -53,10 +55,15 @@ class WorkService(Service):
             EchoRequest,
         )
 
-    async def handle(self, req: EchoRequest, _: Call) -> None:
+    async def handle(self, req: EchoRequest, call: Call) -> None:
         self.calls[req.text] = self.calls.get(req.text, 0) + 1
+        self.deliveries[req.text] = call.msg.metadata.num_delivered or 0
         if req.text == "always-fails":
             raise RuntimeError("cannot do it")
+        if req.text == "bus-trouble" and self.calls[req.text] <= 3:
+            raise Unavailable("the results stream is electing a leader", retry_after_s=0.05)
+        if req.text == "bus-trouble" and self.calls[req.text] == 4:  # JetStream itself answering no one
+            await self.nc.jetstream(domain="absent", timeout=1).stream_info("ANY")
         if req.delay_s:
             await asyncio.sleep(req.delay_s)
         self.done.append(req.text)
@@ -106,6 +113,23 @@ async def test_failing_message_is_dead_lettered_after_max_deliver(mesh_config: M
         assert undecodable.data == b"\xc1 not msgpack"  # type: ignore[attr-defined]
         assert svc.calls["always-fails"] == 3 and svc.done == ["fine"]
         assert svc.actor.dead_lettered == 2
+
+
+async def test_a_handler_meeting_jetstream_unavailable_runs_again_on_the_same_delivery(
+    mesh_config: MeshConfig, nc: NatsClient
+) -> None:
+    """Four 503s in a row, more than max_deliver (3): the message is neither nak'ed nor
+    dead-lettered, the handler runs again after the pause each 503 asks for, and then succeeds."""
+    async with WorkService(mesh_config) as svc:
+        await nc.jetstream().publish(svc.subject, msgspec.msgpack.encode(EchoRequest(text="bus-trouble")))
+        await eventually(lambda: _true(svc.done == ["bus-trouble"]), 20, "the message done after the bus's trouble")
+        assert svc.calls["bus-trouble"] == 5 and svc.deliveries["bus-trouble"] == 1
+        assert (svc.actor.unavailable_retries, svc.actor.unavailable, svc.actor.dead_lettered) == (4, 4, 0)
+        assert svc.actor.stats().extra == {"dead_lettered": 0, "unavailable_retries": 4, "unsettled": 0}
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_long_work_is_not_redelivered(mesh_config: MeshConfig, nc: NatsClient) -> None:

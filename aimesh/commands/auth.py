@@ -71,10 +71,8 @@ def init(args: argparse.Namespace) -> int:
     ca = ensure_cluster_ca(directory)  # the routes' TLS: kept when there, added when not
     print(f"wrote {len(keys)} identities ({', '.join(keys)}) as {directory}/<role>.nk (0600)")
     print(f"wrote the server's authorization block to {config}: `include` it in every server's config")
-    print(
-        f"the cluster routes' secret is {directory}/{ROUTE_SECRET_FILE}, their TLS CA {ca} (key {CLUSTER_CA_KEY_FILE},"
-    )
-    print("0600): copy the folder to every host")
+    print(f"the cluster routes' secret is {directory}/{ROUTE_SECRET_FILE}, their CA {ca} (key {CLUSTER_CA_KEY_FILE})")
+    print("copy the folder to every host")
     if args.rotate:
         print(f"rotated {', '.join(args.rotate)}: reload the servers (nats-server --signal reload), then restart")
         print("the processes of those roles with the new seeds")

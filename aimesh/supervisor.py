@@ -169,7 +169,7 @@ class Supervisor:
 
     def _server_config_args(self) -> list[str]:
         """The embedded server's config file: its message size limit, every role's identity and
-        permissions, and TLS."""
+        permissions, the cluster (routes, their secret and TLS), and TLS."""
         check_exposure(
             "the embedded nats-server",
             self.up.host,
@@ -185,7 +185,8 @@ class Supervisor:
             parts.append(auth.server_config(Names(prefix), auth.ensure_seeds(self.credentials_dir)))
         if self.up.cluster is not None:
             secret = cluster.route_secret(self.credentials_dir) if self.credentials_dir is not None else None
-            parts.append(cluster.cluster_config(self.up, secret))
+            tls = cluster.route_tls(self.up, self.credentials_dir, self.data_dir.resolve())
+            parts.append(cluster.cluster_config(self.up, secret, tls))
         if self.pki is not None:
             block = {"cert_file": str(self.pki.cert), "key_file": str(self.pki.key), "timeout": 5}
             parts.append(f"tls: {json.dumps(block)}\n")

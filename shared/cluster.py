@@ -3,7 +3,11 @@
 - :func:`cluster_config` is the ``cluster`` block of a server's config: its name, where it
   listens for routes, the routes it dials and, when the mesh has identities, the route
   credentials (a shared secret in the identities directory, ``cluster.secret``, which travels
-  with the role seeds from host to host).
+  with the role seeds from host to host) and the routes' TLS (:func:`route_tls`).
+- Routes over TLS, certificates checked both ways: ``aimesh auth init`` makes a cluster CA
+  (:func:`ensure_cluster_ca`, next to ``cluster.secret``); each server issues itself a route
+  certificate signed by it, for its route addresses, under ``<data_dir>/cluster-tls``.  Or the
+  operator's own files (``[up] cluster_tls_cert/key/ca``).
 - :func:`cluster_size` counts the servers a routes list names (this host's own entry once);
   :func:`default_replicas` is the JetStream replica count such a cluster holds: ``min(3, size)``.
 - :func:`ensure_replicas` raises a stream's (a KV bucket's, an object store's) replica count to
@@ -20,6 +24,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from nats.errors import Error as NatsError
@@ -30,6 +35,7 @@ from nats.js.errors import Error as JetStreamError
 
 from shared.config import UpConfig, split_host_port
 from shared.errors import ConfigError
+from shared.tls import certificate_covers, issue_certificate, make_ca
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,22 @@ ROUTE_SECRET_FILE = "cluster.secret"
 ROUTE_PING_INTERVAL = "2s"
 ROUTE_PING_MAX = 3
 MAX_REPLICAS = 3  # what JetStream clusters commonly run; more costs writes and buys little
+CLUSTER_CA_FILE = "cluster-ca.pem"
+CLUSTER_CA_KEY_FILE = "cluster-ca.key"
+CLUSTER_CA_DAYS = 3650  # a CA copied to every host: renewing it means copying it again
+ROUTE_TLS_DIR = "cluster-tls"  # under the data dir: this server's route certificate and key
+ROUTE_TLS_TIMEOUT_S = 5  # the handshake's bound (nats-server's default 2 s is tight on a busy host)
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@dataclass(frozen=True)
+class RouteTls:
+    """The files of the cluster block's ``tls``: this server's route certificate and key, and
+    the CA every route's certificate must be signed by."""
+
+    cert: Path
+    key: Path
+    ca: Path
 
 
 def route_secret(directory: Path) -> str:
@@ -58,17 +80,96 @@ def route_secret(directory: Path) -> str:
     return secret
 
 
+def ensure_cluster_ca(directory: Path) -> Path:
+    """The cluster CA's certificate in the identities directory, the CA made there (its key 0600)
+    when missing; an existing one is kept, since every host's route certificate hangs on it."""
+    cert, key = directory / CLUSTER_CA_FILE, directory / CLUSTER_CA_KEY_FILE
+    if cert.is_file() != key.is_file():
+        have, lost = (cert, key) if cert.is_file() else (key, cert)
+        raise ConfigError(
+            f"{have} is there without {lost}: copy both from another host's folder, or remove {have} and "
+            f"run `aimesh auth init {directory}` for a new CA (then copy the folder to every host again)"
+        )
+    if not cert.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        make_ca(cert, key, "aimesh cluster CA", days=CLUSTER_CA_DAYS)
+    if key.stat().st_mode & 0o077:
+        raise ConfigError(f"{key} is readable by others: chmod 600 {key}")
+    return cert
+
+
+def route_tls(up: UpConfig, credentials: Path | None, data_dir: Path) -> RouteTls | None:
+    """This server's route TLS files, or None for plain routes: the operator's own files when
+    given; else a certificate from the cluster CA in ``credentials`` (issued into ``data_dir``),
+    when the CA is there or ``cluster_tls`` asks for it (an error, naming the fix, without it)."""
+    if up.cluster_tls is False:
+        return None
+    if up.cluster_tls_cert and up.cluster_tls_key and up.cluster_tls_ca:
+        return _own_route_tls(up.cluster_tls_cert, up.cluster_tls_key, up.cluster_tls_ca)
+    if credentials is not None and (credentials / CLUSTER_CA_FILE).is_file():
+        return ensure_route_certificate(up, ensure_cluster_ca(credentials), data_dir / ROUTE_TLS_DIR)
+    fix = (
+        f"run `aimesh auth init {credentials}` (it keeps the seeds and {ROUTE_SECRET_FILE}, and adds the CA), "
+        "then copy the folder to every host again"
+        if credentials is not None
+        else "make one with `aimesh auth init DIR` and pass --credentials DIR on every host"
+    )
+    if up.cluster_tls:
+        raise ConfigError(
+            f"[up] cluster_tls (--cluster-tls) needs the cluster CA ({CLUSTER_CA_FILE}) in the credentials "
+            f"folder: {fix}; or give your own files ([up] cluster_tls_cert, cluster_tls_key, cluster_tls_ca)"
+        )
+    log.warning("the routes between NATS servers are not encrypted (no cluster CA): %s", fix)
+    return None
+
+
+def ensure_route_certificate(up: UpConfig, ca: Path, directory: Path) -> RouteTls:
+    """This server's route certificate signed by the cluster CA ``ca`` (its key beside it), for
+    :func:`route_names`: kept while it covers them and has 30 days left, else issued anew."""
+    files = RouteTls(cert=directory / "route.pem", key=directory / "route.key", ca=ca)
+    names = route_names(up)
+    if not certificate_covers(files.cert, files.key, names, ca):
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        ca_key = ca.with_name(CLUSTER_CA_KEY_FILE)
+        issue_certificate(ca, ca_key, files.cert, files.key, names, common_name=server_name(up), client=True)
+        log.info("issued the route certificate %s for %s", files.cert, ", ".join(names))
+    return files
+
+
+def route_names(up: UpConfig) -> tuple[str, ...]:
+    """What peers dial this server's routes by: its listen address (unless a wildcard), the
+    entries of ``routes`` naming this host, and the server name.  A route's TLS checks the
+    dialled host against the certificate, so each must be in it."""
+    names = [] if up.host in WILDCARDS else [up.host]
+    names += [host for host, _ in _routes(up.routes) if is_local_address(host)]
+    name = server_name(up)
+    if all(c.isalnum() or c in "-." for c in name):  # a DNS name ('_' is not)
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _own_route_tls(cert: str, key: str, ca: str) -> RouteTls:
+    files = RouteTls(cert=Path(cert).resolve(), key=Path(key).resolve(), ca=Path(ca).resolve())
+    for setting, path in (("cert", files.cert), ("key", files.key), ("ca", files.ca)):
+        if not path.is_file():
+            raise ConfigError(f"[up] cluster_tls_{setting} (--cluster-tls-{setting}): no file {path}")
+    return files
+
+
 def server_name(up: UpConfig) -> str:
     """This server's name in the cluster (JetStream needs a unique, stable one per server)."""
     if up.server_name:
         return up.server_name
-    host = "any" if up.host in ("0.0.0.0", "::", "") else up.host
+    host = "any" if up.host in WILDCARDS else up.host
     raw = f"{socket.gethostname()}-{host}-{up.port}"
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw)
 
 
-def cluster_config(up: UpConfig, secret: str | None) -> str:
-    """The ``cluster`` block (nats-server config; JSON values are valid there)."""
+def cluster_config(up: UpConfig, secret: str | None, tls: RouteTls | None = None) -> str:
+    """The ``cluster`` block (nats-server config; JSON values are valid there).  With ``tls``
+    every route is TLS, both ends presenting a certificate of the CA (``verify``); the secret,
+    when there is one, is kept too: a leaked route key alone does not let a server in."""
     assert up.cluster is not None
     block: dict[str, object] = {
         "name": up.cluster,
@@ -83,6 +184,14 @@ def cluster_config(up: UpConfig, secret: str | None) -> str:
     if secret is not None:
         block["authorization"] = {"user": ROUTE_USER, "password": secret, "timeout": 5}
         credentials = f"{ROUTE_USER}:{secret}@"
+    if tls is not None:
+        block["tls"] = {
+            "cert_file": str(tls.cert),
+            "key_file": str(tls.key),
+            "ca_file": str(tls.ca),
+            "verify": True,
+            "timeout": ROUTE_TLS_TIMEOUT_S,
+        }
     if up.routes:
         block["routes"] = [f"nats-route://{credentials}{_bracket(h)}:{p}" for h, p in _routes(up.routes)]
     return f"server_name: {json.dumps(server_name(up))}\ncluster: {json.dumps(block, indent=2)}\n"

@@ -327,6 +327,14 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True):
     cluster_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 6222
     routes: list[str] = []
     server_name: str | None = None  # unique per server of a cluster; default <hostname>-<host>-<port>
+    # Routes over TLS, each end's certificate checked against the cluster CA (docs/cluster.md,
+    # "Encrypted routes").  Unset: on when the credentials folder holds the CA `aimesh auth init`
+    # makes; true: required (an error without a CA); false: plain routes.  Your own PKI: all three
+    # of cluster_tls_cert/key/ca (the certificate for server and client use, naming this host).
+    cluster_tls: bool | None = None
+    cluster_tls_cert: str | None = None
+    cluster_tls_key: str | None = None
+    cluster_tls_ca: str | None = None
 
 
 def load_up_config(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> UpConfig:
@@ -355,6 +363,17 @@ def _check_cluster(up: UpConfig) -> None:
         split_host_port(route, "[up] routes (--routes)")
     if up.server_name is not None and not (up.server_name and all(c.isalnum() or c in "-_." for c in up.server_name)):
         raise ConfigError(f"[up] server_name: {up.server_name!r} must be letters, digits, '-', '_' or '.'")
+    _check_cluster_tls(up)
+
+
+def _check_cluster_tls(up: UpConfig) -> None:
+    own = {"cert": up.cluster_tls_cert, "key": up.cluster_tls_key, "ca": up.cluster_tls_ca}
+    given = [k for k, v in own.items() if v]
+    if given and len(given) < len(own):
+        missing = ", ".join(f"cluster_tls_{k}" for k in own if k not in given)
+        raise ConfigError(f"[up] cluster_tls_{given[0]} needs the other files of your PKI too: [up] {missing}")
+    if given and up.cluster_tls is False:
+        raise ConfigError("[up] cluster_tls is false but cluster_tls_cert/key/ca are given: drop one or the other")
 
 
 class DurableConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,9 +16,13 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     auth_sub = auth.add_subparsers(dest="action", required=True, metavar="ACTION")
     init = auth_sub.add_parser(
-        "init", help="write a seed per role and the server's authorization block (nats-server.conf) into DIR"
+        "init",
+        help="write a seed per role, the server's authorization block (nats-server.conf) and the cluster's "
+        "route secret and CA into DIR (what is there is kept)",
     )
-    init.add_argument("dir", help="where to write <role>.nk (0600) and nats-server.conf")
+    init.add_argument(
+        "dir", help="where to write <role>.nk, cluster.secret, cluster-ca.key (0600), nats-server.conf, cluster-ca.pem"
+    )
     init.add_argument("--prefix", help="the mesh's subject prefix (default: aimesh)")
     init.add_argument("--rotate", action="append", default=[], metavar="ROLE", help="new seed for ROLE (repeatable)")
     perms = auth_sub.add_parser("permissions", help="print each role's publish/subscribe grants")
@@ -54,7 +58,7 @@ def permissions(args: argparse.Namespace) -> int:
 
 def init(args: argparse.Namespace) -> int:
     from shared import auth
-    from shared.cluster import ROUTE_SECRET_FILE, route_secret
+    from shared.cluster import CLUSTER_CA_KEY_FILE, ROUTE_SECRET_FILE, ensure_cluster_ca, route_secret
 
     names = mesh_names(args)
     for role in args.rotate:
@@ -64,9 +68,11 @@ def init(args: argparse.Namespace) -> int:
     config = directory / "nats-server.conf"
     auth.write_private(config, auth.server_config(names, keys).encode())
     route_secret(directory)  # the routes' password for `aimesh up --cluster` (docs/cluster.md)
+    ca = ensure_cluster_ca(directory)  # the routes' TLS: kept when there, added when not
     print(f"wrote {len(keys)} identities ({', '.join(keys)}) as {directory}/<role>.nk (0600)")
     print(f"wrote the server's authorization block to {config}: `include` it in every server's config")
-    print(f"the cluster routes' secret is {directory}/{ROUTE_SECRET_FILE}: copy the folder to every host")
+    print(f"the cluster routes' secret is {directory}/{ROUTE_SECRET_FILE}, their CA {ca} (key {CLUSTER_CA_KEY_FILE})")
+    print("copy the folder to every host")
     if args.rotate:
         print(f"rotated {', '.join(args.rotate)}: reload the servers (nats-server --signal reload), then restart")
         print("the processes of those roles with the new seeds")

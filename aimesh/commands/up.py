@@ -57,11 +57,25 @@ def add_up_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cluster-port", type=int, help="with --cluster: the port routes come in on (default 6222)")
     p.add_argument("--server-name", help="with --cluster: this server's unique name (default <hostname>-<host>-<port>)")
+    add_cluster_tls_flags(p)
     p.add_argument(
         "--autoscale",
         action="store_true",
         help="let the metrics service scale the inference workers (policy: [autoscale] / AIMESH_AUTOSCALE_*)",
     )
+
+
+def add_cluster_tls_flags(p: argparse.ArgumentParser) -> None:
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument(
+        "--cluster-tls",
+        action="store_const",
+        const=True,
+        help="with --cluster: require TLS on the routes (default: on when the credentials hold the cluster CA)",
+    )
+    tls.add_argument("--no-cluster-tls", dest="cluster_tls", action="store_const", const=False, help="plain routes")
+    for name, what in (("cert", "this server's route certificate"), ("key", "its key"), ("ca", "the routes' CA")):
+        p.add_argument(f"--cluster-tls-{name}", metavar="FILE", help=f"with --cluster, your own PKI: {what} (PEM)")
 
 
 def _routes(value: str) -> list[str]:
@@ -93,6 +107,7 @@ def supervise(args: argparse.Namespace, *, demo: bool) -> int:
     flags = (
         *("data_dir", "port", "http_port", "auth", "credentials", "host", "tls", "insecure"),
         *("cluster", "routes", "cluster_port", "server_name", *SERVICE_NAMES),
+        *("cluster_tls", "cluster_tls_cert", "cluster_tls_key", "cluster_tls_ca"),
     )
     overrides = {k: getattr(args, k) for k in flags}
     up = load_up_config(overrides=overrides)

@@ -15,6 +15,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
+WATCH_CHECK_S = 5.0  # how often a quiet watch checks that it has missed no change
 
 
 async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False, replicas: int = 1) -> KeyValue | None:
@@ -50,13 +51,20 @@ async def follow(
     apply: Callable[[KeyValue.Entry], Awaitable[None] | object],
     *,
     on_watching: Callable[[], None] | None = None,
+    check_s: float = WATCH_CHECK_S,
 ) -> None:
     """Apply every change of ``keys`` (current values first, then updates, deletes with an empty
-    value) for as long as the caller's task runs.  nats-py's watcher re-creates its consumer
-    after a NATS restart, so this keeps following (tested across a restart).  ``on_watching`` is
-    called once the watch is set up (an owner's sign that a restarted watcher recovered); setting
-    it up can raise (the bucket is gone, NATS is away), and the owner restarts it
+    value) for as long as the caller's task runs.  ``on_watching`` is called once the watch is
+    set up (an owner's sign that a restarted watcher recovered); setting it up can raise (the
+    bucket is gone, NATS is away), and the owner restarts it
     (:meth:`shared.service.Service.watch`).
+
+    nats-py's watcher re-creates its consumer after a NATS restart, but in a cluster it can go
+    blind without an error (its consumer lost with a partitioned server, and the re-creation
+    failing while the stream elects a leader: seen in tests/test_multihost.py, a trainer that
+    never saw its job start).  So every ``check_s`` the bucket's last change of ``keys`` is read;
+    one still not applied at the next check means the watch is stalled, and it is set up again
+    (current values first: ``apply`` must take a value it has seen, as every caller's does).
 
     An entry that ``apply`` cannot take (an undecodable record, say) is logged with its key and
     skipped: one bad record never ends the watch, or a service would go on reporting ready while
@@ -65,10 +73,11 @@ async def follow(
     if on_watching is not None:
         on_watching()
     task = asyncio.current_task()
+    stall = _StallCheck(kv, keys, check_s)
     try:
         while True:
             try:
-                entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+                entry = await watcher.updates(timeout=min(5.0, check_s))  # type: ignore[no-untyped-call]
             except Exception:  # a timeout, or a disconnect the watcher recovers from
                 entry = None
             # Python 3.11's wait_for (inside nats-py's watcher) can swallow a cancellation that
@@ -76,16 +85,58 @@ async def follow(
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             if entry is not None:
-                try:
-                    result = apply(entry)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    log.warning("%s: skipped %s at revision %s", entry.bucket, entry.key, entry.revision, exc_info=True)
-
+                stall.applied(entry.revision or 0)
+                await _apply(apply, entry)
+            elif await stall.stalled():
+                log.warning("%s: the watch of %s stopped getting changes; watching again", kv._stream, keys)
+                with contextlib.suppress(Exception):
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+                watcher = await kv.watch(keys)
     finally:  # cancelled (or the loop broke): the watch's subscription goes with it
         with contextlib.suppress(Exception):
             await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+async def _apply(apply: Callable[[KeyValue.Entry], Awaitable[None] | object], entry: KeyValue.Entry) -> None:
+    try:
+        result = apply(entry)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.warning("%s: skipped %s at revision %s", entry.bucket, entry.key, entry.revision, exc_info=True)
+
+
+class _StallCheck:
+    """Whether a watch missed a change: the bucket's last change of ``keys`` is newer than what
+    was applied, and still is ``check_s`` later (a change in flight arrives well within that)."""
+
+    def __init__(self, kv: KeyValue, keys: str, check_s: float) -> None:
+        self._kv = kv
+        self._subjects = f"{kv._pre}{keys}"
+        self.check_s = check_s
+        self._seen = 0  # the last revision applied
+        self._pending = 0  # a newer revision the last check found (0: none)
+        self._next = time.monotonic() + check_s
+
+    def applied(self, revision: int) -> None:
+        self._seen = max(self._seen, revision)
+
+    async def stalled(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.check_s
+        if self._pending and self._seen < self._pending:
+            self._pending = 0
+            return True
+        self._pending = 0
+        try:
+            last = await self._kv._js.get_last_msg(self._kv._stream, self._subjects)
+        except Exception:  # no such key yet, or JetStream cannot answer now: ask at the next check
+            return False
+        if (last.seq or 0) > self._seen:
+            self._pending = last.seq or 0
+        return False
 
 
 async def next_number(kv: KeyValue, key: str) -> int:

@@ -57,7 +57,7 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from shared import __version__, tracing
+from shared import __version__, tracing, transient
 from shared.actor import Actor, ActorConfig, ActorCore, Call, Handler, Req
 from shared.clock import rfc3339_from_ts
 from shared.cluster import declare_stream, ensure_replicas
@@ -327,10 +327,15 @@ class Service:
         """Create the stream, or update it to ``config`` if it exists (idempotent).  An existing
         stream's replicas are raised to the configured count (data from a single server joining
         a cluster), never lowered (a host configured with fewer does not shrink the cluster's)."""
-        await declare_stream(self.js, config, self.config.js_replicas)
+        await transient.retry_not_now(
+            f"stream {config.name}", lambda: declare_stream(self.js, config, self.config.js_replicas)
+        )
 
     async def ensure_kv(self, bucket: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
         """Open the bucket, creating it (with the configured replicas) if it does not exist."""
+        return await transient.retry_not_now(f"bucket {bucket}", lambda: self._ensure_kv(bucket, history, ttl_s))
+
+    async def _ensure_kv(self, bucket: str, history: int, ttl_s: float | None) -> KeyValue:
         try:
             kv = await self.js.key_value(bucket)
             await ensure_replicas(self.js, f"KV_{bucket}", self.config.js_replicas)

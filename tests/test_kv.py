@@ -10,6 +10,7 @@ from nats.js.kv import KeyValue
 
 from shared.kv import entries, follow, open_bucket
 from shared.names import Names
+from tests.helpers import eventually
 
 
 async def test_one_bad_entry_never_ends_the_watch(
@@ -63,3 +64,39 @@ async def test_entries_lists_every_live_key_right_after_it_is_written(nc: NatsCl
         assert "other.x" in [e.key for e in await entries(kv)]
     finally:
         await js.delete_key_value(bucket)
+
+
+async def test_a_watch_whose_consumer_vanished_follows_again(nc: NatsClient, names: Names) -> None:
+    """A cluster can lose a watch's consumer (its server cut off, then healed: seen in
+    tests/test_multihost.py) and nats-py's watcher then waits forever without an error.
+    ``follow`` checks its consumer when the watch is quiet and, once it is gone, watches again
+    (current values first, then updates): the change made while it was blind is applied."""
+    bucket = f"{names.prefix}-kvgone"
+    kv = await open_bucket(nc.jetstream(), bucket, create=True)
+    assert kv is not None
+    js = nc.jetstream()
+    seen: list[tuple[str, bytes]] = []
+
+    def apply(entry: KeyValue.Entry) -> None:
+        seen.append((entry.key, entry.value or b""))
+
+    task = asyncio.create_task(follow(kv, "job.>", apply, check_s=0.5))
+    try:
+        await kv.put("job.a", b"forming")
+        await eventually(lambda: _true(("job.a", b"forming") in seen), 10, "the first value")
+        stream = f"KV_{bucket}"
+        for name in [c.name for c in await js.consumers_info(stream)]:  # the watch's one consumer
+            await js.delete_consumer(stream, name)
+        await kv.put("job.a", b"starting")
+        # nats-py's own check re-creates the consumer after two missed heartbeats (10-20 s), when
+        # JetStream answers then; the watch's own check finds the change missed within 2 check_s.
+        await eventually(lambda: _true(("job.a", b"starting") in seen), 5, "the value put while the watch was blind")
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await js.delete_key_value(bucket)
+
+
+async def _true(value: bool) -> bool:
+    return value

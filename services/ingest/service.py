@@ -40,7 +40,7 @@ from services.ingest.sources import Source, open_source
 from services.ingest.sources.formats import FORMATS, format_for_name
 from services.ingest.uploads import ensure_uploads, fetch_upload, file_name_of, upload_info
 from services.ingest.versions import give_back
-from shared import tracing
+from shared import tracing, transient
 from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
 from shared.config import IngestConfig, MeshConfig, load_ingest_config
@@ -102,7 +102,9 @@ class IngestService(Service):
         )
         self.jobs_kv = await self.ensure_kv(names.ingest_bucket)
         self.datasets_kv = await self.ensure_kv(names.datasets_bucket)
-        self.uploads = await ensure_uploads(self.js, names, self.config.js_replicas)
+        self.uploads = await transient.retry_not_now(
+            "the uploads store", lambda: ensure_uploads(self.js, names, self.config.js_replicas)
+        )
         self.tmp_dir = Path(tempfile.mkdtemp(prefix="aimesh-ingest-"))  # 0700: uploads are copied here
         self.add_actor(
             ActorConfig(name="submit", subject=names.ingest_submit, max_concurrency=8), self.submit, IngestRequest

@@ -45,7 +45,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from services.trainer import rendezvous, submission
-from shared import tracing
+from shared import tracing, transient
 from shared.actor import ActorConfig, Call
 from shared.clock import rfc3339_now
 from shared.cluster import route_address
@@ -94,7 +94,8 @@ class TrainerService(Service):
         self.jobs = await self.ensure_kv(self.names.jobs_bucket, history=1)
         self.nodes = await self.ensure_kv(self.names.trainers_bucket, ttl_s=self.trainer_config.node_ttl_s)
         await self.ensure_kv(self.names.registry_bucket)
-        await artifacts(self.js, self.names, self.config.js_replicas)
+        replicas = self.config.js_replicas
+        await transient.retry_not_now("the artifacts store", lambda: artifacts(self.js, self.names, replicas))
         self.add_actor(
             ActorConfig(name="submit", subject=self.names.train_submit, max_concurrency=4), self.submit, TrainRequest
         )

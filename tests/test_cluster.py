@@ -148,24 +148,25 @@ def test_the_route_address_is_the_interface_toward_nats() -> None:
     assert cluster.is_local_address("127.0.0.1") and not cluster.is_local_address("192.0.2.77")
 
 
-async def test_a_loopback_cluster_with_identities_raises_a_one_replica_bucket(tmp_path: Path, names: Names) -> None:
-    """Three embedded servers, routes authenticated with the shared secret: a bucket made with
-    one replica (data from before the cluster) is raised to three at start-up."""
-    credentials = tmp_path / "auth"
-    auth.ensure_seeds(credentials)
+def loopback_cluster(
+    tmp_path: Path, names: Names, name: str, credentials: Path, extra: dict[int, dict[str, str]] | None = None
+) -> list[Supervisor]:
+    """Three embedded servers of cluster ``name`` on loopback, no services; ``extra``: more
+    ``[up]`` settings for server i."""
     cluster_ports = [free_port() for _ in range(3)]
     routes = [f"127.0.0.1:{p}" for p in cluster_ports]
-    supervisors = [
+    return [
         Supervisor(
             UpConfig(
                 **NO_SERVICES,
                 data_dir=str(tmp_path / f"h{i}"),
                 port=0,
                 http_port=0,
-                cluster="loop",
+                cluster=name,
                 cluster_port=port,
                 routes=routes,
                 server_name=f"h{i}",
+                **(extra or {}).get(i, {}),
             ),
             nats_url=None,
             child_env={"AIMESH_PREFIX": names.prefix},
@@ -174,6 +175,14 @@ async def test_a_loopback_cluster_with_identities_raises_a_one_replica_bucket(tm
         )
         for i, port in enumerate(cluster_ports)
     ]
+
+
+async def test_a_loopback_cluster_with_identities_raises_a_one_replica_bucket(tmp_path: Path, names: Names) -> None:
+    """Three embedded servers, routes authenticated with the shared secret: a bucket made with
+    one replica (data from before the cluster) is raised to three at start-up."""
+    credentials = tmp_path / "auth"
+    auth.ensure_seeds(credentials)
+    supervisors = loopback_cluster(tmp_path, names, "loop", credentials)
     stop = asyncio.Event()
     runs = [asyncio.create_task(s.run(stop)) for s in supervisors]
     try:
@@ -460,33 +469,12 @@ async def test_a_server_with_a_certificate_of_another_ca_cannot_join(tmp_path: P
         rogue / "ca.pem", rogue / "ca.key", rogue / "route.pem", rogue / "route.key", ("127.0.0.1",),
         common_name="h2", client=True,
     )  # fmt: skip
-    cluster_ports = [free_port() for _ in range(3)]
-    routes = [f"127.0.0.1:{p}" for p in cluster_ports]
     own_pki = {
         "cluster_tls_cert": str(rogue / "route.pem"),
         "cluster_tls_key": str(rogue / "route.key"),
         "cluster_tls_ca": str(creds / cluster.CLUSTER_CA_FILE),
     }
-    supervisors = [
-        Supervisor(
-            UpConfig(
-                **NO_SERVICES,
-                data_dir=str(tmp_path / f"h{i}"),
-                port=0,
-                http_port=0,
-                cluster="tlsloop",
-                cluster_port=port,
-                routes=routes,
-                server_name=f"h{i}",
-                **(own_pki if i == 2 else {}),
-            ),
-            nats_url=None,
-            child_env={"AIMESH_PREFIX": names.prefix},
-            drain_timeout_s=5.0,
-            credentials_dir=creds,
-        )
-        for i, port in enumerate(cluster_ports)
-    ]
+    supervisors = loopback_cluster(tmp_path, names, "tlsloop", creds, {2: own_pki})
     stop = asyncio.Event()
     runs = [asyncio.create_task(s.run(stop)) for s in supervisors]
     try:

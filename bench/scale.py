@@ -118,12 +118,14 @@ async def worker_rows(nc: Any, names: Any, workers: int) -> dict[str, tuple[int,
     actor = f"infer-{MODEL}-1"
     for _ in range(10):
         stats = await discover(nc, "STATS", MicroStats, name=names.micro_name("inference"), wait_s=3.0, settle_s=0.5)
-        out = {
-            s.id: (int((e.data or {}).get("batch_rows", 0)), e.num_requests, int((e.data or {}).get("batches", 0)))
-            for s in stats
-            for e in s.endpoints
-            if e.name == actor
-        }
+        out = {}
+        for s in stats:
+            for e in s.endpoints:
+                if e.name == actor:  # its batcher's rows and passes, whichever subject they came on
+                    data = e.data or {}
+                    # NATS requests on the queue group's subject and on the worker's own (hedges)
+                    direct = sum(d.num_requests for d in s.endpoints if d.name == f"{actor}-direct")
+                    out[s.id] = (int(data.get("batch_rows", 0)), e.num_requests + direct, int(data.get("batches", 0)))
         if len(out) == workers:
             return out
     raise RuntimeError(f"{len(out)} of {workers} workers answered $SRV.STATS for {actor}")

@@ -162,7 +162,10 @@ class Responders:
     is suspected, where first attempts go instead of the queue group (which would keep giving
     the stalled worker its share)."""
 
-    def __init__(self, keep: int = 8, suspect_s: float = 2.0, fresh_s: float = 0.5) -> None:
+    def __init__(self, keep: int = 1024, suspect_s: float = 2.0, fresh_s: float = 0.5) -> None:
+        """``keep``: workers remembered per version, most recent first.  It must exceed any
+        deployment's worker count: while a stall is suspected first attempts go only to the
+        workers remembered (with 8, 16 workers served at half their capacity: bench/scale.py)."""
         self.keep = keep
         self.suspect_s = suspect_s
         self.fresh_s = fresh_s

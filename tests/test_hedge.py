@@ -141,6 +141,16 @@ def test_while_a_stall_is_suspected_first_attempts_go_to_fresh_responders() -> N
     assert responders.first("m", "1") is None  # none fresh: the queue group again
 
 
+def test_while_a_stall_is_suspected_first_attempts_spread_over_every_fresh_worker() -> None:
+    """Sixteen workers answering: none is left out (a short memory of 8 once halved capacity)."""
+    responders = Responders(suspect_s=60)
+    workers = [f"w{i}" for i in range(16)]
+    for worker in workers:
+        responders.answered("m", "1", worker)
+    responders.suspect("m", "1")
+    assert {responders.first("m", "1") for _ in range(2000)} == set(workers)
+
+
 # -- through a real router and two workers ------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(180)

@@ -99,19 +99,23 @@ class Hedger:
             return await attempt(0)
         self._tokens = min(self.burst, self._tokens + self.budget)
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
         tasks = [loop.create_task(_awaited(attempt, 0))]
+        sent = [loop.time()]  # when each attempt was sent
         try:
-            result = await self._first_answer(key, attempt, tasks)
+            result, answered = await self._first_answer(key, attempt, tasks, sent)
         finally:
             for task in tasks:
                 task.cancel()
-        self._window(key).observe(loop.time() - t0)
+        # The answering attempt's own latency, not the request's: a hedged answer counted from the
+        # first send would raise the p95 that sets the delay by one delay a round while a worker
+        # stalls, until hedges come too late to help.
+        self._window(key).observe(loop.time() - sent[answered])
         return result
 
     async def _first_answer(
-        self, key: Hashable, attempt: Callable[[int], Awaitable[T]], tasks: list[asyncio.Task[T]]
-    ) -> T:
+        self, key: Hashable, attempt: Callable[[int], Awaitable[T]], tasks: list[asyncio.Task[T]], sent: list[float]
+    ) -> tuple[T, int]:
+        """The first answer and the number of the attempt that gave it."""
         pending = set(tasks)
         error: BaseException | None = None
         budget_left = True
@@ -125,7 +129,7 @@ class Hedger:
                 if answered[0] is not tasks[0]:
                     self.stats.won += 1
                     self._tell(key, True)
-                return answered[0].result()
+                return answered[0].result(), tasks.index(answered[0])
             error = next((t.exception() for t in done), error)
             if not done and can_hedge:  # late: ask again, if the budget allows
                 if self._tokens < 1.0:  # spent: wait for what was sent
@@ -137,6 +141,7 @@ class Hedger:
                 self._tell(key, False)
                 hedge = asyncio.get_running_loop().create_task(_awaited(attempt, len(tasks)))
                 tasks.append(hedge)
+                sent.append(asyncio.get_running_loop().time())
                 pending.add(hedge)
         assert error is not None
         raise error

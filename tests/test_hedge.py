@@ -114,6 +114,15 @@ async def test_the_delay_follows_the_targets_p95() -> None:
     assert window.value == pytest.approx(0.095)
 
 
+async def test_hedged_answers_do_not_raise_the_delay() -> None:
+    """A worker that never answers first attempts, hedges answered in 2 ms: the delay follows the
+    answers' own latency (about 2 ms), not the first send's (the delay plus 2 ms, growing)."""
+    hedger = Hedger(min_delay_s=0.001, max_delay_s=0.05, budget=1.0)
+    for _ in range(64):
+        assert await hedger.run("m", Workers(None, 0.002).attempt) == 1
+    assert hedger.delay_s("m") < 0.02
+
+
 async def test_hedging_off_is_one_attempt() -> None:
     hedger, workers = Hedger(budget=0, max_delay_s=0.01), Workers(0.05)
     assert await hedger.run("m", workers.attempt) == 0 and workers.started == 1

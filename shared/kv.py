@@ -59,10 +59,10 @@ async def follow(
     bucket is gone, NATS is away), and the owner restarts it
     (:meth:`shared.service.Service.watch`).
 
-    nats-py's watcher re-creates its consumer after a NATS restart, but in a cluster it can go
-    blind without an error (its consumer lost with a partitioned server, and the re-creation
-    failing while the stream elects a leader: seen in tests/test_multihost.py, a trainer that
-    never saw its job start).  So every ``check_s`` the bucket's last change of ``keys`` is read;
+    nats-py's watcher re-creates its consumer after a NATS restart, but in a cluster a watch went
+    blind without an error (tests/test_multihost.py: after a partition healed, a trainer never
+    saw its job start; likely its consumer was lost with the cut-off server and re-creating it
+    failed while the stream elected a leader).  So every ``check_s`` the bucket's last change of ``keys`` is read;
     one still not applied at the next check means the watch is stalled, and it is set up again
     (current values first: ``apply`` must take a value it has seen, as every caller's does).
 

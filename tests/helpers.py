@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 AIMESH = [sys.executable, "-m", "aimesh"]
 
 
+async def holds(value: bool) -> bool:
+    """A condition already known, as the awaitable ``eventually`` re-checks: ``lambda: holds(x in seen)``."""
+    return value
+
+
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
     """Re-run ``check`` until it returns something truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

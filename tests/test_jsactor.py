@@ -14,7 +14,7 @@ from shared.errors import Unavailable
 from shared.jsactor import DLQ_CODE, DLQ_DELIVERIES, DLQ_REASON, DLQ_SUBJECT, JetStreamActorConfig
 from shared.service import Service
 from tests.apps.echo import EchoRequest
-from tests.helpers import eventually
+from tests.helpers import eventually, holds
 
 
 class WorkService(Service):
@@ -122,14 +122,10 @@ async def test_a_handler_meeting_jetstream_unavailable_runs_again_on_the_same_de
     dead-lettered, the handler runs again after the pause each 503 asks for, and then succeeds."""
     async with WorkService(mesh_config) as svc:
         await nc.jetstream().publish(svc.subject, msgspec.msgpack.encode(EchoRequest(text="bus-trouble")))
-        await eventually(lambda: _true(svc.done == ["bus-trouble"]), 20, "the message done after the bus's trouble")
+        await eventually(lambda: holds(svc.done == ["bus-trouble"]), 20, "the message done after the bus's trouble")
         assert svc.calls["bus-trouble"] == 5 and svc.deliveries["bus-trouble"] == 1
         assert (svc.actor.unavailable_retries, svc.actor.unavailable, svc.actor.dead_lettered) == (4, 4, 0)
         assert svc.actor.stats().extra == {"dead_lettered": 0, "unavailable_retries": 4, "unsettled": 0}
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_long_work_is_not_redelivered(mesh_config: MeshConfig, nc: NatsClient) -> None:

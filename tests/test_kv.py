@@ -10,7 +10,7 @@ from nats.js.kv import KeyValue
 
 from shared.kv import entries, follow, open_bucket
 from shared.names import Names
-from tests.helpers import eventually
+from tests.helpers import eventually, holds
 
 
 async def test_one_bad_entry_never_ends_the_watch(
@@ -83,20 +83,16 @@ async def test_a_watch_whose_consumer_vanished_follows_again(nc: NatsClient, nam
     task = asyncio.create_task(follow(kv, "job.>", apply, check_s=0.5))
     try:
         await kv.put("job.a", b"forming")
-        await eventually(lambda: _true(("job.a", b"forming") in seen), 10, "the first value")
+        await eventually(lambda: holds(("job.a", b"forming") in seen), 10, "the first value")
         stream = f"KV_{bucket}"
         for name in [c.name for c in await js.consumers_info(stream)]:  # the watch's one consumer
             await js.delete_consumer(stream, name)
         await kv.put("job.a", b"starting")
         # nats-py's own check re-creates the consumer after two missed heartbeats (10-20 s), when
         # JetStream answers then; the watch's own check finds the change missed within 2 check_s.
-        await eventually(lambda: _true(("job.a", b"starting") in seen), 5, "the value put while the watch was blind")
+        await eventually(lambda: holds(("job.a", b"starting") in seen), 5, "the value put while the watch was blind")
         assert not task.done()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await js.delete_key_value(bucket)
-
-
-async def _true(value: bool) -> bool:
-    return value

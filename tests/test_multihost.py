@@ -58,7 +58,7 @@ from shared.schemas import (
     TrainJob,
     TrainRequest,
 )
-from tests.helpers import ROOT, TEST_STREAM_LIMITS, eventually
+from tests.helpers import ROOT, TEST_STREAM_LIMITS, eventually, holds
 from tests.mesh import serving
 from tests.training import (
     assert_resumed_from,
@@ -446,7 +446,7 @@ async def _phases(
     route_closed_s = time.monotonic() - t_cut
     await asyncio.sleep(max(0.0, 5 - route_closed_s))  # at least 5 s cut off
     await eventually(
-        lambda: _true(load.durable_flowing()), 45, "durable requests to be accepted on h1+h2 while h3 is cut off"
+        lambda: holds(load.durable_flowing()), 45, "durable requests to be accepted on h1+h2 while h3 is cut off"
     )
     hosts.link(3, up=True)
     t_heal = time.monotonic()
@@ -486,7 +486,7 @@ async def _phases(
     # The streams whose leader was on h2 elect one on h1 or h3 (raft: seconds); until then the
     # router cannot queue durable requests (refused, never accepted and lost).
     await asyncio.sleep(1.5)
-    await eventually(lambda: _true(load.durable_flowing()), 45, "durable requests to be accepted again after the kill")
+    await eventually(lambda: holds(load.durable_flowing()), 45, "durable requests to be accepted again after the kill")
     after_kill = [(st, s) for st, _, s in load.sync if st >= t_kill - SYNC_TIMEOUT_MS / 1000]
     failed = [st - t_kill for st, s in after_kill if s != 200]
     figures["kill_h2"] = {
@@ -611,10 +611,6 @@ async def _routes_to(http: aiohttp.ClientSession, hosts: Hosts, i: int, *, want:
         routes = (await resp.json()).get("routes") or []
     present = any(r.get("ip") == hosts.addr(i) or r.get("remote_name") == f"h{i}" for r in routes)
     return present == want
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def _statuses(statuses: list[int]) -> dict[str, int]:

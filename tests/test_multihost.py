@@ -309,7 +309,6 @@ def start_mesh(hosts: Hosts, prefix: str, credentials: Path) -> None:
         "AIMESH_ROUTER_PORT": "8080",
         "AIMESH_ROUTER_INSECURE": "true",
         "AIMESH_INFERENCE_DURABLE_ACK_WAIT_S": "2",
-        "AIMESH_TRAINER_NODE_TTL_S": "3",
         "AIMESH_TRAINER_THREADS": "1",
     }
     routes = ",".join(f"{hosts.addr(i)}:6222" for i in hosts.ns)

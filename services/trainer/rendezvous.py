@@ -131,8 +131,8 @@ class Absences:
     A view is sound when the listing was read and this agent's own last heartbeat was stored:
     a bucket that refuses writes lets every heartbeat expire, the live ones included.  An unsound
     view forgets what was counted, so absence is only ever measured on sound views, for
-    ``grace_s`` (about two heartbeats: long enough for every node to beat again once the bucket
-    is back)."""
+    ``grace_s`` (a node TTL or two heartbeats, whichever is longer: long enough for every node to
+    beat again once the bucket is back)."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s

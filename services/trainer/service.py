@@ -73,6 +73,7 @@ class TrainerService(Service):
 
     jobs: KeyValue
     nodes: KeyValue
+    _beats: KeyValue  # the same bucket, with a heartbeat-long ack timeout
 
     def __init__(self, config: MeshConfig, trainer: TrainerConfig | None = None) -> None:
         super().__init__(config)
@@ -82,7 +83,11 @@ class TrainerService(Service):
         self._child_job: tuple[str, int, int] | None = None  # (job, attempt, rank)
         self._lock = asyncio.Lock()
         self._missed_beats = 0  # heartbeats not stored in a row
-        self._absences = rendezvous.Absences(grace_s=2 * self.trainer_config.heartbeat_s)
+        # Missing from the listings for a whole TTL more (a node is listed until its last beat is
+        # a TTL old): a bucket that refuses one node's writes for seconds after a partition heals
+        # must not regroup a job whose ranks are all alive.
+        trainer = self.trainer_config
+        self._absences = rendezvous.Absences(grace_s=max(2 * trainer.heartbeat_s, trainer.node_ttl_s))
 
     @classmethod
     def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> Self:
@@ -93,6 +98,10 @@ class TrainerService(Service):
         log.info("advertising %s to the other trainer nodes (rank 0's store, gloo)", self.address)
         self.jobs = await self.ensure_kv(self.names.jobs_bucket, history=1)
         self.nodes = await self.ensure_kv(self.names.trainers_bucket, ttl_s=self.trainer_config.node_ttl_s)
+        # Beats wait a heartbeat for their ack, not JetStream's 5 s: a put stuck on a bucket that is
+        # electing its leader must not hold back the beats that would be stored once it has one.
+        beat_timeout_s = max(self.trainer_config.heartbeat_s, 0.5)
+        self._beats = await self.nc.jetstream(timeout=beat_timeout_s).key_value(self.names.trainers_bucket)
         await self.ensure_kv(self.names.registry_bucket)
         replicas = self.config.js_replicas
         await transient.retry_not_now("the artifacts store", lambda: artifacts(self.js, self.names, replicas))
@@ -175,7 +184,7 @@ class TrainerService(Service):
             device=_device_name(),
         )
         try:
-            await self.nodes.put(trainer_node_key(self.instance_id), _json.encode(node))
+            await self._beats.put(trainer_node_key(self.instance_id), _json.encode(node))
         except Exception as exc:  # NATS away, a bucket electing its leader: the next beat tries again
             self._missed_beats += 1
             if self._missed_beats == 1:  # one line an outage, not one a second

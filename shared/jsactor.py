@@ -34,6 +34,7 @@ from shared import transient
 from shared.actor import ActorConfig, ActorCore, Handler, Req
 from shared.errors import ServiceError, Unavailable
 from shared.names import Header
+from shared.outage import Outage
 from shared.schemas import ActorStats
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,8 @@ class JetStreamActor(ActorCore[Req]):
         self.unavailable_retry_s = config.unavailable_retry_s
         self.unavailable_retries = 0  # handler runs again on the same delivery after a 503
         self.unsettled = 0  # messages neither acked nor nak'ed (redelivered after ack_wait)
-        self._fetch_failures = 0  # fetches failed in a row
         self.fetch_timeout_s = config.fetch_timeout_s
+        self._fetches = Outage(log, f"{self.name}: fetch", f"retrying every {self.fetch_timeout_s:g}s")
         self.dead_lettered = 0
         self._sub: JetStreamContext.PullSubscription | None = None
         self._fetcher: asyncio.Task[None] | None = None
@@ -162,26 +163,12 @@ class JetStreamActor(ActorCore[Req]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a disconnect, a consumer electing its leader: retry after a pause
-                self._fetch_failed(exc)
+                self._fetches.failed(exc)
                 await asyncio.sleep(self.fetch_timeout_s)
                 continue
-            if self._fetch_failures:
-                log.info("%s: fetching again after %d failed fetches", self.name, self._fetch_failures)
-                self._fetch_failures = 0
+            self._fetches.succeeded()
             for msg in msgs:
                 self._spawn(self._work(msg))
-
-    def _fetch_failed(self, exc: Exception) -> None:
-        """One line an outage; a traceback only for what is not the bus's passing state."""
-        self._fetch_failures += 1
-        if self._fetch_failures > 1:
-            log.debug("%s: fetch failed again: %s", self.name, exc)
-        elif transient.jetstream_not_now(exc):
-            log.warning(
-                "%s: fetch failed (%s); retrying every %gs", self.name, transient.reason(exc), self.fetch_timeout_s
-            )
-        else:
-            log.warning("%s: fetch failed; retrying every %gs", self.name, self.fetch_timeout_s, exc_info=True)
 
     def _finished_one(self) -> None:
         super()._finished_one()

@@ -55,6 +55,7 @@ from shared.errors import BadRequest, NotFound
 from shared.kv import entries
 from shared.names import job_key, job_keys, result_key, trainer_node_key
 from shared.natsserver import die_with_parent
+from shared.outage import Outage
 from shared.registry import artifacts
 from shared.schemas import GpuStats, TrainAccepted, TrainerNode, TrainJob, TrainRequest, TrainResult
 from shared.service import Service
@@ -82,7 +83,7 @@ class TrainerService(Service):
         self._child: asyncio.subprocess.Process | None = None
         self._child_job: tuple[str, int, int] | None = None  # (job, attempt, rank)
         self._lock = asyncio.Lock()
-        self._missed_beats = 0  # heartbeats not stored in a row
+        self._beat_outage = Outage(log, "heartbeat", "retrying every beat")
         # Missing from the listings for a whole TTL more (a node is listed until its last beat is
         # a TTL old): a bucket that refuses one node's writes for seconds after a partition heals
         # must not regroup a job whose ranks are all alive.
@@ -186,13 +187,9 @@ class TrainerService(Service):
         try:
             await self._beats.put(trainer_node_key(self.instance_id), _json.encode(node))
         except Exception as exc:  # NATS away, a bucket electing its leader: the next beat tries again
-            self._missed_beats += 1
-            if self._missed_beats == 1:  # one line an outage, not one a second
-                log.warning("heartbeat not stored (%s: %s); retrying every beat", type(exc).__name__, exc)
+            self._beat_outage.failed(exc)
             return
-        if self._missed_beats:
-            log.info("heartbeat stored again after %d missed", self._missed_beats)
-            self._missed_beats = 0
+        self._beat_outage.succeeded()
 
     async def _on_job(self, entry: KeyValue.Entry) -> None:
         if not entry.value:
@@ -239,7 +236,7 @@ class TrainerService(Service):
             # Any agent may notice: a job whose only node died has no member left to say so.
             nodes = await self._nodes()
             listed = None if nodes is None else {n.instance for n in nodes}
-            lost = self._absences.lost(job.members, listed, self._missed_beats == 0, time.monotonic())
+            lost = self._absences.lost(job.members, listed, not self._beat_outage.ongoing, time.monotonic())
             changes = rendezvous.lost_members(job, set(job.members) - lost, time.time())
         if changes is not None:
             await self._apply(job, revision, changes)

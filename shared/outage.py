@@ -3,7 +3,7 @@
 A heartbeat or a fetch loop meets the same failure every second while NATS is away or a stream
 elects its leader: one WARNING when the outage starts (with a traceback only when the failure is
 not one of JetStream's passing states), DEBUG while it lasts, one INFO line with the count when it
-ends.  The count is what ``ongoing`` and the services' STATS read.
+ends.  ``ongoing`` says whether the last try failed (the trainer's view of its own beats).
 """
 
 from __future__ import annotations

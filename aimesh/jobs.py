@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +99,29 @@ async def upload(nc: NatsClient, names: Names, path: Path) -> str:
     return name
 
 
+async def submit_training(
+    nc: NatsClient, names: Names, req: TrainRequest, *, within_s: float = 60.0, pause_s: float = 2.0
+) -> TrainAccepted:
+    """Submit a training job, resending while the trainers answer 503 (a stream electing its
+    leader) for up to ``within_s``.  Every send carries one submission id (``req``'s, or a new
+    one), so a resend whose first try was stored after all answers that job instead of a second."""
+    if not req.submission_id and not req.resume:
+        req = msgspec.structs.replace(req, submission_id=secrets.token_hex(8))
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await request(nc, names.train_submit, req, TrainAccepted, timeout_s=60)
+        except Unavailable:
+            if time.monotonic() + pause_s > deadline:
+                raise
+            await asyncio.sleep(pause_s)
+
+
 async def train(
     nc: NatsClient, names: Names, req: TrainRequest, *, show: bool = True, out: Any = sys.stderr
 ) -> TrainJob:
     """Submit and follow a training job to its end."""
-    accepted = await request(nc, names.train_submit, req, TrainAccepted, timeout_s=60)
+    accepted = await submit_training(nc, names, req)
     kv = await nc.jetstream().key_value(names.jobs_bucket)
     last_line = ""
     last_attempt = 0

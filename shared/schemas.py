@@ -266,6 +266,9 @@ class TrainRequest(Message, frozen=True, kw_only=True):
     max_steps: int | None = None  # stop early (tests, benchmarks)
     collective_timeout_s: float = 30.0
     resume: str | None = None  # a failed job's id: run it again from its last checkpoint
+    # The client's idempotency key: the job's id is ``<model>-<submission_id>``, so a resend of the
+    # same submission (after a 503 or a lost reply) answers the job the first one created.
+    submission_id: str | None = None
 
 
 class TrainJob(Message, frozen=True, kw_only=True):

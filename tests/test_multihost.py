@@ -38,13 +38,12 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from aimesh.jobs import ingest, train
+from aimesh.jobs import ingest, submit_training, train
 from shared import auth, transient
 from shared.client import request
 from shared.config import MeshConfig
 from shared.connect import connect
 from shared.discovery import discover
-from shared.errors import Unavailable
 from shared.names import Names, trainer_node_key
 from shared.schemas import (
     Checkpoint,
@@ -563,17 +562,10 @@ async def _unless_not_now(read: Awaitable[T]) -> T | None:
 
 
 async def _submit(nc: NatsClient, names: Names, req: TrainRequest) -> TrainAccepted:
-    """Submit, resending while the trainer answers 503: a server that rejoined after the partition
-    is still catching up its streams (JetStream "temporarily unavailable"), as a client would."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return await request(nc, names.train_submit, req, TrainAccepted, timeout_s=30)
-        except Unavailable as exc:
-            print(f"train submit: {exc}")
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(2)
+    """Submit as the CLI does: resent while the trainer answers 503 (a server that rejoined after
+    the partition is still catching up its streams), with one submission id, so a first try that
+    was stored after all is not a second job."""
+    return await submit_training(nc, names, req)
 
 
 async def _follow_elastic_job(nc: NatsClient, names: Names, elastic: ElasticJob, figures: dict[str, object]) -> None:

@@ -323,16 +323,24 @@ async def test_bad_training_requests_end_with_a_clear_error(
         ({"factory": "zoo.nowhere:f"}, r"cannot import zoo\.nowhere"),
         ({"kwargs": {"inputs": -1, "classes": 10}}, "model factory zoo.classifier:mlp failed"),
         ({"nodes": 3, "batch_size": 64}, "must divide evenly over 3 nodes"),
+        # Ids from outside become keys and subjects: no dots, wildcards, spaces or unbounded lengths.
+        ({"submission_id": "a.b"}, "submission id 'a.b' must be letters, digits"),
+        ({"submission_id": "job.>"}, "submission id 'job.>' must be letters, digits"),
+        ({"submission_id": "two words"}, "submission id 'two words' must be letters, digits"),
+        ({"submission_id": "x" * 65}, "submission id must be at most 64 characters"),
+        ({"resume": "*"}, "job id '\\*' must be letters, digits"),
     ]
     for change, message in cases:
         with pytest.raises(BadRequest, match=message):
             await request(nc, names.train_submit, TrainRequest(**(base | change)), TrainAccepted, timeout_s=30)  # type: ignore[arg-type]
-    waiting = await train(
-        nc,
-        names,
-        TrainRequest(**(base | {"nodes": 3, "batch_size": 60, "wait_nodes_s": 2})),  # type: ignore[arg-type]
-        show=False,
-    )
+    # One submission id names one job: resends (a lost reply, a 503 after the write landed) answer it.
+    resend = TrainRequest(**(base | {"nodes": 3, "batch_size": 60, "wait_nodes_s": 2, "submission_id": "try-1"}))  # type: ignore[arg-type]
+    sends = [request(nc, names.train_submit, resend, TrainAccepted, timeout_s=30) for _ in range(2)]
+    assert {accepted.job_id for accepted in await asyncio.gather(*sends)} == {"m-try-1"}
+    with pytest.raises(BadRequest, match="submission id try-1 already names a job submitted with a different"):
+        await request(nc, names.train_submit, msgspec.structs.replace(resend, epochs=2), TrainAccepted, timeout_s=30)
+    waiting = await train(nc, names, resend, show=False)  # a third send: follows the same job
+    assert waiting.job_id == "m-try-1" and waiting.attempt == 1
     assert waiting.state == "failed" and "waited 2s for 3 trainer nodes (at least 3); 2 joined" in waiting.error
     nan = await train(nc, names, TrainRequest(**(base | {"optimizer": "sgd", "lr": 1e12})), show=False)  # type: ignore[arg-type]
     assert nan.state == "failed" and "loss became" in nan.error and nan.restarts == 0

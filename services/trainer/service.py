@@ -51,9 +51,9 @@ from shared.clock import rfc3339_now
 from shared.cluster import route_address
 from shared.config import MeshConfig, TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, NotFound, Unavailable
 from shared.kv import entries
-from shared.names import job_key, job_keys, result_key, trainer_node_key
+from shared.names import check_token, job_key, job_keys, result_key, trainer_node_key
 from shared.natsserver import die_with_parent
 from shared.outage import Outage
 from shared.registry import artifacts
@@ -151,14 +151,29 @@ class TrainerService(Service):
         req = submission.check_dataset(req, manifest)
         now = time.time()
         ids = tracing.current_ids()
-        job_id = f"{req.model}-{int(now * 1000):x}"
-        job = rendezvous.new_job(job_id, req, now, rfc3339_now(), ids[0] if ids else "")
-        await self.jobs.create(job_key(job_id), _json.encode(job))
+        job = rendezvous.new_job(submission.job_id(req, now), req, now, rfc3339_now(), ids[0] if ids else "")
+        try:
+            await self.jobs.create(job_key(job.job_id), _json.encode(job))
+        except KeyWrongLastSequenceError:  # the id is taken
+            job = await self._resent(job)
         idle = sum(1 for n in await self._nodes() or [] if n.state == "idle")
-        return TrainAccepted(job_id=job_id, state=job.state, nodes_available=idle)
+        return TrainAccepted(job_id=job.job_id, state=job.state, nodes_available=idle)
+
+    async def _resent(self, job: TrainJob) -> TrainJob:
+        """The job stored under ``job``'s id: a resend of its submission (the first one's reply
+        lost, or a 503 after its write landed) answers it, and starts nothing new."""
+        if not job.request.submission_id:  # two submits of one model in the same millisecond
+            raise Unavailable(f"job id {job.job_id} was taken by another submission a moment ago; resend")
+        stored = _job.decode((await self.jobs.get(job_key(job.job_id))).value or b"")
+        submission.check_resend(stored.request, job.request)
+        return stored
 
     async def _resume(self, job_id: str) -> TrainAccepted:
         """A failed job forms again (restart budget renewed); its ranks resume from the checkpoint."""
+        try:
+            check_token(job_id, "job id")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         try:
             entry = await self.jobs.get(job_key(job_id))
         except KeyNotFoundError:

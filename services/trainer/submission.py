@@ -15,13 +15,24 @@ from shared.errors import BadRequest
 from shared.names import check_token
 from shared.schemas import DEVICES, OPTIMIZERS, DatasetManifest, TrainRequest
 
+SUBMISSION_ID_MAX = 64  # characters: it becomes part of the job's id, its keys and object names
+
+
+def _check_names(req: TrainRequest) -> None:
+    """The model name and the submission id become parts of keys, subjects and object names."""
+    try:
+        check_token(req.model, "model name")
+        if req.submission_id is not None:
+            check_token(req.submission_id, "submission id")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    if req.submission_id is not None and len(req.submission_id) > SUBMISSION_ID_MAX:
+        raise BadRequest(f"submission id must be at most {SUBMISSION_ID_MAX} characters")
+
 
 def check_request(req: TrainRequest) -> TrainRequest:
     """Names, parallel mode and sizes; ``min_nodes`` defaults to ``nodes``."""
-    try:
-        check_token(req.model, "model name")
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+    _check_names(req)
     if req.parallel not in ("dp", "pp"):
         raise BadRequest(f"parallel must be dp or pp (got {req.parallel!r})")
     if req.optimizer not in OPTIMIZERS:
@@ -70,3 +81,18 @@ def check_dataset(req: TrainRequest, manifest: DatasetManifest) -> TrainRequest:
             f"{min_nodes} nodes: ingest it with --shards ≥ {req.nodes}"
         )
     return msgspec.structs.replace(req, dataset=f"{manifest.dataset}@{manifest.version}", min_nodes=min_nodes)
+
+
+def job_id(req: TrainRequest, now: float) -> str:
+    """The new job's id: from the client's submission id when it sent one (a resend names the
+    same job), else from the time in milliseconds."""
+    return f"{req.model}-{req.submission_id or format(int(now * 1000), 'x')}"
+
+
+def check_resend(stored: TrainRequest, resent: TrainRequest) -> None:
+    """A submission id names one request: the same again is a resend, another is refused."""
+    if stored != resent:
+        raise BadRequest(
+            f"submission id {resent.submission_id} already names a job submitted with a different request; "
+            "send a new submission id for a new job"
+        )

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from shared.errors import BadRequest
+
 # The NATS micro protocol (ADR-32) lives under a fixed prefix shared by every NATS service.
 MICRO_PREFIX: Final = "$SRV"
 MICRO_VERBS: Final = ("PING", "INFO", "STATS")
@@ -57,6 +59,14 @@ def check_token(value: str, what: str) -> str:
     if not _TOKEN.match(value):
         raise ValueError(f"{what} {value!r} must be letters, digits, '-' or '_' (no dots or spaces)")
     return value
+
+
+def check_name(value: str, what: str) -> str:
+    """A name or id from a caller that will be part of a subject or key: a 400 unless a token."""
+    try:
+        return check_token(value, what)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

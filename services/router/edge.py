@@ -4,7 +4,7 @@ Everything a client sends is checked here before it names a subject or a key, or
 for the mesh, so that no client input reaches a 5xx:
 
 - every path parameter (``{model}``, ``{version}``, ``{id}``) and every model or version name in
-  a body is a subject token (:func:`shared.names.check_token`: letters, digits, ``-``, ``_``);
+  a body is a subject token (:func:`shared.names.check_name`: letters, digits, ``-``, ``_``);
 - a JSON body that is not JSON, not valid UTF-8 or not of the route's shape is a 400;
 - ``Aimesh-Timeout-Ms`` is a positive, finite number of milliseconds.
 
@@ -22,7 +22,7 @@ from typing import TypeVar
 import msgspec
 
 from shared.errors import BadRequest
-from shared.names import check_token
+from shared.names import check_name
 from shared.schemas import Split
 
 T = TypeVar("T")
@@ -30,14 +30,6 @@ T = TypeVar("T")
 # What each path parameter is called in error messages.
 PATH_PARAMS = {"model": "model", "version": "version", "id": "request id"}  # as shared.durable says them
 MAX_REQUEST_ID = 256
-
-
-def check_name(value: str, what: str) -> str:
-    """A model name, version or id that will be part of a subject or key: 400 unless a token."""
-    try:
-        return check_token(value, what)
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
 
 
 def check_path(params: Mapping[str, str]) -> None:

@@ -29,7 +29,7 @@ from shared import durable, tracing
 from shared.apikeys import KeyRing, presented_key
 from shared.errors import MeshTimeout, Overloaded, ServiceError, Unavailable
 from shared.httpserve import BODY_TIMEOUT_S, BodyTimeout, read_body, timed_out
-from shared.names import Header
+from shared.names import Header, check_name
 from shared.schemas import DurableResult, Feedback, Split
 from shared.tensors import from_wire
 
@@ -405,9 +405,9 @@ async def delete_split(request: web.Request) -> web.Response:
 
 async def feedback(request: web.Request) -> web.Response:
     fb = edge.decode(_feedback, await request.read(), "feedback")
-    edge.check_name(fb.model, "model name")
+    check_name(fb.model, "model name")
     if fb.variant:
-        edge.check_name(fb.variant, "variant version")
+        check_name(fb.variant, "variant version")
     await request.app[GATEWAY].feedback(fb, request.headers.get("Idempotency-Key"))
     return web.json_response({"id": fb.id, "model": fb.model, "accepted": True}, status=202)
 

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from services.router import edge
 from shared.errors import BadRequest, MeshTimeout, NotFound, ServiceError
+from shared.names import check_name
 from shared.schemas import ChatTemplate, GenerateChunk, GenerateRequest, ModelVersion
 
 # Integers the router encodes (MessagePack) are checked first: no client number overflows it.
@@ -175,7 +176,7 @@ def check_supported(body: Sampling) -> None:
 
 def edge_check(model: str) -> None:
     try:
-        edge.check_name(model, "model name")  # before it names a subject
+        check_name(model, "model name")  # before it names a subject
     except BadRequest as exc:
         raise ParamError(exc.description, "model") from None
 

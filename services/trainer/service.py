@@ -53,7 +53,7 @@ from shared.config import MeshConfig, TrainerConfig, load_trainer_config
 from shared.datasets import get_manifest, parse_ref
 from shared.errors import BadRequest, NotFound, Unavailable
 from shared.kv import entries
-from shared.names import check_token, job_key, job_keys, result_key, trainer_node_key
+from shared.names import check_name, job_key, job_keys, result_key, trainer_node_key
 from shared.natsserver import die_with_parent
 from shared.outage import Outage
 from shared.registry import artifacts
@@ -170,10 +170,7 @@ class TrainerService(Service):
 
     async def _resume(self, job_id: str) -> TrainAccepted:
         """A failed job forms again (restart budget renewed); its ranks resume from the checkpoint."""
-        try:
-            check_token(job_id, "job id")
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+        check_name(job_id, "job id")
         try:
             entry = await self.jobs.get(job_key(job_id))
         except KeyNotFoundError:

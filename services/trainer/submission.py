@@ -12,7 +12,7 @@ from __future__ import annotations
 import msgspec
 
 from shared.errors import BadRequest
-from shared.names import check_token
+from shared.names import check_name
 from shared.schemas import DEVICES, OPTIMIZERS, DatasetManifest, TrainRequest
 
 SUBMISSION_ID_MAX = 64  # characters: it becomes part of the job's id, its keys and object names
@@ -20,12 +20,9 @@ SUBMISSION_ID_MAX = 64  # characters: it becomes part of the job's id, its keys 
 
 def _check_names(req: TrainRequest) -> None:
     """The model name and the submission id become parts of keys, subjects and object names."""
-    try:
-        check_token(req.model, "model name")
-        if req.submission_id is not None:
-            check_token(req.submission_id, "submission id")
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+    check_name(req.model, "model name")
+    if req.submission_id is not None:
+        check_name(req.submission_id, "submission id")
     if req.submission_id is not None and len(req.submission_id) > SUBMISSION_ID_MAX:
         raise BadRequest(f"submission id must be at most {SUBMISSION_ID_MAX} characters")
 
